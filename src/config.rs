@@ -1,0 +1,528 @@
+//! Configuration, loaded from `AUDITFLOW_*` environment variables.
+//!
+//! Each concern has its own struct, deserialized by `envy` from the same prefixed variables, so a
+//! field `kafka_topic` is the variable `AUDITFLOW_KAFKA_TOPIC`. [`Config::validate`] checks the
+//! cross-field rules; every error names the variable to fix. librdkafka properties pass through
+//! as `AUDITFLOW_KAFKA_OPT_<PROPERTY>` (dots as underscores), e.g. `AUDITFLOW_KAFKA_OPT_SASL_MECHANISMS`.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use serde::de::DeserializeOwned;
+use serde::Deserialize;
+
+use crate::decode::AcceptWindow;
+
+/// Every variable auditflow reads starts with this.
+pub const ENV_PREFIX: &str = "AUDITFLOW_";
+
+/// librdkafka pass-through properties start with this (after [`ENV_PREFIX`] is included).
+pub const KAFKA_OPT_PREFIX: &str = "AUDITFLOW_KAFKA_OPT_";
+
+/// The value of `AUDITFLOW_METRICS_ADDR` that disables the Prometheus endpoint.
+pub const METRICS_OFF: &str = "off";
+
+/// A configuration problem found at start-up; the message names the variable.
+#[derive(Debug, thiserror::Error)]
+#[error("invalid configuration: {0}")]
+pub struct ConfigError(String);
+
+/// A value that must never appear in logs or `Debug` output (passwords, URLs with credentials).
+#[derive(Clone, Deserialize, PartialEq, Eq)]
+#[serde(transparent)]
+pub struct Secret(String);
+
+impl Secret {
+    /// Wraps a secret value.
+    pub fn new(value: impl Into<String>) -> Self {
+        Secret(value.into())
+    }
+
+    /// Returns the secret itself; call only where it is handed to a client library.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("\"[redacted]\"")
+    }
+}
+
+/// Where events come from and where the ones that cannot be stored go.
+#[derive(Debug, Clone, Deserialize)]
+pub struct KafkaConfig {
+    /// `AUDITFLOW_KAFKA_BROKERS`: bootstrap servers, `host:port[,host:port]`. Required for `run`,
+    /// `produce` and `replay`; `demo` starts an in-process mock cluster when it is unset.
+    pub kafka_brokers: Option<String>,
+    /// `AUDITFLOW_KAFKA_TOPIC`: the topic producers write audit events to. It must exist.
+    #[serde(default = "default_topic")]
+    pub kafka_topic: String,
+    /// `AUDITFLOW_KAFKA_GROUP_ID`: consumer group shared by all replicas. Changing it restarts
+    /// consumption from `auto.offset.reset` (earliest): everything is re-read and deduplicated.
+    #[serde(default = "default_group_id")]
+    pub kafka_group_id: String,
+    /// `AUDITFLOW_DLQ_TOPIC`: the dead-letter topic for records that cannot be stored.
+    #[serde(default = "default_dlq_topic")]
+    pub dlq_topic: String,
+    /// `AUDITFLOW_KAFKA_OPT_*`: librdkafka properties passed through verbatim (SASL, TLS, timeouts).
+    /// Values are treated as secrets and never logged.
+    #[serde(skip)]
+    pub properties: BTreeMap<String, Secret>,
+}
+
+/// The PostgreSQL side.
+#[derive(Debug, Clone, Deserialize)]
+pub struct DatabaseConfig {
+    /// `AUDITFLOW_DATABASE_URL`: `postgres://user:password@host:port/db`. Never logged.
+    pub database_url: Option<Secret>,
+    /// `AUDITFLOW_DB_SCHEMA`: the schema holding the `events` table and the migration history.
+    /// Tests give each run its own schema.
+    #[serde(default = "default_db_schema")]
+    pub db_schema: String,
+    /// `AUDITFLOW_DB_MAX_CONNECTIONS`: pool size. The sink writes one batch at a time, so a few are
+    /// enough; more only add load on Postgres.
+    #[serde(default = "default_db_max_connections")]
+    pub db_max_connections: u32,
+    /// `AUDITFLOW_DB_ACQUIRE_TIMEOUT_MS`: how long a batch waits for a pooled connection before the
+    /// attempt counts as failed and is retried.
+    #[serde(default = "default_db_acquire_timeout_ms")]
+    pub db_acquire_timeout_ms: u64,
+}
+
+/// Redis pub/sub for cache invalidation.
+#[derive(Debug, Clone, Deserialize)]
+pub struct RedisConfig {
+    /// `AUDITFLOW_REDIS_URL`: where invalidations are published. Never logged (may hold a password).
+    #[serde(default = "default_redis_url")]
+    pub redis_url: Secret,
+    /// `AUDITFLOW_INVALIDATION_CHANNEL`: the pub/sub channel readers of the audit table subscribe to.
+    #[serde(default = "default_invalidation_channel")]
+    pub invalidation_channel: String,
+    /// `AUDITFLOW_INVALIDATION_QUEUE`: invalidations waiting for Redis; beyond it they are dropped
+    /// and counted, so a Redis outage never slows ingestion.
+    #[serde(default = "default_invalidation_queue")]
+    pub invalidation_queue: usize,
+}
+
+/// When a batch is flushed: whichever limit is reached first.
+#[derive(Debug, Clone, Deserialize)]
+pub struct BatchConfig {
+    /// `AUDITFLOW_BATCH_MAX_EVENTS`: events per batch (one Postgres transaction).
+    #[serde(default = "default_batch_max_events")]
+    pub batch_max_events: usize,
+    /// `AUDITFLOW_BATCH_MAX_BYTES`: payload bytes per batch; bounds memory per batch.
+    #[serde(default = "default_batch_max_bytes")]
+    pub batch_max_bytes: usize,
+    /// `AUDITFLOW_BATCH_MAX_WAIT_MS`: the longest an event waits in an open batch; bounds latency
+    /// when traffic is low.
+    #[serde(default = "default_batch_max_wait_ms")]
+    pub batch_max_wait_ms: u64,
+}
+
+/// Everything else the sink needs to run.
+#[derive(Debug, Clone, Deserialize)]
+pub struct SinkConfig {
+    /// `AUDITFLOW_ACCEPT_PAST_DAYS`: events older than this are dead-lettered as `out_of_window`
+    /// rather than creating partitions nobody maintains.
+    #[serde(default = "default_accept_past_days")]
+    pub accept_past_days: u32,
+    /// `AUDITFLOW_ACCEPT_FUTURE_DAYS`: events further ahead than this (clock skew) are dead-lettered.
+    #[serde(default = "default_accept_future_days")]
+    pub accept_future_days: u32,
+    /// `AUDITFLOW_DRAIN_TIMEOUT_MS`: on SIGTERM, the open batch must be stored and committed within
+    /// this; what is not stays uncommitted and is redelivered (never lost).
+    #[serde(default = "default_drain_timeout_ms")]
+    pub drain_timeout_ms: u64,
+    /// `AUDITFLOW_SCHEMA_DIR`: directory of `audit_event.vN.avsc` writer schemas; the built-in
+    /// v1 and v2 are always known.
+    #[serde(default = "default_schema_dir")]
+    pub schema_dir: PathBuf,
+    /// `AUDITFLOW_METRICS_ADDR`: Prometheus exposition address (`host:port`); `off` disables it.
+    /// Each replica on one host needs its own port.
+    #[serde(default = "default_metrics_addr")]
+    pub metrics_addr: String,
+    /// `AUDITFLOW_INSTANCE_ID`: this replica's name in logs and dead-letter headers
+    /// (default: host name and process id).
+    pub instance_id: Option<String>,
+    /// `AUDITFLOW_LOG_FORMAT`: `text` (default) or `json`.
+    #[serde(default = "default_log_format")]
+    pub log_format: String,
+}
+
+/// The whole configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Kafka side.
+    pub kafka: KafkaConfig,
+    /// Postgres side.
+    pub database: DatabaseConfig,
+    /// Redis side.
+    pub redis: RedisConfig,
+    /// Batch limits.
+    pub batch: BatchConfig,
+    /// The rest.
+    pub sink: SinkConfig,
+}
+
+fn default_topic() -> String {
+    "audit-events".into()
+}
+fn default_group_id() -> String {
+    "auditflow".into()
+}
+fn default_dlq_topic() -> String {
+    "audit-events.dlq".into()
+}
+fn default_db_schema() -> String {
+    "audit".into()
+}
+fn default_db_max_connections() -> u32 {
+    4
+}
+fn default_db_acquire_timeout_ms() -> u64 {
+    5_000
+}
+fn default_redis_url() -> Secret {
+    Secret::new("redis://127.0.0.1:6379")
+}
+fn default_invalidation_channel() -> String {
+    "auditflow.invalidations".into()
+}
+fn default_invalidation_queue() -> usize {
+    1_024
+}
+fn default_batch_max_events() -> usize {
+    5_000
+}
+fn default_batch_max_bytes() -> usize {
+    8 * 1024 * 1024
+}
+fn default_batch_max_wait_ms() -> u64 {
+    250
+}
+fn default_accept_past_days() -> u32 {
+    30
+}
+fn default_accept_future_days() -> u32 {
+    1
+}
+fn default_drain_timeout_ms() -> u64 {
+    30_000
+}
+fn default_schema_dir() -> PathBuf {
+    PathBuf::from("schemas")
+}
+fn default_metrics_addr() -> String {
+    "0.0.0.0:9000".into()
+}
+fn default_log_format() -> String {
+    "text".into()
+}
+
+impl Config {
+    /// Loads the configuration from the process environment and validates it.
+    pub fn from_env() -> Result<Self, ConfigError> {
+        Self::from_vars(std::env::vars())
+    }
+
+    /// Loads the configuration from the given variables (tests pass their own) and validates it.
+    pub fn from_vars(
+        vars: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<Self, ConfigError> {
+        // Empty values count as unset, as in most orchestrators' templating.
+        let vars: Vec<(String, String)> = vars
+            .into_iter()
+            .filter(|(key, value)| key.starts_with(ENV_PREFIX) && !value.is_empty())
+            .collect();
+        let mut kafka: KafkaConfig = load(&vars)?;
+        kafka.properties = vars
+            .iter()
+            .filter_map(|(key, value)| {
+                let name = key.strip_prefix(KAFKA_OPT_PREFIX)?;
+                Some((
+                    name.to_lowercase().replace('_', "."),
+                    Secret::new(value.clone()),
+                ))
+            })
+            .collect();
+        let config = Config {
+            kafka,
+            database: load(&vars)?,
+            redis: load(&vars)?,
+            batch: load(&vars)?,
+            sink: load(&vars)?,
+        };
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Checks the rules a single field's type cannot express.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let schema = &self.database.db_schema;
+        if !is_plain_identifier(schema) {
+            return Err(ConfigError(format!(
+                "AUDITFLOW_DB_SCHEMA must be a lowercase identifier ([a-z_][a-z0-9_]*, at most 63 bytes), got {schema:?}"
+            )));
+        }
+        for (variable, value) in [
+            ("AUDITFLOW_KAFKA_TOPIC", &self.kafka.kafka_topic),
+            ("AUDITFLOW_DLQ_TOPIC", &self.kafka.dlq_topic),
+            ("AUDITFLOW_KAFKA_GROUP_ID", &self.kafka.kafka_group_id),
+            (
+                "AUDITFLOW_INVALIDATION_CHANNEL",
+                &self.redis.invalidation_channel,
+            ),
+        ] {
+            if value.trim().is_empty() {
+                return Err(ConfigError(format!("{variable} must not be empty")));
+            }
+        }
+        if self.kafka.kafka_topic == self.kafka.dlq_topic {
+            return Err(ConfigError(
+                "AUDITFLOW_DLQ_TOPIC must differ from AUDITFLOW_KAFKA_TOPIC".into(),
+            ));
+        }
+        for (variable, value) in [
+            (
+                "AUDITFLOW_BATCH_MAX_EVENTS",
+                self.batch.batch_max_events as u64,
+            ),
+            (
+                "AUDITFLOW_BATCH_MAX_BYTES",
+                self.batch.batch_max_bytes as u64,
+            ),
+            ("AUDITFLOW_BATCH_MAX_WAIT_MS", self.batch.batch_max_wait_ms),
+            (
+                "AUDITFLOW_DB_MAX_CONNECTIONS",
+                u64::from(self.database.db_max_connections),
+            ),
+            (
+                "AUDITFLOW_INVALIDATION_QUEUE",
+                self.redis.invalidation_queue as u64,
+            ),
+        ] {
+            if value == 0 {
+                return Err(ConfigError(format!("{variable} must be greater than zero")));
+            }
+        }
+        if self.batch.batch_max_events > 1_000_000 {
+            return Err(ConfigError(
+                "AUDITFLOW_BATCH_MAX_EVENTS must be at most 1000000".into(),
+            ));
+        }
+        if self.sink.accept_past_days > 3_650 || self.sink.accept_future_days > 365 {
+            return Err(ConfigError(
+                "AUDITFLOW_ACCEPT_PAST_DAYS must be at most 3650 and AUDITFLOW_ACCEPT_FUTURE_DAYS at most 365".into(),
+            ));
+        }
+        if self.sink.metrics_addr != METRICS_OFF
+            && self.sink.metrics_addr.parse::<SocketAddr>().is_err()
+        {
+            return Err(ConfigError(format!(
+                "AUDITFLOW_METRICS_ADDR must be host:port (an IP address) or off, got {:?}",
+                self.sink.metrics_addr
+            )));
+        }
+        if !matches!(self.sink.log_format.as_str(), "text" | "json") {
+            return Err(ConfigError(format!(
+                "AUDITFLOW_LOG_FORMAT must be text or json, got {:?}",
+                self.sink.log_format
+            )));
+        }
+        if redis::Client::open(self.redis.redis_url.expose()).is_err() {
+            return Err(ConfigError(
+                "AUDITFLOW_REDIS_URL must be a redis:// or rediss:// URL".into(),
+            ));
+        }
+        for reserved in ["enable.auto.offset.store", "enable.auto.commit", "group.id"] {
+            if self.kafka.properties.contains_key(reserved) {
+                return Err(ConfigError(format!(
+                    "{KAFKA_OPT_PREFIX}{} is managed by auditflow and cannot be overridden",
+                    reserved.replace('.', "_").to_uppercase()
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    /// The brokers, or an error naming the variable when a command needs them.
+    pub fn require_brokers(&self) -> Result<&str, ConfigError> {
+        self.kafka
+            .kafka_brokers
+            .as_deref()
+            .ok_or_else(|| ConfigError("AUDITFLOW_KAFKA_BROKERS is required".into()))
+    }
+
+    /// The database URL, or an error naming the variable when a command needs it.
+    pub fn require_database_url(&self) -> Result<&Secret, ConfigError> {
+        self.database
+            .database_url
+            .as_ref()
+            .ok_or_else(|| ConfigError("AUDITFLOW_DATABASE_URL is required".into()))
+    }
+
+    /// The accepted `occurred_at` window.
+    pub fn accept_window(&self) -> AcceptWindow {
+        AcceptWindow {
+            past: chrono::Duration::days(i64::from(self.sink.accept_past_days)),
+            future: chrono::Duration::days(i64::from(self.sink.accept_future_days)),
+        }
+    }
+
+    /// The name this replica uses in logs and dead-letter headers.
+    pub fn instance_id(&self) -> String {
+        self.sink.instance_id.clone().unwrap_or_else(|| {
+            let host = std::fs::read_to_string("/etc/hostname")
+                .map(|name| name.trim().to_owned())
+                .unwrap_or_else(|_| "localhost".into());
+            format!("{host}-{}", std::process::id())
+        })
+    }
+}
+
+impl BatchConfig {
+    /// The longest an event waits in an open batch.
+    pub fn max_wait(&self) -> Duration {
+        Duration::from_millis(self.batch_max_wait_ms)
+    }
+}
+
+impl DatabaseConfig {
+    /// How long a batch waits for a pooled connection.
+    pub fn acquire_timeout(&self) -> Duration {
+        Duration::from_millis(self.db_acquire_timeout_ms)
+    }
+}
+
+impl SinkConfig {
+    /// The bound on a graceful shutdown.
+    pub fn drain_timeout(&self) -> Duration {
+        Duration::from_millis(self.drain_timeout_ms)
+    }
+}
+
+/// Deserializes one concern's struct, turning envy's messages into ones naming the full variable.
+fn load<T: DeserializeOwned>(vars: &[(String, String)]) -> Result<T, ConfigError> {
+    envy::prefixed(ENV_PREFIX)
+        .from_iter(vars.iter().cloned())
+        .map_err(|err| match err {
+            envy::Error::MissingValue(field) => {
+                ConfigError(format!("{ENV_PREFIX}{} is required", field.to_uppercase()))
+            }
+            envy::Error::Custom(message) => {
+                ConfigError(message.replace("provided by ", &format!("provided by {ENV_PREFIX}")))
+            }
+        })
+}
+
+/// True for identifiers that are safe to splice into SQL unquoted and lowercase.
+pub fn is_plain_identifier(name: &str) -> bool {
+    let mut chars = name.chars();
+    matches!(chars.next(), Some(c) if c.is_ascii_lowercase() || c == '_')
+        && chars.all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')
+        && name.len() <= 63
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn vars(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    #[test]
+    fn defaults_apply_when_nothing_is_set() {
+        let config = Config::from_vars(vars(&[])).unwrap();
+        assert_eq!(config.kafka.kafka_topic, "audit-events");
+        assert_eq!(config.kafka.kafka_group_id, "auditflow");
+        assert_eq!(config.kafka.dlq_topic, "audit-events.dlq");
+        assert_eq!(config.database.db_schema, "audit");
+        assert_eq!(config.sink.accept_past_days, 30);
+        assert_eq!(config.sink.accept_future_days, 1);
+        assert!(config.require_brokers().is_err());
+    }
+
+    #[test]
+    fn a_bad_number_names_the_variable() {
+        let err = Config::from_vars(vars(&[("AUDITFLOW_BATCH_MAX_EVENTS", "many")])).unwrap_err();
+        assert!(
+            err.to_string().contains("AUDITFLOW_BATCH_MAX_EVENTS"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn a_bad_schema_name_names_the_variable() {
+        let err =
+            Config::from_vars(vars(&[("AUDITFLOW_DB_SCHEMA", "audit; drop table x")])).unwrap_err();
+        assert!(err.to_string().contains("AUDITFLOW_DB_SCHEMA"), "{err}");
+    }
+
+    #[test]
+    fn missing_required_values_name_the_variable() {
+        let config = Config::from_vars(vars(&[])).unwrap();
+        let err = config.require_database_url().unwrap_err();
+        assert!(err.to_string().contains("AUDITFLOW_DATABASE_URL"), "{err}");
+    }
+
+    #[test]
+    fn zero_limits_are_rejected() {
+        let err = Config::from_vars(vars(&[("AUDITFLOW_BATCH_MAX_WAIT_MS", "0")])).unwrap_err();
+        assert!(
+            err.to_string().contains("AUDITFLOW_BATCH_MAX_WAIT_MS"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn kafka_properties_pass_through_and_stay_secret() {
+        let config = Config::from_vars(vars(&[
+            ("AUDITFLOW_KAFKA_OPT_SASL_PASSWORD", "hunter2"),
+            ("AUDITFLOW_KAFKA_OPT_SECURITY_PROTOCOL", "SASL_SSL"),
+            ("AUDITFLOW_DATABASE_URL", "postgres://u:pw@h/db"),
+        ]))
+        .unwrap();
+        assert_eq!(
+            config
+                .kafka
+                .properties
+                .get("sasl.password")
+                .map(Secret::expose),
+            Some("hunter2")
+        );
+        assert_eq!(
+            config
+                .kafka
+                .properties
+                .get("security.protocol")
+                .map(Secret::expose),
+            Some("SASL_SSL")
+        );
+        let printed = format!("{config:?}");
+        assert!(!printed.contains("hunter2"), "{printed}");
+        assert!(!printed.contains("pw@"), "{printed}");
+    }
+
+    #[test]
+    fn managed_kafka_properties_cannot_be_overridden() {
+        let err = Config::from_vars(vars(&[(
+            "AUDITFLOW_KAFKA_OPT_ENABLE_AUTO_OFFSET_STORE",
+            "true",
+        )]))
+        .unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("AUDITFLOW_KAFKA_OPT_ENABLE_AUTO_OFFSET_STORE"),
+            "{err}"
+        );
+    }
+}

@@ -1,0 +1,121 @@
+//! The audit event as the rest of the pipeline sees it, once decoded and validated.
+//!
+//! The Avro schemas in `schemas/` are the wire contract; this module is the in-memory one. Decoding
+//! (`crate::decode`) turns a Kafka payload into an [`AuditEvent`]; storage (`crate::store`) writes it
+//! as one row of the partitioned `events` table.
+
+use chrono::{DateTime, Utc};
+use uuid::Uuid;
+
+/// Who performed the action.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Actor {
+    /// The actor's id in its own system (user id, service name, ...).
+    pub id: String,
+    /// What kind of actor this is.
+    pub actor_type: ActorType,
+    /// Client IP address as sent by the producer, if known.
+    pub ip: Option<String>,
+    /// Client user agent as sent by the producer, if known.
+    pub user_agent: Option<String>,
+}
+
+/// Kinds of actor, the Avro enum `ActorType`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ActorType {
+    /// A person.
+    User,
+    /// Another service acting on its own behalf.
+    Service,
+    /// The platform itself (jobs, schedulers).
+    System,
+}
+
+impl ActorType {
+    /// The Avro symbol, which is also the value stored in Postgres.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ActorType::User => "USER",
+            ActorType::Service => "SERVICE",
+            ActorType::System => "SYSTEM",
+        }
+    }
+
+    /// Parses an Avro symbol.
+    pub fn from_symbol(symbol: &str) -> Option<Self> {
+        match symbol {
+            "USER" => Some(ActorType::User),
+            "SERVICE" => Some(ActorType::Service),
+            "SYSTEM" => Some(ActorType::System),
+            _ => None,
+        }
+    }
+}
+
+/// The thing acted upon.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Resource {
+    /// Resource kind, e.g. `order`.
+    pub resource_type: String,
+    /// Resource id within its kind.
+    pub id: String,
+}
+
+/// How the action ended, the Avro enum `Outcome`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Outcome {
+    /// The action took effect.
+    Success,
+    /// The action was attempted and failed.
+    Failure,
+    /// The action was refused by authorization.
+    Denied,
+}
+
+impl Outcome {
+    /// The Avro symbol, which is also the value stored in Postgres.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Outcome::Success => "SUCCESS",
+            Outcome::Failure => "FAILURE",
+            Outcome::Denied => "DENIED",
+        }
+    }
+
+    /// Parses an Avro symbol.
+    pub fn from_symbol(symbol: &str) -> Option<Self> {
+        match symbol {
+            "SUCCESS" => Some(Outcome::Success),
+            "FAILURE" => Some(Outcome::Failure),
+            "DENIED" => Some(Outcome::Denied),
+            _ => None,
+        }
+    }
+}
+
+/// One audit event, resolved into the current reader schema (v2).
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct AuditEvent {
+    /// The producer's id for the event; with `occurred_at`, the deduplication key.
+    pub event_id: Uuid,
+    /// When it happened, microsecond precision, UTC. Decides the table partition.
+    pub occurred_at: DateTime<Utc>,
+    /// The tenant the event belongs to.
+    pub tenant_id: String,
+    /// Who did it.
+    pub actor: Actor,
+    /// What was done, e.g. `order.update`.
+    pub action: String,
+    /// What it was done to.
+    pub resource: Resource,
+    /// How it ended.
+    pub outcome: Outcome,
+    /// Free-text reason, typically for failures and denials.
+    pub reason: Option<String>,
+    /// Distributed trace id, if the producer had one.
+    pub trace_id: Option<String>,
+    /// A JSON object as text; stored as jsonb. Validated to be an object.
+    pub details: Option<String>,
+    /// Session id (schema v2); `None` for events written with v1.
+    pub session_id: Option<String>,
+}
