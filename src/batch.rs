@@ -1,0 +1,340 @@
+//! Accumulates decoded events into one Postgres transaction's worth of rows.
+//!
+//! A batch is flushed when it reaches `max_events` rows, `max_bytes` of payload, or when its
+//! oldest message has waited `max_wait`, whichever comes first. Besides rows, a batch carries
+//! every message it consumed (stored, duplicate or dead-lettered), so that once it is done the
+//! offsets of all of them can be stored together.
+//!
+//! Events repeated inside one batch (same `event_id` and `occurred_at`) are dropped here, before
+//! they reach the database; when the repeat's content differs, it is counted as a conflict and
+//! logged rather than merged.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use tokio::time::Instant;
+use uuid::Uuid;
+
+use crate::config::BatchConfig;
+use crate::decode::Decoded;
+use crate::dlq::{DeadLetter, SourceRecord};
+use crate::notify::Invalidation;
+use crate::offsets::Delivery;
+use crate::store::{CopyRows, RowMeta};
+
+/// Flush limits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BatchLimits {
+    /// Rows per batch.
+    pub max_events: usize,
+    /// Payload bytes per batch.
+    pub max_bytes: usize,
+    /// Longest wait of the oldest message.
+    pub max_wait: Duration,
+}
+
+impl From<&BatchConfig> for BatchLimits {
+    fn from(config: &BatchConfig) -> Self {
+        BatchLimits {
+            max_events: config.batch_max_events,
+            max_bytes: config.batch_max_bytes,
+            max_wait: config.max_wait(),
+        }
+    }
+}
+
+/// What [`Batch::add_event`] did with an event.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Added {
+    /// It became a row.
+    Row,
+    /// The same event is already in this batch.
+    Duplicate,
+    /// An event with the same key but different content is already in this batch.
+    Conflict,
+}
+
+/// One batch in the making, then in flight.
+#[derive(Debug)]
+pub struct Batch {
+    /// Sequence number of the batch within this process.
+    pub seq: u64,
+    /// Rows, COPY-encoded.
+    pub rows: CopyRows,
+    /// The source message of each row, same order, for dead-lettering a row the database refuses.
+    pub row_sources: Vec<SourceRecord>,
+    /// Records that could not be decoded or validated, to dead-letter before the offsets move.
+    pub dead_letters: Vec<DeadLetter>,
+    /// Every message this batch consumed.
+    pub deliveries: Vec<Delivery>,
+    /// What readers of the table must invalidate once this batch is committed.
+    pub invalidation: Invalidation,
+    /// Kafka timestamps (ms) of the rows, for end-to-end latency.
+    pub kafka_timestamps_ms: Vec<i64>,
+    /// Events dropped as repeats within this batch.
+    pub num_duplicates: u64,
+    /// Of those, repeats with different content.
+    pub num_conflicts: u64,
+    num_payload_bytes: usize,
+    opened_at: Option<Instant>,
+    seen: HashMap<(Uuid, DateTime<Utc>), [u8; 16]>,
+}
+
+impl Batch {
+    /// Creates an empty batch.
+    pub fn new(seq: u64) -> Self {
+        Batch {
+            seq,
+            rows: CopyRows::new(),
+            row_sources: Vec::new(),
+            dead_letters: Vec::new(),
+            deliveries: Vec::new(),
+            invalidation: Invalidation::new(seq),
+            kafka_timestamps_ms: Vec::new(),
+            num_duplicates: 0,
+            num_conflicts: 0,
+            num_payload_bytes: 0,
+            opened_at: None,
+            seen: HashMap::new(),
+        }
+    }
+
+    fn touch(&mut self, delivery: Delivery, num_bytes: usize) {
+        self.opened_at.get_or_insert_with(Instant::now);
+        self.deliveries.push(delivery);
+        self.num_payload_bytes += num_bytes;
+    }
+
+    /// Adds a decoded event.
+    pub fn add_event(
+        &mut self,
+        delivery: Delivery,
+        decoded: &Decoded,
+        content_hash: [u8; 16],
+        source: SourceRecord,
+    ) -> Added {
+        let num_bytes = source.payload.as_ref().map_or(0, Vec::len);
+        self.touch(delivery, num_bytes);
+        let event = &decoded.event;
+        match self.seen.get(&(event.event_id, event.occurred_at)) {
+            Some(hash) if *hash == content_hash => {
+                self.num_duplicates += 1;
+                return Added::Duplicate;
+            }
+            Some(_) => {
+                self.num_duplicates += 1;
+                self.num_conflicts += 1;
+                tracing::warn!(
+                    event_id = %event.event_id,
+                    partition = source.partition,
+                    offset = source.offset,
+                    "event id repeats with different content within a batch; kept the first"
+                );
+                return Added::Conflict;
+            }
+            None => {}
+        }
+        self.seen
+            .insert((event.event_id, event.occurred_at), content_hash);
+        self.rows.push(
+            event,
+            RowMeta {
+                content_hash,
+                schema_version: Some(decoded.writer_version),
+                topic: &source.topic,
+                partition: source.partition,
+                offset: source.offset,
+                kafka_timestamp: source
+                    .timestamp_ms
+                    .and_then(DateTime::from_timestamp_millis),
+            },
+        );
+        if let Some(ts) = source.timestamp_ms {
+            self.kafka_timestamps_ms.push(ts);
+        }
+        self.invalidation.add(
+            &event.tenant_id,
+            &event.resource.resource_type,
+            &event.resource.id,
+        );
+        self.row_sources.push(source);
+        Added::Row
+    }
+
+    /// Adds a record that must be dead-lettered.
+    pub fn add_dead_letter(&mut self, delivery: Delivery, letter: DeadLetter) {
+        let num_bytes = letter.source.payload.as_ref().map_or(0, Vec::len);
+        self.touch(delivery, num_bytes);
+        self.dead_letters.push(letter);
+    }
+
+    /// True when no message has been added.
+    pub fn is_empty(&self) -> bool {
+        self.deliveries.is_empty()
+    }
+
+    /// Number of messages consumed into this batch.
+    pub fn num_messages(&self) -> usize {
+        self.deliveries.len()
+    }
+
+    /// True when a size limit is reached.
+    pub fn is_full(&self, limits: &BatchLimits) -> bool {
+        self.rows.len() >= limits.max_events
+            || self.deliveries.len() >= limits.max_events.saturating_mul(2)
+            || self.num_payload_bytes >= limits.max_bytes
+    }
+
+    /// When the batch must be flushed at the latest, if it holds anything.
+    pub fn deadline(&self, limits: &BatchLimits) -> Option<Instant> {
+        self.opened_at.map(|opened| opened + limits.max_wait)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::event::{Actor, ActorType, AuditEvent, Outcome, Resource};
+
+    fn limits() -> BatchLimits {
+        BatchLimits {
+            max_events: 3,
+            max_bytes: 1_000,
+            max_wait: Duration::from_millis(100),
+        }
+    }
+
+    fn decoded(id: u128, tenant: &str) -> Decoded {
+        Decoded {
+            event: AuditEvent {
+                event_id: Uuid::from_u128(id),
+                occurred_at: DateTime::from_timestamp(1_700_000_000, 0).unwrap(),
+                tenant_id: tenant.into(),
+                actor: Actor {
+                    id: "u1".into(),
+                    actor_type: ActorType::User,
+                    ip: None,
+                    user_agent: None,
+                },
+                action: "order.update".into(),
+                resource: Resource {
+                    resource_type: "order".into(),
+                    id: "o1".into(),
+                },
+                outcome: Outcome::Success,
+                reason: None,
+                trace_id: None,
+                details: None,
+                session_id: None,
+            },
+            writer_version: 2,
+            wire_format: crate::decode::WireFormat::Confluent,
+        }
+    }
+
+    fn source(offset: i64, num_bytes: usize) -> SourceRecord {
+        SourceRecord {
+            topic: "t".into(),
+            partition: 0,
+            offset,
+            timestamp_ms: Some(1),
+            key: None,
+            payload: Some(vec![0; num_bytes]),
+            headers: vec![],
+        }
+    }
+
+    fn delivery(offset: i64) -> Delivery {
+        Delivery {
+            partition: 0,
+            offset,
+            epoch: 1,
+        }
+    }
+
+    #[test]
+    fn flushes_on_max_events() {
+        let mut batch = Batch::new(1);
+        for i in 0..3 {
+            assert!(!batch.is_full(&limits()));
+            batch.add_event(
+                delivery(i),
+                &decoded(i as u128, "t"),
+                [0; 16],
+                source(i, 10),
+            );
+        }
+        assert!(batch.is_full(&limits()));
+        assert_eq!(batch.rows.len(), 3);
+    }
+
+    #[test]
+    fn flushes_on_max_bytes() {
+        let mut batch = Batch::new(1);
+        batch.add_event(delivery(0), &decoded(1, "t"), [0; 16], source(0, 999));
+        assert!(!batch.is_full(&limits()));
+        batch.add_event(delivery(1), &decoded(2, "t"), [0; 16], source(1, 1));
+        assert!(batch.is_full(&limits()));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn deadline_runs_from_the_first_message() {
+        let mut batch = Batch::new(1);
+        assert_eq!(
+            batch.deadline(&limits()),
+            None,
+            "an empty batch never expires"
+        );
+        let start = Instant::now();
+        batch.add_event(delivery(0), &decoded(1, "t"), [0; 16], source(0, 1));
+        tokio::time::advance(Duration::from_millis(60)).await;
+        batch.add_event(delivery(1), &decoded(2, "t"), [0; 16], source(1, 1));
+        assert_eq!(
+            batch.deadline(&limits()),
+            Some(start + Duration::from_millis(100))
+        );
+    }
+
+    #[test]
+    fn repeats_within_a_batch_become_one_row() {
+        let mut batch = Batch::new(1);
+        let event = decoded(7, "t");
+        assert_eq!(
+            batch.add_event(delivery(0), &event, [1; 16], source(0, 1)),
+            Added::Row
+        );
+        assert_eq!(
+            batch.add_event(delivery(1), &event, [1; 16], source(1, 1)),
+            Added::Duplicate
+        );
+        assert_eq!(
+            batch.add_event(delivery(2), &event, [2; 16], source(2, 1)),
+            Added::Conflict
+        );
+        assert_eq!(batch.rows.len(), 1);
+        assert_eq!(batch.num_duplicates, 2);
+        assert_eq!(batch.num_conflicts, 1);
+        assert_eq!(batch.num_messages(), 3, "every message's offset is carried");
+    }
+
+    #[test]
+    fn dead_letters_count_as_messages_but_not_rows() {
+        let mut batch = Batch::new(1);
+        batch.add_dead_letter(
+            delivery(0),
+            DeadLetter {
+                source: source(0, 5),
+                failure: crate::dlq::Failure {
+                    class: "decode".into(),
+                    message: "bad".into(),
+                    sqlstate: None,
+                },
+                failed_at: Utc::now(),
+            },
+        );
+        assert!(!batch.is_empty());
+        assert!(batch.rows.is_empty());
+        assert!(batch.deadline(&limits()).is_some());
+    }
+}

@@ -1,0 +1,336 @@
+//! The dead-letter topic: records that cannot be stored, with the reason.
+//!
+//! A dead-lettered record keeps the source message's key, value and headers byte for byte and adds
+//! `auditflow.*` headers saying why and where it came from (the contract is in the README). The
+//! source offset counts as done only once the dead-letter producer has acknowledged the record
+//! (`acks=all`, idempotent); until then the record is retried, never dropped.
+
+use std::time::Duration;
+
+use backon::{ExponentialBuilder, Retryable};
+use chrono::{DateTime, SecondsFormat, Utc};
+use rdkafka::message::{Header, Headers, Message, OwnedHeaders};
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::util::Timeout;
+use tokio_util::sync::CancellationToken;
+
+/// Header names of the dead-letter contract.
+pub mod header {
+    /// Why: `decode`, `schema`, `validation`, `out_of_window`, `constraint`, ...
+    pub const ERROR_CLASS: &str = "auditflow.error.class";
+    /// The error in words.
+    pub const ERROR_MESSAGE: &str = "auditflow.error.message";
+    /// The PostgreSQL SQLSTATE, when the database refused the record.
+    pub const ERROR_SQLSTATE: &str = "auditflow.error.sqlstate";
+    /// Source topic.
+    pub const SOURCE_TOPIC: &str = "auditflow.source.topic";
+    /// Source partition.
+    pub const SOURCE_PARTITION: &str = "auditflow.source.partition";
+    /// Source offset.
+    pub const SOURCE_OFFSET: &str = "auditflow.source.offset";
+    /// Source message timestamp, milliseconds since the epoch.
+    pub const SOURCE_TIMESTAMP: &str = "auditflow.source.timestamp";
+    /// When it failed, RFC 3339 UTC.
+    pub const FAILED_AT: &str = "auditflow.failed_at";
+    /// How many times this record has been dead-lettered (replay increments it).
+    pub const ATTEMPT: &str = "auditflow.attempt";
+    /// The instance id of the replica that dead-lettered it.
+    pub const CONSUMER: &str = "auditflow.consumer";
+    /// The auditflow version that dead-lettered it.
+    pub const VERSION: &str = "auditflow.version";
+    /// The prefix of every header auditflow adds.
+    pub const PREFIX: &str = "auditflow.";
+}
+
+/// A source message as received, kept whole so it can be dead-lettered unchanged.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SourceRecord {
+    /// Source topic.
+    pub topic: String,
+    /// Source partition.
+    pub partition: i32,
+    /// Source offset.
+    pub offset: i64,
+    /// Message timestamp in milliseconds, if the broker gave one.
+    pub timestamp_ms: Option<i64>,
+    /// Key bytes.
+    pub key: Option<Vec<u8>>,
+    /// Value bytes.
+    pub payload: Option<Vec<u8>>,
+    /// Headers in their original order.
+    pub headers: Vec<(String, Option<Vec<u8>>)>,
+}
+
+impl SourceRecord {
+    /// Copies a received message.
+    pub fn from_message<M: Message>(message: &M) -> Self {
+        let headers = message
+            .headers()
+            .map(|headers| {
+                headers
+                    .iter()
+                    .map(|h| (h.key.to_owned(), h.value.map(<[u8]>::to_vec)))
+                    .collect()
+            })
+            .unwrap_or_default();
+        SourceRecord {
+            topic: message.topic().to_owned(),
+            partition: message.partition(),
+            offset: message.offset(),
+            timestamp_ms: message.timestamp().to_millis(),
+            key: message.key().map(<[u8]>::to_vec),
+            payload: message.payload().map(<[u8]>::to_vec),
+            headers,
+        }
+    }
+
+    /// The value of the last header named `name`.
+    pub fn header(&self, name: &str) -> Option<&[u8]> {
+        self.headers
+            .iter()
+            .rev()
+            .find(|(key, _)| key == name)
+            .and_then(|(_, value)| value.as_deref())
+    }
+
+    /// The `auditflow.attempt` the record arrived with (set by replay), or 0.
+    pub fn attempt(&self) -> u32 {
+        self.header(header::ATTEMPT)
+            .and_then(|v| std::str::from_utf8(v).ok())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0)
+    }
+}
+
+/// Why a record could not be stored.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Failure {
+    /// The error class header value.
+    pub class: String,
+    /// The error in words.
+    pub message: String,
+    /// SQLSTATE, for database refusals.
+    pub sqlstate: Option<String>,
+}
+
+/// A record on its way to the dead-letter topic.
+#[derive(Debug, Clone)]
+pub struct DeadLetter {
+    /// The source message.
+    pub source: SourceRecord,
+    /// Why.
+    pub failure: Failure,
+    /// When.
+    pub failed_at: DateTime<Utc>,
+}
+
+impl DeadLetter {
+    /// The headers of the dead-letter record: the source's own ones (auditflow's headers from an
+    /// earlier round are replaced, everything else is kept byte for byte) followed by the
+    /// contract headers.
+    pub fn headers(&self, consumer: &str) -> Vec<(String, Option<Vec<u8>>)> {
+        let mut headers: Vec<(String, Option<Vec<u8>>)> = self
+            .source
+            .headers
+            .iter()
+            .filter(|(key, _)| !key.starts_with(header::PREFIX))
+            .cloned()
+            .collect();
+        let mut add =
+            |key: &str, value: String| headers.push((key.to_owned(), Some(value.into_bytes())));
+        add(header::ERROR_CLASS, self.failure.class.clone());
+        add(header::ERROR_MESSAGE, self.failure.message.clone());
+        if let Some(sqlstate) = &self.failure.sqlstate {
+            add(header::ERROR_SQLSTATE, sqlstate.clone());
+        }
+        add(header::SOURCE_TOPIC, self.source.topic.clone());
+        add(header::SOURCE_PARTITION, self.source.partition.to_string());
+        add(header::SOURCE_OFFSET, self.source.offset.to_string());
+        if let Some(ts) = self.source.timestamp_ms {
+            add(header::SOURCE_TIMESTAMP, ts.to_string());
+        }
+        add(
+            header::FAILED_AT,
+            self.failed_at.to_rfc3339_opts(SecondsFormat::Millis, true),
+        );
+        add(header::ATTEMPT, self.source.attempt().max(1).to_string());
+        add(header::CONSUMER, consumer.to_owned());
+        add(header::VERSION, env!("CARGO_PKG_VERSION").to_owned());
+        headers
+    }
+}
+
+/// Errors from the dead-letter producer.
+#[derive(Debug, thiserror::Error)]
+pub enum DlqError {
+    /// The broker did not acknowledge the record before shutdown.
+    #[error("dead-letter produce failed: {0}")]
+    Produce(#[from] rdkafka::error::KafkaError),
+    /// Shutdown interrupted the retries; the source offset stays uncommitted.
+    #[error("dead-letter produce interrupted by shutdown")]
+    Interrupted,
+}
+
+/// Publishes dead letters and waits for their acknowledgement.
+#[derive(Clone)]
+pub struct DlqProducer {
+    producer: FutureProducer,
+    topic: String,
+    consumer_id: String,
+}
+
+impl DlqProducer {
+    /// Wraps a producer created with [`crate::kafka::durable_producer_config`].
+    pub fn new(
+        producer: FutureProducer,
+        topic: impl Into<String>,
+        consumer_id: impl Into<String>,
+    ) -> Self {
+        DlqProducer {
+            producer,
+            topic: topic.into(),
+            consumer_id: consumer_id.into(),
+        }
+    }
+
+    /// The dead-letter topic.
+    pub fn topic(&self) -> &str {
+        &self.topic
+    }
+
+    /// Sends one dead letter and waits for the acknowledgement.
+    pub async fn send_once(&self, letter: &DeadLetter) -> Result<(), DlqError> {
+        let mut headers = OwnedHeaders::new();
+        for (key, value) in letter.headers(&self.consumer_id) {
+            headers = headers.insert(Header {
+                key: &key,
+                value: value.as_deref(),
+            });
+        }
+        let mut record: FutureRecord<'_, [u8], [u8]> =
+            FutureRecord::to(&self.topic).headers(headers);
+        if let Some(key) = &letter.source.key {
+            record = record.key(key.as_slice());
+        }
+        if let Some(payload) = &letter.source.payload {
+            record = record.payload(payload.as_slice());
+        }
+        self.producer
+            .send(record, Timeout::After(Duration::from_secs(5)))
+            .await
+            .map(|_| ())
+            .map_err(|(err, _)| DlqError::Produce(err))
+    }
+
+    /// Sends one dead letter, retrying with jittered backoff until it is acknowledged or
+    /// `cancel` fires. Never drops the record: on cancellation the caller must not store the
+    /// source offset.
+    pub async fn deliver(
+        &self,
+        letter: &DeadLetter,
+        cancel: &CancellationToken,
+    ) -> Result<(), DlqError> {
+        let backoff = ExponentialBuilder::default()
+            .with_min_delay(Duration::from_millis(100))
+            .with_max_delay(Duration::from_secs(10))
+            .with_jitter()
+            .without_max_times();
+        let attempt = || self.send_once(letter);
+        tokio::select! {
+            result = attempt
+                .retry(backoff)
+                .notify(|err, wait| {
+                    tracing::warn!(error = %err, retry_in = ?wait, topic = %self.topic, "dead-letter produce failed; retrying");
+                    metrics::counter!("auditflow_dlq_produce_retries_total").increment(1);
+                }) => result,
+            _ = cancel.cancelled() => Err(DlqError::Interrupted),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn source() -> SourceRecord {
+        SourceRecord {
+            topic: "audit-events".into(),
+            partition: 3,
+            offset: 42,
+            timestamp_ms: Some(1_700_000_000_000),
+            key: Some(b"tenant-1".to_vec()),
+            payload: Some(vec![0, 1, 2]),
+            headers: vec![
+                ("traceparent".into(), Some(b"00-abc".to_vec())),
+                ("empty".into(), None),
+                (header::ATTEMPT.into(), Some(b"2".to_vec())),
+                (header::ERROR_CLASS.into(), Some(b"old".to_vec())),
+            ],
+        }
+    }
+
+    #[test]
+    fn headers_keep_the_originals_and_say_why() {
+        let letter = DeadLetter {
+            source: source(),
+            failure: Failure {
+                class: "constraint".into(),
+                message: "value too long".into(),
+                sqlstate: Some("22001".into()),
+            },
+            failed_at: DateTime::from_timestamp(1_700_000_001, 0).unwrap(),
+        };
+        let headers = letter.headers("replica-1");
+        let get = |name: &str| {
+            headers
+                .iter()
+                .filter(|(k, _)| k == name)
+                .map(|(_, v)| v.clone().map(|v| String::from_utf8(v).unwrap()))
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(headers[0], ("traceparent".into(), Some(b"00-abc".to_vec())));
+        assert_eq!(headers[1], ("empty".into(), None));
+        assert_eq!(
+            get(header::ERROR_CLASS),
+            vec![Some("constraint".into())],
+            "old class replaced"
+        );
+        assert_eq!(get(header::ERROR_SQLSTATE), vec![Some("22001".into())]);
+        assert_eq!(get(header::SOURCE_TOPIC), vec![Some("audit-events".into())]);
+        assert_eq!(get(header::SOURCE_PARTITION), vec![Some("3".into())]);
+        assert_eq!(get(header::SOURCE_OFFSET), vec![Some("42".into())]);
+        assert_eq!(
+            get(header::SOURCE_TIMESTAMP),
+            vec![Some("1700000000000".into())]
+        );
+        assert_eq!(
+            get(header::FAILED_AT),
+            vec![Some("2023-11-14T22:13:21.000Z".into())]
+        );
+        assert_eq!(
+            get(header::ATTEMPT),
+            vec![Some("2".into())],
+            "replayed attempt carried"
+        );
+        assert_eq!(get(header::CONSUMER), vec![Some("replica-1".into())]);
+    }
+
+    #[test]
+    fn a_first_failure_is_attempt_one() {
+        let mut record = source();
+        record.headers.clear();
+        assert_eq!(record.attempt(), 0);
+        let letter = DeadLetter {
+            source: record,
+            failure: Failure {
+                class: "decode".into(),
+                message: "bad magic byte".into(),
+                sqlstate: None,
+            },
+            failed_at: Utc::now(),
+        };
+        let headers = letter.headers("r");
+        assert!(headers.contains(&(header::ATTEMPT.into(), Some(b"1".to_vec()))));
+        assert!(!headers.iter().any(|(k, _)| k == header::ERROR_SQLSTATE));
+    }
+}

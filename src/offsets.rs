@@ -1,0 +1,215 @@
+//! Which offsets may be stored for commit.
+//!
+//! A Kafka offset may be committed only when every earlier message of its partition is done:
+//! stored in Postgres, or acknowledged by the dead-letter producer. Messages complete out of
+//! order (a dead letter can be acknowledged after a later batch commits), so the tracker keeps,
+//! per assigned partition, the set of offsets handed to the pipeline and not yet done; the
+//! committable position is the lowest of them, or one past the highest seen when none is pending.
+//!
+//! Assignments have an epoch. When a partition is revoked and later assigned again, completions
+//! that belong to the old assignment are ignored: the new owner re-reads those messages from the
+//! committed offset, and deduplication in Postgres absorbs the repeat.
+
+use std::collections::{BTreeSet, HashMap};
+
+/// A partition of the consumed topic.
+pub type Partition = i32;
+
+/// Identifies one assignment of a partition to this consumer.
+pub type Epoch = u64;
+
+/// A message handed to the pipeline: where it came from and under which assignment.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Delivery {
+    /// Source partition.
+    pub partition: Partition,
+    /// Source offset.
+    pub offset: i64,
+    /// The assignment the message was read under.
+    pub epoch: Epoch,
+}
+
+#[derive(Debug, Default)]
+struct PartitionState {
+    epoch: Epoch,
+    pending: BTreeSet<i64>,
+    /// One past the highest offset seen under this assignment.
+    next_seen: Option<i64>,
+    /// The position last handed out by [`OffsetTracker::take_committable`].
+    last_taken: Option<i64>,
+}
+
+/// Per-partition bookkeeping of in-flight offsets.
+#[derive(Debug, Default)]
+pub struct OffsetTracker {
+    partitions: HashMap<Partition, PartitionState>,
+    next_epoch: Epoch,
+}
+
+impl OffsetTracker {
+    /// Creates an empty tracker (nothing assigned).
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Starts tracking a newly assigned partition, forgetting anything from an older assignment.
+    pub fn assign(&mut self, partition: Partition) {
+        self.next_epoch += 1;
+        self.partitions.insert(
+            partition,
+            PartitionState {
+                epoch: self.next_epoch,
+                ..PartitionState::default()
+            },
+        );
+    }
+
+    /// Stops tracking a revoked partition; later completions for it are ignored.
+    pub fn revoke(&mut self, partition: Partition) {
+        self.partitions.remove(&partition);
+    }
+
+    /// True while the partition is assigned to this consumer.
+    pub fn is_assigned(&self, partition: Partition) -> bool {
+        self.partitions.contains_key(&partition)
+    }
+
+    /// Records that a message entered the pipeline. Returns its delivery handle, or `None` when
+    /// the partition is not assigned (a message fetched before a revoke was processed).
+    pub fn begin(&mut self, partition: Partition, offset: i64) -> Option<Delivery> {
+        let state = self.partitions.get_mut(&partition)?;
+        state.pending.insert(offset);
+        state.next_seen = Some(
+            state
+                .next_seen
+                .map_or(offset + 1, |next| next.max(offset + 1)),
+        );
+        Some(Delivery {
+            partition,
+            offset,
+            epoch: state.epoch,
+        })
+    }
+
+    /// Marks a message done. Completions from an older assignment are ignored.
+    pub fn complete(&mut self, delivery: Delivery) {
+        if let Some(state) = self.partitions.get_mut(&delivery.partition) {
+            if state.epoch == delivery.epoch {
+                state.pending.remove(&delivery.offset);
+            }
+        }
+    }
+
+    /// The offset to commit for the partition (the next message to read), if everything before
+    /// it is done and it moved since the last call.
+    pub fn take_committable(&mut self, partition: Partition) -> Option<i64> {
+        let state = self.partitions.get_mut(&partition)?;
+        let position = match state.pending.first() {
+            Some(&lowest) => lowest,
+            None => state.next_seen?,
+        };
+        if state.last_taken.is_some_and(|taken| taken >= position) {
+            return None;
+        }
+        state.last_taken = Some(position);
+        Some(position)
+    }
+
+    /// Number of messages in flight across all partitions.
+    pub fn num_pending(&self) -> usize {
+        self.partitions
+            .values()
+            .map(|state| state.pending.len())
+            .sum()
+    }
+
+    /// The assigned partitions.
+    pub fn assigned(&self) -> Vec<Partition> {
+        let mut partitions: Vec<_> = self.partitions.keys().copied().collect();
+        partitions.sort_unstable();
+        partitions
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn commits_only_past_a_contiguous_done_prefix() {
+        let mut tracker = OffsetTracker::new();
+        tracker.assign(0);
+        let deliveries: Vec<_> = (10..15).map(|o| tracker.begin(0, o).unwrap()).collect();
+        assert_eq!(tracker.take_committable(0), Some(10), "nothing done yet");
+        tracker.complete(deliveries[1]);
+        tracker.complete(deliveries[2]);
+        assert_eq!(tracker.take_committable(0), None, "10 still pending");
+        tracker.complete(deliveries[0]);
+        assert_eq!(tracker.take_committable(0), Some(13));
+        tracker.complete(deliveries[4]);
+        assert_eq!(tracker.take_committable(0), None, "13 still pending");
+        tracker.complete(deliveries[3]);
+        assert_eq!(tracker.take_committable(0), Some(15));
+        assert_eq!(
+            tracker.take_committable(0),
+            None,
+            "unchanged position is not handed out twice"
+        );
+        assert_eq!(tracker.num_pending(), 0);
+    }
+
+    #[test]
+    fn partitions_are_independent() {
+        let mut tracker = OffsetTracker::new();
+        tracker.assign(0);
+        tracker.assign(1);
+        let a = tracker.begin(0, 5).unwrap();
+        let _b = tracker.begin(1, 7).unwrap();
+        tracker.complete(a);
+        assert_eq!(tracker.take_committable(0), Some(6));
+        assert_eq!(tracker.take_committable(1), Some(7));
+        assert_eq!(tracker.assigned(), vec![0, 1]);
+    }
+
+    #[test]
+    fn messages_of_unassigned_partitions_are_not_tracked() {
+        let mut tracker = OffsetTracker::new();
+        assert!(tracker.begin(3, 1).is_none());
+        assert_eq!(tracker.take_committable(3), None);
+    }
+
+    #[test]
+    fn completions_from_an_old_assignment_are_ignored() {
+        let mut tracker = OffsetTracker::new();
+        tracker.assign(0);
+        let old = tracker.begin(0, 100).unwrap();
+        tracker.revoke(0);
+        assert!(!tracker.is_assigned(0));
+        tracker.complete(old);
+        tracker.assign(0);
+        // The new owner re-reads from the committed offset, 90 here.
+        let fresh = tracker.begin(0, 90).unwrap();
+        assert_ne!(old.epoch, fresh.epoch);
+        tracker.complete(old);
+        assert_eq!(
+            tracker.take_committable(0),
+            Some(90),
+            "old completion must not advance"
+        );
+        tracker.complete(fresh);
+        assert_eq!(tracker.take_committable(0), Some(91));
+    }
+
+    #[test]
+    fn redelivered_offsets_below_the_committed_position_do_not_move_it_back() {
+        let mut tracker = OffsetTracker::new();
+        tracker.assign(0);
+        let d = tracker.begin(0, 50).unwrap();
+        tracker.complete(d);
+        assert_eq!(tracker.take_committable(0), Some(51));
+        let again = tracker.begin(0, 50).unwrap();
+        assert_eq!(tracker.take_committable(0), None);
+        tracker.complete(again);
+        assert_eq!(tracker.take_committable(0), None);
+    }
+}
