@@ -1,0 +1,817 @@
+//! Cache-invalidation notices on Redis pub/sub, published after each batch is committed.
+//!
+//! Services that cache rows of the audit table subscribe to one Redis pub/sub channel
+//! ([`NotifyConfig::channel`]) and evict what each notice names. The table stays the source of
+//! truth: notices are best effort, so a Redis outage never stops or slows ingestion, and a
+//! subscriber that cannot tolerate a missed notice still needs a TTL on its cache.
+//!
+//! # Message format
+//!
+//! This is a public contract for every service that caches the audit table. Each committed batch
+//! produces at most one message: a UTF-8 JSON object such as
+//!
+//! ```json
+//! {"batch_seq":17,"count":3,"tenants":["acme","globex"],"resources":[{"type":"order","id":"42"},{"type":"user","id":"7"}],"truncated":false}
+//! ```
+//!
+//! - `batch_seq` (unsigned integer): the sequence number the pipeline gave the committed batch.
+//!   Messages are published in the order the pipeline handed them over, but messages can be lost
+//!   (see below), so a gap in `batch_seq` says nothing.
+//! - `count` (unsigned integer): how many events the batch committed, duplicates of the same
+//!   resource included.
+//! - `tenants` (array of strings): every distinct tenant the batch touched, sorted. Never
+//!   truncated.
+//! - `resources` (array of `{"type": string, "id": string}`): the distinct resources the batch
+//!   touched, sorted by type then id, at most [`MAX_RESOURCES_PER_MESSAGE`] entries.
+//! - `truncated` (boolean): `true` when `resources` was cut to [`MAX_RESOURCES_PER_MESSAGE`]
+//!   entries; the subscriber must then invalidate everything it caches for each tenant in
+//!   `tenants`.
+//!
+//! Subscribers must ignore fields they do not know: new fields may be added, existing ones keep
+//! their meaning. Redis pub/sub keeps nothing for absent subscribers: a subscriber that
+//! (re)connects has missed whatever was published meanwhile and should treat its cache as stale.
+//!
+//! # Delivery
+//!
+//! [`Notifier::publish`] only puts the notice on a bounded queue; it never waits. One background
+//! [`NotifyWorker`] owns the Redis connection and publishes the queue in order. While Redis is
+//! unreachable the worker stops taking from the queue and reconnects with jittered exponential
+//! backoff, so notices wait in the queue and those that do not fit are dropped. A notice whose
+//! PUBLISH fails is dropped too, never retried. Every notice handed to [`Notifier::publish`] ends
+//! up counted exactly once in [`NotifyStats`] (and the matching Prometheus counter) as published,
+//! failed or dropped, once the worker has stopped.
+
+use std::collections::BTreeSet;
+use std::fmt;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use backon::{BackoffBuilder, ExponentialBuilder};
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use serde::Serialize;
+use tokio::sync::mpsc;
+use tokio::sync::mpsc::error::TrySendError;
+use tokio::task::JoinHandle;
+use tokio::time::{timeout, timeout_at, Instant};
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, error, info, warn};
+
+/// Caps the `resources` array of one message; beyond it the message is marked `truncated`.
+pub const MAX_RESOURCES_PER_MESSAGE: usize = 1000;
+
+/// Counts notices Redis acknowledged (the PUBLISH returned, whatever the number of subscribers).
+pub const PUBLISHED_METRIC: &str = "auditflow_invalidations_published_total";
+/// Counts notices whose PUBLISH failed or timed out; they are not retried.
+pub const FAILED_METRIC: &str = "auditflow_invalidations_failed_total";
+/// Counts notices that never reached Redis: the queue was full or closed, or shutdown ran out of
+/// time before they could be sent.
+pub const DROPPED_METRIC: &str = "auditflow_invalidations_dropped_total";
+
+/// First reconnect delay after Redis is found unreachable.
+const RECONNECT_MIN_DELAY: Duration = Duration::from_millis(100);
+/// Longest reconnect delay, jitter included.
+const RECONNECT_MAX_DELAY: Duration = Duration::from_secs(5);
+
+/// Settings of the invalidation publisher.
+#[derive(Clone)]
+pub struct NotifyConfig {
+    /// Redis URL, e.g. `redis://redis:6379` or `redis://:password@host:6379/0` (plain TCP: the
+    /// crate is built without Redis TLS support). A malformed URL is caught by
+    /// [`NotifyConfig::validate`]; an unreachable server is not an error (the worker keeps
+    /// reconnecting).
+    pub redis_url: String,
+    /// Pub/sub channel the notices are published on; every subscriber of the audit table's
+    /// caches listens here.
+    pub channel: String,
+    /// How many notices (one per committed batch) may wait for Redis; at least 1. While Redis is
+    /// down, the queue fills after this many batches and later notices are dropped, so size it
+    /// for the outage to ride out, not for throughput.
+    pub queue_capacity: usize,
+    /// Bounds each connection attempt and each PUBLISH, and the whole shutdown: the worker stops
+    /// within this long of cancellation, counting what it could not flush as dropped. Must be
+    /// greater than zero.
+    pub publish_timeout: Duration,
+}
+
+impl NotifyConfig {
+    /// Checks the settings [`spawn`] would otherwise reject by disabling notices, so start-up
+    /// can fail instead.
+    pub fn validate(&self) -> Result<(), NotifyError> {
+        self.build_client().map(drop)
+    }
+
+    /// Validates the settings and parses the URL (no network access).
+    fn build_client(&self) -> Result<redis::Client, NotifyError> {
+        if self.queue_capacity == 0 {
+            return Err(NotifyError::InvalidConfig {
+                field: "queue_capacity",
+                reason: "must be at least 1",
+            });
+        }
+        if self.publish_timeout.is_zero() {
+            return Err(NotifyError::InvalidConfig {
+                field: "publish_timeout",
+                reason: "must be greater than zero",
+            });
+        }
+        redis::Client::open(self.redis_url.as_str()).map_err(NotifyError::InvalidRedisUrl)
+    }
+}
+
+impl fmt::Debug for NotifyConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("NotifyConfig")
+            .field("redis_url", &redact_url_credentials(&self.redis_url))
+            .field("channel", &self.channel)
+            .field("queue_capacity", &self.queue_capacity)
+            .field("publish_timeout", &self.publish_timeout)
+            .finish()
+    }
+}
+
+/// Errors raised while building the publisher; publishing itself never fails to the caller.
+#[derive(Debug, thiserror::Error)]
+pub enum NotifyError {
+    /// The Redis URL does not parse. The message includes the parser's reason (which never
+    /// repeats the URL, so no password leaks into logs).
+    #[error("invalid redis url for invalidation notices: {0}")]
+    InvalidRedisUrl(redis::RedisError),
+    /// A setting is out of range.
+    #[error("invalid invalidation setting {field}: {reason}")]
+    InvalidConfig {
+        /// The [`NotifyConfig`] field at fault.
+        field: &'static str,
+        /// What the field must satisfy.
+        reason: &'static str,
+    },
+}
+
+/// What one committed batch changed, accumulated event by event and published as one message.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Invalidation {
+    /// Sequence number of the committed batch.
+    pub batch_seq: u64,
+    /// Number of events added, duplicates included.
+    pub count: u64,
+    /// Distinct tenants touched.
+    pub tenants: BTreeSet<String>,
+    /// Distinct `(resource type, resource id)` pairs touched.
+    pub resources: BTreeSet<(String, String)>,
+}
+
+impl Invalidation {
+    /// Starts an empty notice for batch `batch_seq`.
+    pub fn new(batch_seq: u64) -> Self {
+        Self {
+            batch_seq,
+            count: 0,
+            tenants: BTreeSet::new(),
+            resources: BTreeSet::new(),
+        }
+    }
+
+    /// Records one committed event touching `resource_type`/`resource_id` of `tenant`.
+    pub fn add(&mut self, tenant: &str, resource_type: &str, resource_id: &str) -> &mut Self {
+        self.count += 1;
+        if !self.tenants.contains(tenant) {
+            self.tenants.insert(tenant.to_owned());
+        }
+        self.resources
+            .insert((resource_type.to_owned(), resource_id.to_owned()));
+        self
+    }
+
+    /// Tells whether no event was added.
+    pub fn is_empty(&self) -> bool {
+        self.count == 0
+    }
+
+    /// Encodes the message described in the [module documentation](self), capping `resources`
+    /// at [`MAX_RESOURCES_PER_MESSAGE`].
+    pub fn to_json(&self) -> Result<String, serde_json::Error> {
+        let resources: Vec<ResourceRef<'_>> = self
+            .resources
+            .iter()
+            .take(MAX_RESOURCES_PER_MESSAGE)
+            .map(|(resource_type, id)| ResourceRef { resource_type, id })
+            .collect();
+        serde_json::to_string(&InvalidationMessage {
+            batch_seq: self.batch_seq,
+            count: self.count,
+            tenants: &self.tenants,
+            truncated: self.resources.len() > resources.len(),
+            resources,
+        })
+    }
+}
+
+/// Wire shape of a notice; field order is the order in the JSON.
+#[derive(Serialize)]
+struct InvalidationMessage<'a> {
+    batch_seq: u64,
+    count: u64,
+    tenants: &'a BTreeSet<String>,
+    resources: Vec<ResourceRef<'a>>,
+    truncated: bool,
+}
+
+#[derive(Serialize)]
+struct ResourceRef<'a> {
+    #[serde(rename = "type")]
+    resource_type: &'a str,
+    id: &'a str,
+}
+
+/// Running totals of notice outcomes, shared by every [`Notifier`] clone and the worker.
+///
+/// Each total only grows. Once the worker has stopped, `published + failed + dropped` equals the
+/// number of [`Notifier::publish`] calls.
+#[derive(Debug, Default)]
+pub struct NotifyStats {
+    published: AtomicU64,
+    failed: AtomicU64,
+    dropped: AtomicU64,
+}
+
+impl NotifyStats {
+    /// Returns how many notices Redis acknowledged.
+    pub fn published(&self) -> u64 {
+        self.published.load(Ordering::Relaxed)
+    }
+
+    /// Returns how many notices failed to publish and were discarded.
+    pub fn failed(&self) -> u64 {
+        self.failed.load(Ordering::Relaxed)
+    }
+
+    /// Returns how many notices were discarded without a publish attempt.
+    pub fn dropped(&self) -> u64 {
+        self.dropped.load(Ordering::Relaxed)
+    }
+
+    fn record_published(&self) {
+        self.published.fetch_add(1, Ordering::Relaxed);
+        metrics::counter!(PUBLISHED_METRIC).increment(1);
+    }
+
+    fn record_failed(&self) {
+        self.failed.fetch_add(1, Ordering::Relaxed);
+        metrics::counter!(FAILED_METRIC).increment(1);
+    }
+
+    /// Adds `num_dropped` and returns the new total.
+    fn record_dropped(&self, num_dropped: u64) -> u64 {
+        metrics::counter!(DROPPED_METRIC).increment(num_dropped);
+        self.dropped.fetch_add(num_dropped, Ordering::Relaxed) + num_dropped
+    }
+}
+
+/// Registers descriptions of the invalidation counters with the installed metrics recorder.
+pub fn describe_metrics() {
+    metrics::describe_counter!(
+        PUBLISHED_METRIC,
+        "cache-invalidation notices published on redis"
+    );
+    metrics::describe_counter!(
+        FAILED_METRIC,
+        "cache-invalidation notices whose redis publish failed or timed out"
+    );
+    metrics::describe_counter!(
+        DROPPED_METRIC,
+        "cache-invalidation notices discarded before reaching redis (queue full or shut down)"
+    );
+}
+
+/// Hands invalidation notices to the background worker; cheap to clone.
+///
+/// The worker stops on its own once every clone is dropped and the queue is empty.
+#[derive(Debug, Clone)]
+pub struct Notifier {
+    invalidation_tx: mpsc::Sender<Invalidation>,
+    stats: Arc<NotifyStats>,
+}
+
+impl Notifier {
+    /// Queues `invalidation` for publishing without blocking or awaiting.
+    ///
+    /// When the queue is full (Redis slow or down) or the worker has stopped, the notice is
+    /// discarded and counted as dropped.
+    pub fn publish(&self, invalidation: Invalidation) {
+        let reason = match self.invalidation_tx.try_send(invalidation) {
+            Ok(()) => return,
+            Err(TrySendError::Full(_)) => "queue full",
+            Err(TrySendError::Closed(_)) => "worker stopped",
+        };
+        let num_dropped = self.stats.record_dropped(1);
+        // Logs at 1, 2, 4, 8, ... drops so a long outage cannot flood the log.
+        if num_dropped.is_power_of_two() {
+            warn!(reason, num_dropped, "dropped invalidation notice");
+        } else {
+            debug!(reason, num_dropped, "dropped invalidation notice");
+        }
+    }
+
+    /// Returns the shared outcome counters, which stay readable after the notifier is gone.
+    pub fn stats(&self) -> Arc<NotifyStats> {
+        Arc::clone(&self.stats)
+    }
+}
+
+/// Builds the publisher and spawns its worker on the current Tokio runtime.
+///
+/// The returned task ends within [`NotifyConfig::publish_timeout`] of `shutdown` being cancelled
+/// (after flushing what it can), or once every [`Notifier`] clone is dropped and the queue is
+/// empty. It never fails: when `config` is invalid (see [`NotifyConfig::validate`], which callers
+/// should run at start-up), it logs an error and returns a notifier that counts every notice as
+/// dropped, alongside an already finished task. Use [`NotifyWorker::new`] to get the error
+/// instead. Panics if called outside a Tokio runtime.
+pub fn spawn(config: NotifyConfig, shutdown: CancellationToken) -> (Notifier, JoinHandle<()>) {
+    match NotifyWorker::new(config, shutdown) {
+        Ok((notifier, worker)) => (notifier, tokio::spawn(worker.run())),
+        Err(err) => {
+            error!(error = %err, "invalidation notices disabled");
+            // The receiver is dropped at once, so every publish fails fast with `Closed`.
+            let (invalidation_tx, _) = mpsc::channel(1);
+            let notifier = Notifier {
+                invalidation_tx,
+                stats: Arc::new(NotifyStats::default()),
+            };
+            (notifier, tokio::spawn(async {}))
+        }
+    }
+}
+
+/// Background task that owns the Redis connection and drains the notice queue in order.
+pub struct NotifyWorker {
+    client: redis::Client,
+    manager_config: ConnectionManagerConfig,
+    channel: String,
+    publish_timeout: Duration,
+    invalidation_rx: mpsc::Receiver<Invalidation>,
+    stats: Arc<NotifyStats>,
+    shutdown: CancellationToken,
+    /// `None` while Redis is unreachable: the worker then reconnects before taking the next
+    /// notice, so notices wait in the queue rather than fail one by one.
+    connection: Option<ConnectionManager>,
+}
+
+impl fmt::Debug for NotifyWorker {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // `redis::Client`'s Debug would print the password.
+        f.debug_struct("NotifyWorker")
+            .field("redis_addr", &self.client.get_connection_info().addr)
+            .field("channel", &self.channel)
+            .field("publish_timeout", &self.publish_timeout)
+            .field("connected", &self.connection.is_some())
+            .finish_non_exhaustive()
+    }
+}
+
+impl NotifyWorker {
+    /// Validates `config` and builds the notifier handle and its (not yet running) worker
+    /// without touching the network.
+    pub fn new(
+        config: NotifyConfig,
+        shutdown: CancellationToken,
+    ) -> Result<(Notifier, NotifyWorker), NotifyError> {
+        let client = config.build_client()?;
+        // The worker paces reconnection itself and holds notices back meanwhile; retries inside
+        // the manager would only stretch the time each failing command waits.
+        let manager_config = ConnectionManagerConfig::new()
+            .set_number_of_retries(0)
+            .set_connection_timeout(config.publish_timeout)
+            .set_response_timeout(config.publish_timeout);
+        let (invalidation_tx, invalidation_rx) = mpsc::channel(config.queue_capacity);
+        let stats = Arc::new(NotifyStats::default());
+        let notifier = Notifier {
+            invalidation_tx,
+            stats: Arc::clone(&stats),
+        };
+        let worker = NotifyWorker {
+            client,
+            manager_config,
+            channel: config.channel,
+            publish_timeout: config.publish_timeout,
+            invalidation_rx,
+            stats,
+            shutdown,
+            connection: None,
+        };
+        Ok((notifier, worker))
+    }
+
+    /// Publishes queued notices until shutdown is requested, then, within
+    /// [`NotifyConfig::publish_timeout`] of the request, flushes what is queued and counts the
+    /// rest as dropped.
+    pub async fn run(mut self) {
+        let redis_addr = self.client.get_connection_info().addr.to_string();
+        info!(redis_addr, channel = %self.channel, "invalidation publisher started");
+        let shutdown = self.shutdown.clone();
+        let mut cancelled_at = None;
+        loop {
+            if self.connection.is_none() {
+                let connection = tokio::select! {
+                    biased;
+                    () = shutdown.cancelled() => break,
+                    connection = connect_with_backoff(
+                        &self.client,
+                        &self.manager_config,
+                        self.publish_timeout,
+                    ) => connection,
+                };
+                self.connection = Some(connection);
+            }
+            let invalidation = tokio::select! {
+                biased;
+                () = shutdown.cancelled() => break,
+                received = self.invalidation_rx.recv() => match received {
+                    Some(invalidation) => invalidation,
+                    None => {
+                        info!("every notifier handle dropped, invalidation publisher stopped");
+                        return;
+                    }
+                },
+            };
+            let publish_deadline = Instant::now() + self.publish_timeout;
+            let publish = self.publish_one(&invalidation, publish_deadline);
+            tokio::pin!(publish);
+            tokio::select! {
+                biased;
+                () = &mut publish => {}
+                () = shutdown.cancelled() => {
+                    // Cut short, the publish would vanish from the stats; it ends by its own
+                    // deadline, which falls inside the shutdown budget starting now.
+                    cancelled_at = Some(Instant::now());
+                    publish.await;
+                    break;
+                }
+            }
+        }
+        let flush_deadline = cancelled_at.unwrap_or_else(Instant::now) + self.publish_timeout;
+        self.flush_queue(flush_deadline).await;
+        info!(
+            num_published = self.stats.published(),
+            num_failed = self.stats.failed(),
+            num_dropped = self.stats.dropped(),
+            "invalidation publisher stopped"
+        );
+    }
+
+    /// Closes the queue, publishes what it holds until `deadline` and counts whatever is left as
+    /// dropped.
+    async fn flush_queue(&mut self, deadline: Instant) {
+        // From here on `Notifier::publish` fails fast with `Closed` and counts its own drops.
+        self.invalidation_rx.close();
+        let mut num_abandoned: u64 = 0;
+        while let Ok(invalidation) = self.invalidation_rx.try_recv() {
+            if self.connection.is_none() {
+                let connect =
+                    connect_with_backoff(&self.client, &self.manager_config, self.publish_timeout);
+                match timeout_at(deadline, connect).await {
+                    Ok(connection) => self.connection = Some(connection),
+                    Err(_elapsed) => {
+                        num_abandoned = 1;
+                        break;
+                    }
+                }
+            }
+            self.publish_one(&invalidation, deadline).await;
+        }
+        while self.invalidation_rx.try_recv().is_ok() {
+            num_abandoned += 1;
+        }
+        if num_abandoned > 0 {
+            self.stats.record_dropped(num_abandoned);
+            warn!(
+                num_abandoned,
+                "shutdown flush of invalidation notices timed out, rest dropped"
+            );
+        }
+    }
+
+    /// Publishes one notice and records its outcome; forgets the connection when the failure
+    /// says Redis is unreachable, so the caller reconnects before taking the next one.
+    async fn publish_one(&mut self, invalidation: &Invalidation, deadline: Instant) {
+        let batch_seq = invalidation.batch_seq;
+        let payload = match invalidation.to_json() {
+            Ok(payload) => payload,
+            Err(err) => {
+                self.stats.record_failed();
+                error!(error = %err, batch_seq, "cannot encode invalidation notice");
+                return;
+            }
+        };
+        let Some(connection) = self.connection.as_mut() else {
+            // Callers connect first; treated like a lost connection should that ever change.
+            self.stats.record_dropped(1);
+            return;
+        };
+        let mut command = redis::cmd("PUBLISH");
+        command.arg(&self.channel).arg(payload);
+        match timeout_at(deadline, command.query_async::<u64>(connection)).await {
+            Ok(Ok(num_receivers)) => {
+                self.stats.record_published();
+                debug!(batch_seq, num_receivers, "published invalidation notice");
+            }
+            Ok(Err(err)) => {
+                self.stats.record_failed();
+                let connection_lost = is_connection_error(&err);
+                warn!(error = %err, batch_seq, connection_lost, "cannot publish invalidation notice");
+                if connection_lost {
+                    self.connection = None;
+                }
+            }
+            Err(_elapsed) => {
+                self.stats.record_failed();
+                warn!(batch_seq, "publishing invalidation notice timed out");
+                self.connection = None;
+            }
+        }
+    }
+}
+
+/// Tells whether `err` means the connection is unusable, as opposed to Redis rejecting the
+/// command (which the next notice would not fix by reconnecting).
+fn is_connection_error(err: &redis::RedisError) -> bool {
+    err.is_io_error()
+        || err.is_connection_dropped()
+        || err.is_timeout()
+        || err.is_unrecoverable_error()
+}
+
+/// Reconnect schedule: 100 ms doubling to 5 s, jittered, never giving up.
+fn reconnect_backoff() -> ExponentialBuilder {
+    // backon's jitter adds up to 100% of the base delay, hence the halved cap.
+    ExponentialBuilder::new()
+        .with_jitter()
+        .with_factor(2.0)
+        .with_min_delay(RECONNECT_MIN_DELAY)
+        .with_max_delay(RECONNECT_MAX_DELAY / 2)
+        .without_max_times()
+}
+
+/// Connects to Redis, retrying with [`reconnect_backoff`] until it succeeds; callers bound it by
+/// racing it against shutdown or a deadline.
+async fn connect_with_backoff(
+    client: &redis::Client,
+    manager_config: &ConnectionManagerConfig,
+    attempt_timeout: Duration,
+) -> ConnectionManager {
+    let redis_addr = &client.get_connection_info().addr;
+    let mut delays = reconnect_backoff().build();
+    let mut attempt: u64 = 0;
+    loop {
+        attempt += 1;
+        let connect = ConnectionManager::new_with_config(client.clone(), manager_config.clone());
+        let error = match timeout(attempt_timeout, connect).await {
+            Ok(Ok(connection)) => {
+                info!(%redis_addr, attempt, "connected to redis for invalidation notices");
+                return connection;
+            }
+            Ok(Err(err)) => err.to_string(),
+            Err(_elapsed) => "connection attempt timed out".to_owned(),
+        };
+        let delay = delays.next().unwrap_or(RECONNECT_MAX_DELAY);
+        warn!(
+            error,
+            %redis_addr,
+            attempt,
+            retry_in_ms = u64::try_from(delay.as_millis()).unwrap_or(u64::MAX),
+            "cannot connect to redis for invalidation notices"
+        );
+        tokio::time::sleep(delay).await;
+    }
+}
+
+/// Hides the user-info and query (where redis URLs may carry a password) of `url`.
+fn redact_url_credentials(url: &str) -> String {
+    let Some(scheme_end) = url.find("://") else {
+        return "<redacted>".to_owned();
+    };
+    let (scheme, rest) = url.split_at(scheme_end + 3);
+    let rest = match rest.find('?') {
+        Some(query_start) => format!("{}?<redacted>", &rest[..query_start]),
+        None => rest.to_owned(),
+    };
+    let authority_end = rest.find('/').unwrap_or(rest.len());
+    match rest[..authority_end].rfind('@') {
+        Some(at) => format!("{scheme}<redacted>@{}", &rest[at + 1..]),
+        None => format!("{scheme}{rest}"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn test_config(queue_capacity: usize) -> NotifyConfig {
+        NotifyConfig {
+            redis_url: "redis://127.0.0.1:1".to_owned(),
+            channel: "auditflow.test".to_owned(),
+            queue_capacity,
+            publish_timeout: Duration::from_millis(200),
+        }
+    }
+
+    #[test]
+    fn message_lists_tenants_and_resources_sorted_and_deduplicated() {
+        let mut invalidation = Invalidation::new(17);
+        invalidation
+            .add("globex", "user", "7")
+            .add("acme", "order", "42")
+            .add("acme", "order", "42");
+
+        assert_eq!(invalidation.count, 3);
+        assert_eq!(
+            invalidation.to_json().expect("encodes"),
+            r#"{"batch_seq":17,"count":3,"tenants":["acme","globex"],"resources":[{"type":"order","id":"42"},{"type":"user","id":"7"}],"truncated":false}"#
+        );
+    }
+
+    #[test]
+    fn empty_invalidation_encodes_empty_arrays() {
+        let invalidation = Invalidation::new(0);
+
+        assert!(invalidation.is_empty());
+        assert_eq!(
+            invalidation.to_json().expect("encodes"),
+            r#"{"batch_seq":0,"count":0,"tenants":[],"resources":[],"truncated":false}"#
+        );
+    }
+
+    #[test]
+    fn resources_are_capped_and_marked_truncated_beyond_the_limit() {
+        let mut invalidation = Invalidation::new(5);
+        for index in 0..=MAX_RESOURCES_PER_MESSAGE {
+            let tenant = format!("tenant-{}", index % 3);
+            invalidation.add(&tenant, "order", &format!("{index:05}"));
+        }
+
+        let message: serde_json::Value =
+            serde_json::from_str(&invalidation.to_json().expect("encodes")).expect("valid json");
+        let resources = message["resources"].as_array().expect("resources array");
+        assert_eq!(resources.len(), MAX_RESOURCES_PER_MESSAGE);
+        assert_eq!(
+            resources[0],
+            serde_json::json!({"type": "order", "id": "00000"})
+        );
+        assert_eq!(
+            resources[MAX_RESOURCES_PER_MESSAGE - 1],
+            serde_json::json!({"type": "order", "id": "00999"})
+        );
+        assert_eq!(message["truncated"], serde_json::json!(true));
+        assert_eq!(message["count"], serde_json::json!(1001));
+        assert_eq!(
+            message["tenants"],
+            serde_json::json!(["tenant-0", "tenant-1", "tenant-2"])
+        );
+    }
+
+    #[test]
+    fn resources_exactly_at_the_limit_are_not_truncated() {
+        let mut invalidation = Invalidation::new(6);
+        for index in 0..MAX_RESOURCES_PER_MESSAGE {
+            invalidation.add("acme", "order", &index.to_string());
+        }
+
+        let message: serde_json::Value =
+            serde_json::from_str(&invalidation.to_json().expect("encodes")).expect("valid json");
+        assert_eq!(
+            message["resources"].as_array().map(Vec::len),
+            Some(MAX_RESOURCES_PER_MESSAGE)
+        );
+        assert_eq!(message["truncated"], serde_json::json!(false));
+    }
+
+    #[test]
+    fn publish_on_a_full_queue_drops_and_counts_without_blocking() {
+        // The worker is never run, so nothing drains the queue.
+        let (notifier, _worker) =
+            NotifyWorker::new(test_config(2), CancellationToken::new()).expect("valid config");
+
+        let started = std::time::Instant::now();
+        for batch_seq in 0..10_000 {
+            notifier.publish(Invalidation::new(batch_seq));
+        }
+
+        assert!(started.elapsed() < Duration::from_secs(5));
+        let stats = notifier.stats();
+        assert_eq!(stats.dropped(), 10_000 - 2);
+        assert_eq!(stats.published(), 0);
+        assert_eq!(stats.failed(), 0);
+    }
+
+    #[test]
+    fn publish_after_the_worker_is_gone_is_counted_as_dropped() {
+        let (notifier, worker) =
+            NotifyWorker::new(test_config(8), CancellationToken::new()).expect("valid config");
+        drop(worker);
+
+        notifier.publish(Invalidation::new(1));
+
+        assert_eq!(notifier.stats().dropped(), 1);
+    }
+
+    #[tokio::test]
+    async fn spawn_with_an_invalid_config_disables_notices_instead_of_failing() {
+        let config = NotifyConfig {
+            redis_url: "not a url".to_owned(),
+            ..test_config(8)
+        };
+        assert!(config.validate().is_err());
+
+        let (notifier, worker) = spawn(config, CancellationToken::new());
+        notifier.publish(Invalidation::new(1));
+
+        assert_eq!(notifier.stats().dropped(), 1);
+        worker.await.expect("finished task");
+    }
+
+    #[test]
+    fn valid_config_passes_validation() {
+        assert!(test_config(8).validate().is_ok());
+    }
+
+    #[test]
+    fn zero_queue_capacity_is_rejected() {
+        let result = NotifyWorker::new(test_config(0), CancellationToken::new());
+
+        assert!(matches!(
+            result,
+            Err(NotifyError::InvalidConfig {
+                field: "queue_capacity",
+                ..
+            })
+        ));
+    }
+
+    #[test]
+    fn zero_publish_timeout_is_rejected() {
+        let config = NotifyConfig {
+            publish_timeout: Duration::ZERO,
+            ..test_config(8)
+        };
+
+        let result = NotifyWorker::new(config, CancellationToken::new());
+
+        assert!(matches!(
+            result,
+            Err(NotifyError::InvalidConfig {
+                field: "publish_timeout",
+                ..
+            })
+        ));
+    }
+
+    #[test]
+    fn malformed_redis_url_is_rejected() {
+        let config = NotifyConfig {
+            redis_url: "not a url".to_owned(),
+            ..test_config(8)
+        };
+
+        let result = NotifyWorker::new(config, CancellationToken::new());
+
+        assert!(matches!(result, Err(NotifyError::InvalidRedisUrl(_))));
+    }
+
+    #[test]
+    fn config_debug_hides_redis_credentials() {
+        let config = NotifyConfig {
+            redis_url: "rediss://auditflow:s3cret@cache.internal:6380/2".to_owned(),
+            ..test_config(8)
+        };
+
+        let printed = format!("{config:?}");
+
+        assert!(!printed.contains("s3cret"), "{printed}");
+        assert!(
+            printed.contains("rediss://<redacted>@cache.internal:6380/2"),
+            "{printed}"
+        );
+    }
+
+    #[test]
+    fn url_redaction_hides_query_passwords_and_keeps_plain_urls() {
+        assert_eq!(
+            redact_url_credentials("redis+unix:///run/redis.sock?db=1&pass=s3cret"),
+            "redis+unix:///run/redis.sock?<redacted>"
+        );
+        assert_eq!(
+            redact_url_credentials("redis://redis:6379"),
+            "redis://redis:6379"
+        );
+        assert_eq!(redact_url_credentials("s3cret@host"), "<redacted>");
+    }
+
+    #[test]
+    fn reconnect_delays_grow_from_the_floor_and_never_exceed_the_ceiling() {
+        let delays: Vec<Duration> = reconnect_backoff().build().take(50).collect();
+
+        assert_eq!(delays.len(), 50, "the schedule never gives up");
+        assert!(delays[0] >= RECONNECT_MIN_DELAY && delays[0] < RECONNECT_MIN_DELAY * 2);
+        assert!(delays.iter().all(|delay| *delay <= RECONNECT_MAX_DELAY));
+        assert!(delays[49] >= RECONNECT_MAX_DELAY / 2);
+    }
+}
