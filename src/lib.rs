@@ -1,0 +1,48 @@
+//! auditflow: audit events from Kafka into a time-partitioned PostgreSQL table, stored exactly
+//! once over at-least-once delivery.
+//!
+//! ```text
+//!                    ┌──────────── sink (one consumer task, one store task) ─────────────┐
+//!  Kafka topic ──▶ consume ──▶ decode ──▶ batch ──▶ store ──▶ offsets ──▶ notify ──▶ Redis
+//!  (consumer group)   │          │                    │   (stored only     (pub/sub,
+//!                     │          └─ undecodable ──┐   │    when durable)    best effort)
+//!                     │                           ▼   ▼
+//!                     │                        dlq ◀── refused rows (bisected)
+//!                     │                         │
+//!                     └── rebalance: commit ──  └──▶ dead-letter topic ──▶ (replay, later)
+//! ```
+//!
+//! Which module owns each step:
+//! - [`config`]: `AUDITFLOW_*` variables, validated at start-up.
+//! - [`sink`]: the consumer loop and the store loop; pausing when the store falls behind,
+//!   draining on shutdown. Start here.
+//! - [`decode`]: Confluent-framed and single-object Avro, schema resolution into the v2 reader
+//!   schema, validation (ids, JSON details, accepted time window).
+//! - [`event`]: the decoded event.
+//! - [`batch`]: flush limits (events, bytes, wait) and deduplication within a batch.
+//! - [`store`]: COPY into the `events` table, deduplicated by primary key; error classification.
+//! - [`partitions`]: daily partitions, created safely by many replicas at once.
+//! - [`offsets`]: which offsets may be committed (every earlier message durable).
+//! - [`dlq`]: the dead-letter record contract and its acknowledged producer.
+//! - [`notify`]: the cache-invalidation publisher on Redis pub/sub, off the hot path.
+//! - [`kafka`]: Kafka client settings shared by consumer and producers.
+//! - [`generate`] and [`produce`]: the load generator; [`demo`]: the self-contained demo.
+
+pub mod batch;
+pub mod config;
+pub mod decode;
+pub mod demo;
+pub mod dlq;
+pub mod event;
+pub mod generate;
+pub mod kafka;
+pub mod notify;
+pub mod offsets;
+pub mod partitions;
+pub mod produce;
+pub mod sink;
+pub mod store;
+pub mod telemetry;
+
+pub use config::Config;
+pub use sink::{RunSummary, Sink};

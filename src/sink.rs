@@ -1,0 +1,721 @@
+//! The running service: Kafka in, Postgres out, with dead letters and invalidations on the side.
+//!
+//! Two tasks share the work. The consumer task polls Kafka, decodes each message and fills the
+//! open [`Batch`]; a full or expired batch is handed over a one-slot channel to the store task,
+//! which writes it ([`Sink::process_batch`]), waits for its dead letters to be acknowledged,
+//! stores the offsets and publishes the invalidation. The consumer keeps decoding the next batch
+//! while the store writes the previous one.
+//!
+//! When the store falls behind for longer than [`PAUSE_AFTER`] (the database is down or slow),
+//! the consumer pauses its partitions but keeps polling, so it stays in the group and serves
+//! rebalances; it resumes once the store takes the waiting batch.
+
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use anyhow::Context as _;
+use backon::{ExponentialBuilder, Retryable};
+use chrono::Utc;
+use rdkafka::consumer::{
+    BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance, StreamConsumer,
+};
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::message::{BorrowedMessage, Message};
+use rdkafka::producer::FutureProducer;
+use rdkafka::{ClientContext, TopicPartitionList};
+use serde::Serialize;
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use crate::batch::{Added, Batch, BatchLimits};
+use crate::config::Config;
+use crate::decode::{self, AcceptWindow, Decoder};
+use crate::dlq::{DeadLetter, DlqError, DlqProducer, Failure, SourceRecord};
+use crate::kafka;
+use crate::notify::{self, Notifier, NotifyConfig};
+use crate::offsets::OffsetTracker;
+use crate::store::{self, Retry, Store, StoreError, WriteOutcome};
+
+/// How long a finished batch may wait for the store before the consumer pauses its partitions.
+pub const PAUSE_AFTER: Duration = Duration::from_secs(2);
+
+/// Running totals since start.
+#[derive(Debug, Default)]
+pub struct SinkStats {
+    /// Messages received from Kafka.
+    pub consumed: AtomicU64,
+    /// Rows inserted into Postgres.
+    pub stored: AtomicU64,
+    /// Events skipped because they were already stored (within or across batches).
+    pub duplicates: AtomicU64,
+    /// Of the duplicates, those whose content differed from the stored event.
+    pub conflicts: AtomicU64,
+    /// Records acknowledged by the dead-letter topic.
+    pub dead_lettered: AtomicU64,
+    /// Batches completed.
+    pub batches: AtomicU64,
+    /// When the first message arrived and when the last batch completed.
+    active: Mutex<Option<(Instant, Instant)>>,
+}
+
+impl SinkStats {
+    fn message_arrived(&self) {
+        let mut active = lock(&self.active);
+        if active.is_none() {
+            let now = Instant::now();
+            *active = Some((now, now));
+        }
+    }
+
+    fn batch_completed(&self) {
+        if let Some((_, last)) = lock(&self.active).as_mut() {
+            *last = Instant::now();
+        }
+    }
+
+    /// Seconds from the first message received to the last batch completed.
+    pub fn active_s(&self) -> f64 {
+        lock(&self.active).map_or(0.0, |(first, last)| (last - first).as_secs_f64())
+    }
+}
+
+/// The line `auditflow run --until-idle` prints.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct RunSummary {
+    /// Messages received from Kafka.
+    pub consumed: u64,
+    /// Rows inserted into Postgres.
+    pub stored: u64,
+    /// Events skipped as already stored.
+    pub duplicates: u64,
+    /// Records sent to the dead-letter topic.
+    pub dead_lettered: u64,
+    /// Of the duplicates, ids repeated with different content.
+    pub conflicts: u64,
+    /// Wall time of the run.
+    pub elapsed_s: f64,
+    /// From the first message received to the last batch completed: the time spent working.
+    pub active_s: f64,
+}
+
+/// What one batch did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct BatchReport {
+    /// Database outcome (duplicates include those dropped inside the batch).
+    pub outcome: WriteOutcome,
+    /// Records dead-lettered.
+    pub dead_lettered: u64,
+}
+
+/// Why a batch did not complete.
+#[derive(Debug, thiserror::Error)]
+pub enum BatchError {
+    /// Shutdown cut the retries short; nothing of the batch's offsets was stored.
+    #[error("interrupted by shutdown before the batch was durable")]
+    Interrupted,
+}
+
+/// Rebalance hooks: commit what is done before partitions go, track assignments.
+pub struct SinkContext {
+    tracker: Arc<Mutex<OffsetTracker>>,
+    topic: String,
+    /// The group membership as idleness sees it.
+    membership: Arc<Mutex<Membership>>,
+}
+
+/// Whether the consumer holds an assignment, and since when. Between a revoke and the next
+/// assignment the consumer cannot receive anything, so it is never idle then; after an
+/// assignment, idleness counts from the assignment.
+#[derive(Debug, Default, Clone, Copy)]
+struct Membership {
+    assigned: bool,
+    changed_at: Option<Instant>,
+}
+
+impl ClientContext for SinkContext {}
+
+impl ConsumerContext for SinkContext {
+    fn pre_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        if let Rebalance::Revoke(partitions) = rebalance {
+            // Offsets stored so far are everything that is durable; commit them before another
+            // replica takes over. Messages still in flight here are redelivered there and
+            // deduplicated by the primary key.
+            commit_sync(consumer, "revoke");
+            *lock(&self.membership) = Membership {
+                assigned: false,
+                changed_at: Some(Instant::now()),
+            };
+            let mut tracker = lock(&self.tracker);
+            for element in partitions.elements_for_topic(&self.topic) {
+                tracker.revoke(element.partition());
+            }
+            tracing::info!(partitions = ?partition_ids(partitions), "partitions revoked");
+        }
+    }
+
+    fn post_rebalance(&self, _consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        match rebalance {
+            Rebalance::Assign(partitions) => {
+                let mut tracker = lock(&self.tracker);
+                for element in partitions.elements_for_topic(&self.topic) {
+                    tracker.assign(element.partition());
+                }
+                *lock(&self.membership) = Membership {
+                    assigned: true,
+                    changed_at: Some(Instant::now()),
+                };
+                tracing::info!(partitions = ?partition_ids(partitions), "partitions assigned");
+            }
+            Rebalance::Error(err) => tracing::warn!(error = %err, "rebalance error"),
+            Rebalance::Revoke(_) => {}
+        }
+    }
+}
+
+fn partition_ids(partitions: &TopicPartitionList) -> Vec<i32> {
+    partitions
+        .elements()
+        .iter()
+        .map(|e| e.partition())
+        .collect()
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+/// Commits stored offsets synchronously; "nothing to commit" is not an error.
+fn commit_sync<C: Consumer<SinkContext>>(consumer: &C, when: &str) {
+    match consumer.commit_consumer_state(CommitMode::Sync) {
+        Ok(()) => tracing::debug!(when, "offsets committed"),
+        Err(KafkaError::ConsumerCommit(RDKafkaErrorCode::NoOffset)) => {}
+        Err(err) => tracing::warn!(error = %err, when, "offset commit failed"),
+    }
+}
+
+/// The consumer type of the sink.
+pub type SinkConsumer = StreamConsumer<SinkContext>;
+
+/// The sink, built and ready to run.
+pub struct Sink {
+    config: Config,
+    consumer: Arc<SinkConsumer>,
+    decoder: Arc<Decoder>,
+    store: Arc<Store>,
+    dlq: DlqProducer,
+    notifier: Notifier,
+    notifier_task: tokio::task::JoinHandle<()>,
+    notifier_shutdown: CancellationToken,
+    tracker: Arc<Mutex<OffsetTracker>>,
+    membership: Arc<Mutex<Membership>>,
+    stats: Arc<SinkStats>,
+    window: AcceptWindow,
+    limits: BatchLimits,
+}
+
+impl Sink {
+    /// Connects to Kafka, Postgres and Redis, migrates, premakes partitions and subscribes.
+    pub async fn build(config: Config) -> anyhow::Result<Self> {
+        let brokers = config.require_brokers()?.to_owned();
+        let database_url = config.require_database_url()?.clone();
+        let decoder = if config.sink.schema_dir.is_dir() {
+            Decoder::from_dir(&config.sink.schema_dir).with_context(|| {
+                format!("loading schemas from {}", config.sink.schema_dir.display())
+            })?
+        } else {
+            Decoder::embedded()
+        };
+        let pool = store::connect(&config.database, database_url.expose()).await?;
+        store::migrate(&pool, &config.database.db_schema)
+            .await
+            .context("migrating the database")?;
+        let store = Store::new(pool, config.database.db_schema.clone());
+        let today = Utc::now().date_naive();
+        store
+            .ensure_partitions(
+                (0..=i64::from(config.sink.accept_future_days) + 1)
+                    .map(|d| today + chrono::Duration::days(d)),
+            )
+            .await
+            .context("creating partitions")?;
+
+        let tracker = Arc::new(Mutex::new(OffsetTracker::new()));
+        let membership = Arc::new(Mutex::new(Membership::default()));
+        let context = SinkContext {
+            tracker: Arc::clone(&tracker),
+            topic: config.kafka.kafka_topic.clone(),
+            membership: Arc::clone(&membership),
+        };
+        let consumer: SinkConsumer = kafka::client_config(&brokers, &config.kafka)
+            .set("group.id", &config.kafka.kafka_group_id)
+            .set("client.id", config.instance_id())
+            .set("enable.auto.offset.store", "false")
+            .set("enable.auto.commit", "true")
+            .set("auto.commit.interval.ms", "1000")
+            .set("auto.offset.reset", "earliest")
+            .set("enable.partition.eof", "false")
+            .set("queued.max.messages.kbytes", "32768")
+            .create_with_context(context)
+            .context("creating the Kafka consumer")?;
+        consumer
+            .subscribe(&[&config.kafka.kafka_topic])
+            .context("subscribing")?;
+        let producer: FutureProducer = kafka::durable_producer_config(&brokers, &config.kafka)
+            .create()
+            .context("creating the dead-letter producer")?;
+        let dlq = DlqProducer::new(
+            producer,
+            config.kafka.dlq_topic.clone(),
+            config.instance_id(),
+        );
+        let notifier_shutdown = CancellationToken::new();
+        let (notifier, notifier_task) = notify::spawn(
+            NotifyConfig {
+                redis_url: config.redis.redis_url.expose().to_owned(),
+                channel: config.redis.invalidation_channel.clone(),
+                queue_capacity: config.redis.invalidation_queue,
+                publish_timeout: Duration::from_secs(2),
+            },
+            notifier_shutdown.clone(),
+        );
+        Ok(Sink {
+            window: config.accept_window(),
+            limits: BatchLimits::from(&config.batch),
+            config,
+            consumer: Arc::new(consumer),
+            decoder: Arc::new(decoder),
+            store: Arc::new(store),
+            dlq,
+            notifier,
+            notifier_task,
+            notifier_shutdown,
+            tracker,
+            membership,
+            stats: Arc::new(SinkStats::default()),
+        })
+    }
+
+    /// Totals so far.
+    pub fn stats(&self) -> Arc<SinkStats> {
+        Arc::clone(&self.stats)
+    }
+
+    /// The store.
+    pub fn store(&self) -> &Store {
+        &self.store
+    }
+
+    /// The notifier.
+    pub fn notifier(&self) -> &Notifier {
+        &self.notifier
+    }
+
+    /// Runs until `shutdown` fires, or, with `until_idle`, until everything received is stored
+    /// and committed and nothing new arrived for that long. Then drains: the open batch is
+    /// stored and committed within the drain timeout, the consumer leaves the group.
+    pub async fn run_until_stopped(
+        self,
+        shutdown: CancellationToken,
+        until_idle: Option<Duration>,
+    ) -> anyhow::Result<RunSummary> {
+        let started = Instant::now();
+        let sink = Arc::new(self);
+        let (batch_tx, mut batch_rx) = mpsc::channel::<Batch>(1);
+        let in_flight = Arc::new(AtomicUsize::new(0));
+        // Fires when the drain timeout is over: retries stop, offsets of unfinished work stay
+        // uncommitted, and the records are redelivered later.
+        let abort = CancellationToken::new();
+
+        let store_task = {
+            let sink = Arc::clone(&sink);
+            let in_flight = Arc::clone(&in_flight);
+            let abort = abort.clone();
+            tokio::spawn(async move {
+                while let Some(batch) = batch_rx.recv().await {
+                    let result = sink.process_batch(batch, &abort).await;
+                    in_flight.fetch_sub(1, Ordering::SeqCst);
+                    if let Err(err) = result {
+                        tracing::warn!(error = %err, "batch abandoned");
+                        break;
+                    }
+                }
+            })
+        };
+
+        let mut seq = 0;
+        let mut open = Batch::new(seq);
+        let mut ready: Option<Batch> = None;
+        let mut waiting_since: Option<Instant> = None;
+        let mut paused = false;
+        let mut last_message = Instant::now();
+        let mut idle_tick = tokio::time::interval(Duration::from_millis(100));
+        let consumer = Arc::clone(&sink.consumer);
+
+        loop {
+            let deadline = open.deadline(&sink.limits);
+            let store_behind = ready.is_some() && open.is_full(&sink.limits);
+            tokio::select! {
+                biased;
+                _ = shutdown.cancelled() => break,
+                permit = batch_tx.reserve(), if ready.is_some() => {
+                    let Ok(permit) = permit else { break };
+                    if let Some(batch) = ready.take() {
+                        in_flight.fetch_add(1, Ordering::SeqCst);
+                        permit.send(batch);
+                    }
+                    waiting_since = None;
+                    if paused {
+                        sink.set_paused(false);
+                        paused = false;
+                    }
+                }
+                _ = sleep_until_opt(waiting_since.map(|since| since + PAUSE_AFTER)), if !paused && waiting_since.is_some() => {
+                    tracing::warn!("store is behind; pausing partitions");
+                    sink.set_paused(true);
+                    paused = true;
+                }
+                _ = sleep_until_opt(deadline), if ready.is_none() && deadline.is_some() => {
+                    seq += 1;
+                    ready = Some(std::mem::replace(&mut open, Batch::new(seq)));
+                    waiting_since = Some(Instant::now());
+                }
+                message = consumer.recv(), if !store_behind || paused => {
+                    match message {
+                        Ok(message) => {
+                            last_message = Instant::now();
+                            sink.stats.consumed.fetch_add(1, Ordering::Relaxed);
+                            sink.stats.message_arrived();
+                            metrics::counter!("auditflow_events_consumed_total").increment(1);
+                            sink.add_message(&mut open, &message);
+                            if ready.is_none() && open.is_full(&sink.limits) {
+                                seq += 1;
+                                ready = Some(std::mem::replace(&mut open, Batch::new(seq)));
+                                waiting_since = Some(Instant::now());
+                            }
+                        }
+                        Err(err) => {
+                            tracing::warn!(error = %err, "kafka consumer error");
+                        }
+                    }
+                }
+                _ = idle_tick.tick(), if until_idle.is_some() => {
+                    let idle_for = until_idle.unwrap_or_default();
+                    // Idle only counts while the group has assigned partitions: joining and
+                    // rebalancing can take longer than the idle period.
+                    let membership = *lock(&sink.membership);
+                    let quiet_since = membership
+                        .changed_at
+                        .filter(|_| membership.assigned)
+                        .map(|at| at.max(last_message));
+                    if open.is_empty()
+                        && ready.is_none()
+                        && in_flight.load(Ordering::SeqCst) == 0
+                        && quiet_since.is_some_and(|since| since.elapsed() >= idle_for)
+                        && lock(&sink.tracker).num_pending() == 0
+                    {
+                        tracing::info!(idle_s = idle_for.as_secs_f64(), "idle; stopping");
+                        break;
+                    }
+                }
+            }
+        }
+
+        // Drain: hand over what is open, wait for the store within the drain timeout.
+        let drain_deadline = Instant::now() + sink.config.sink.drain_timeout();
+        let pending: Vec<Batch> = ready
+            .into_iter()
+            .chain((!open.is_empty()).then_some(open))
+            .collect();
+        let handover = async {
+            for batch in pending {
+                in_flight.fetch_add(1, Ordering::SeqCst);
+                if batch_tx.send(batch).await.is_err() {
+                    break;
+                }
+            }
+            drop(batch_tx);
+        };
+        let mut store_task = store_task;
+        let drained = tokio::time::timeout_at(drain_deadline, async {
+            handover.await;
+            (&mut store_task).await
+        })
+        .await;
+        if drained.is_err() {
+            tracing::warn!("drain timeout reached; unfinished batches will be redelivered");
+            abort.cancel();
+            let _ = store_task.await;
+        }
+        commit_sync(sink.consumer.as_ref(), "shutdown");
+        sink.consumer.unsubscribe();
+        sink.notifier_shutdown.cancel();
+        let elapsed_s = started.elapsed().as_secs_f64();
+        let stats = &sink.stats;
+        let summary = RunSummary {
+            consumed: stats.consumed.load(Ordering::Relaxed),
+            stored: stats.stored.load(Ordering::Relaxed),
+            duplicates: stats.duplicates.load(Ordering::Relaxed),
+            dead_lettered: stats.dead_lettered.load(Ordering::Relaxed),
+            conflicts: stats.conflicts.load(Ordering::Relaxed),
+            elapsed_s,
+            active_s: stats.active_s(),
+        };
+        match Arc::try_unwrap(sink) {
+            Ok(sink) => {
+                let _ = tokio::time::timeout(Duration::from_secs(3), sink.notifier_task).await;
+                // Dropping the consumer closes it: it leaves the group.
+                drop(sink.consumer);
+            }
+            Err(_) => tracing::warn!("sink still referenced at shutdown"),
+        }
+        Ok(summary)
+    }
+
+    fn set_paused(&self, pause: bool) {
+        let assignment = match self.consumer.assignment() {
+            Ok(assignment) => assignment,
+            Err(err) => {
+                tracing::warn!(error = %err, "cannot read assignment");
+                return;
+            }
+        };
+        let result = if pause {
+            self.consumer.pause(&assignment)
+        } else {
+            self.consumer.resume(&assignment)
+        };
+        if let Err(err) = result {
+            tracing::warn!(error = %err, pause, "pause/resume failed");
+        }
+    }
+
+    /// Decodes one message into the open batch, or queues it for the dead-letter topic.
+    fn add_message(&self, batch: &mut Batch, message: &BorrowedMessage<'_>) {
+        let Some(delivery) = lock(&self.tracker).begin(message.partition(), message.offset())
+        else {
+            // Fetched before a revoke was processed: the new owner reads it again.
+            return;
+        };
+        let source = SourceRecord::from_message(message);
+        let decoded = self.decoder.decode_validated(
+            message.payload().unwrap_or_default(),
+            Utc::now(),
+            &self.window,
+        );
+        match decoded {
+            Ok(decoded) => {
+                let hash = decode::content_hash(&decoded.event);
+                if batch.add_event(delivery, &decoded, hash, source) != Added::Row {
+                    metrics::counter!("auditflow_duplicates_total").increment(1);
+                }
+            }
+            Err(err) => {
+                tracing::debug!(
+                    error = %err, partition = message.partition(), offset = message.offset(),
+                    "undecodable record; dead-lettering"
+                );
+                batch.add_dead_letter(
+                    delivery,
+                    DeadLetter {
+                        source,
+                        failure: Failure {
+                            class: err.class().as_str().to_owned(),
+                            message: err.to_string(),
+                            sqlstate: None,
+                        },
+                        failed_at: Utc::now(),
+                    },
+                );
+            }
+        }
+    }
+
+    /// Makes one batch durable: rows in Postgres (refused rows isolated and dead-lettered),
+    /// dead letters acknowledged, then offsets stored and the invalidation published.
+    /// Transient failures are retried until `abort` fires.
+    pub async fn process_batch(
+        &self,
+        batch: Batch,
+        abort: &CancellationToken,
+    ) -> Result<BatchReport, BatchError> {
+        let started = std::time::Instant::now();
+        let (outcome, refused) = self.write_isolating(&batch, abort).await?;
+        let letters: Vec<&DeadLetter> = batch.dead_letters.iter().chain(refused.iter()).collect();
+        futures::future::try_join_all(letters.iter().map(|letter| self.dlq.deliver(letter, abort)))
+            .await
+            .map_err(|err: DlqError| {
+                tracing::warn!(error = %err, "dead letters not acknowledged");
+                BatchError::Interrupted
+            })?;
+        self.store_offsets(&batch);
+
+        let duplicates = outcome.duplicates + batch.num_duplicates;
+        let conflicts = outcome.conflicts + batch.num_conflicts;
+        let dead_lettered = letters.len() as u64;
+        let stats = &self.stats;
+        stats.stored.fetch_add(outcome.stored, Ordering::Relaxed);
+        stats.duplicates.fetch_add(duplicates, Ordering::Relaxed);
+        stats.conflicts.fetch_add(conflicts, Ordering::Relaxed);
+        stats
+            .dead_lettered
+            .fetch_add(dead_lettered, Ordering::Relaxed);
+        stats.batches.fetch_add(1, Ordering::Relaxed);
+        stats.batch_completed();
+        metrics::counter!("auditflow_events_stored_total").increment(outcome.stored);
+        metrics::counter!("auditflow_duplicates_skipped_total").increment(duplicates);
+        metrics::counter!("auditflow_duplicate_conflicts_total").increment(conflicts);
+        for letter in &letters {
+            metrics::counter!("auditflow_events_dead_lettered_total", "class" => letter.failure.class.clone()).increment(1);
+        }
+        metrics::histogram!("auditflow_batch_size_events").record(batch.num_messages() as f64);
+        metrics::histogram!("auditflow_batch_flush_duration_seconds")
+            .record(started.elapsed().as_secs_f64());
+        let now_ms = Utc::now().timestamp_millis();
+        for ts in &batch.kafka_timestamps_ms {
+            metrics::histogram!("auditflow_end_to_end_latency_seconds")
+                .record((now_ms - ts).max(0) as f64 / 1000.0);
+        }
+        if outcome.stored > 0 {
+            let mut invalidation = batch.invalidation;
+            invalidation.count = outcome.stored;
+            self.notifier.publish(invalidation);
+        }
+        Ok(BatchReport {
+            outcome: WriteOutcome {
+                stored: outcome.stored,
+                duplicates,
+                conflicts,
+            },
+            dead_lettered,
+        })
+    }
+
+    /// Writes the batch's rows; a permanently refused range is split in halves until the
+    /// refused rows are found, which come back as dead letters while the rest is stored.
+    async fn write_isolating(
+        &self,
+        batch: &Batch,
+        abort: &CancellationToken,
+    ) -> Result<(WriteOutcome, Vec<DeadLetter>), BatchError> {
+        let mut total = WriteOutcome::default();
+        let mut refused = Vec::new();
+        let mut ranges: Vec<std::ops::Range<usize>> = Vec::new();
+        ranges.push(0..batch.rows.len());
+        while let Some(range) = ranges.pop() {
+            if range.is_empty() {
+                continue;
+            }
+            match self.write_retrying(batch, range.clone(), abort).await? {
+                Ok(outcome) => {
+                    total.stored += outcome.stored;
+                    total.duplicates += outcome.duplicates;
+                    total.conflicts += outcome.conflicts;
+                }
+                Err(err) if range.len() == 1 => {
+                    let source = batch.row_sources[range.start].clone();
+                    let sqlstate = err.sqlstate();
+                    let class = match sqlstate.as_deref() {
+                        Some(code) if code.starts_with("22") => "data",
+                        _ => "constraint",
+                    };
+                    tracing::warn!(
+                        error = %err, partition = source.partition, offset = source.offset,
+                        "database refused record; dead-lettering"
+                    );
+                    refused.push(DeadLetter {
+                        source,
+                        failure: Failure {
+                            class: class.to_owned(),
+                            message: err.to_string(),
+                            sqlstate,
+                        },
+                        failed_at: Utc::now(),
+                    });
+                }
+                Err(_) => {
+                    let middle = range.start + range.len() / 2;
+                    // Pop order: left half first.
+                    ranges.push(middle..range.end);
+                    ranges.push(range.start..middle);
+                }
+            }
+        }
+        Ok((total, refused))
+    }
+
+    /// Writes one range, retrying transient failures with jittered backoff until `abort`.
+    /// The inner result is a permanent failure for the caller to isolate.
+    async fn write_retrying(
+        &self,
+        batch: &Batch,
+        range: std::ops::Range<usize>,
+        abort: &CancellationToken,
+    ) -> Result<Result<WriteOutcome, StoreError>, BatchError> {
+        let backoff = ExponentialBuilder::default()
+            .with_min_delay(Duration::from_millis(100))
+            .with_max_delay(Duration::from_secs(5))
+            .with_jitter()
+            .without_max_times();
+        let attempt = || self.store.write(&batch.rows, range.clone());
+        let result = tokio::select! {
+            result = attempt
+                .retry(backoff)
+                .when(|err: &StoreError| err.retry() == Retry::Transient)
+                .notify(|err, wait| {
+                    tracing::warn!(error = %err, retry_in = ?wait, "batch write failed; retrying");
+                    metrics::counter!("auditflow_store_retries_total").increment(1);
+                }) => result,
+            _ = abort.cancelled() => return Err(BatchError::Interrupted),
+        };
+        Ok(result)
+    }
+
+    /// Marks the batch's messages done and stores every offset that became committable.
+    fn store_offsets(&self, batch: &Batch) {
+        let mut tracker = lock(&self.tracker);
+        let mut partitions: Vec<i32> = Vec::new();
+        for delivery in &batch.deliveries {
+            tracker.complete(*delivery);
+            if !partitions.contains(&delivery.partition) {
+                partitions.push(delivery.partition);
+            }
+        }
+        for partition in partitions {
+            let Some(next) = tracker.take_committable(partition) else {
+                continue;
+            };
+            // store_offset takes the last processed offset and commits it + 1.
+            match self
+                .consumer
+                .store_offset(&self.config.kafka.kafka_topic, partition, next - 1)
+            {
+                Ok(()) => {}
+                Err(KafkaError::StoreOffset(RDKafkaErrorCode::State)) => {
+                    // The partition was revoked while the batch was in flight: its new owner
+                    // re-reads these messages and deduplication absorbs them.
+                    tracing::info!(
+                        partition,
+                        offset = next,
+                        "partition no longer assigned; offset not stored"
+                    );
+                    metrics::counter!("auditflow_offsets_unassigned_total").increment(1);
+                    tracker.revoke(partition);
+                }
+                Err(err) => {
+                    tracing::error!(error = %err, partition, offset = next, "storing offset failed");
+                }
+            }
+        }
+    }
+}
+
+async fn sleep_until_opt(deadline: Option<Instant>) {
+    match deadline {
+        Some(deadline) => tokio::time::sleep_until(deadline).await,
+        None => std::future::pending().await,
+    }
+}
