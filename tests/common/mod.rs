@@ -1,0 +1,377 @@
+//! Shared set-up for the integration tests: a Kafka-protocol broker (librdkafka's in-process
+//! mock cluster, or the real broker named by `AUDITFLOW_TEST_KAFKA_BROKERS`), a database schema,
+//! topics, a consumer group and a Redis channel of the test's own, all with random suffixes.
+#![allow(dead_code)]
+
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use auditflow::config::Config;
+use auditflow::produce::{self, ProduceOptions, ProduceSummary};
+use rand::Rng;
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::consumer::{Consumer, StreamConsumer};
+use rdkafka::message::OwnedMessage;
+use rdkafka::mocking::MockCluster;
+use rdkafka::producer::DefaultProducerContext;
+use rdkafka::{ClientConfig, Message};
+use sqlx::postgres::PgPoolOptions;
+use sqlx::PgPool;
+
+/// Where Postgres is; `AUDITFLOW_TEST_DATABASE_URL` overrides.
+pub fn database_url() -> String {
+    std::env::var("AUDITFLOW_TEST_DATABASE_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".into())
+}
+
+/// Where Redis is; `AUDITFLOW_TEST_REDIS_URL` overrides.
+pub fn redis_url() -> String {
+    std::env::var("AUDITFLOW_TEST_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into())
+}
+
+/// A random lowercase suffix.
+pub fn suffix() -> String {
+    let mut rng = rand::rng();
+    (0..10)
+        .map(|_| rng.sample(rand::distr::Alphanumeric) as char)
+        .collect::<String>()
+        .to_lowercase()
+}
+
+/// The broker for one test.
+pub enum TestKafka {
+    /// librdkafka's mock cluster, owned by this test.
+    Mock(MockCluster<'static, DefaultProducerContext>),
+    /// A real broker shared by all tests; topics get random names.
+    Real(String),
+}
+
+impl TestKafka {
+    /// Starts a mock cluster, or uses `AUDITFLOW_TEST_KAFKA_BROKERS`.
+    pub fn start() -> Self {
+        match std::env::var("AUDITFLOW_TEST_KAFKA_BROKERS") {
+            Ok(brokers) if !brokers.is_empty() => TestKafka::Real(brokers),
+            _ => TestKafka::Mock(MockCluster::new(1).expect("mock cluster")),
+        }
+    }
+
+    /// Bootstrap servers.
+    pub fn brokers(&self) -> String {
+        match self {
+            TestKafka::Mock(cluster) => cluster.bootstrap_servers(),
+            TestKafka::Real(brokers) => brokers.clone(),
+        }
+    }
+
+    /// Creates a topic.
+    pub async fn create_topic(&self, name: &str, partitions: i32) {
+        match self {
+            TestKafka::Mock(cluster) => cluster
+                .create_topic(name, partitions, 1)
+                .expect("create topic"),
+            TestKafka::Real(brokers) => {
+                let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
+                    .set("bootstrap.servers", brokers)
+                    .create()
+                    .expect("admin");
+                let results = admin
+                    .create_topics(
+                        &[NewTopic::new(name, partitions, TopicReplication::Fixed(1))],
+                        &AdminOptions::new().operation_timeout(Some(Duration::from_secs(10))),
+                    )
+                    .await
+                    .expect("create topics");
+                for result in results {
+                    result.expect("topic created");
+                }
+            }
+        }
+    }
+
+    fn delete_topics(&self, names: &[&str]) {
+        if let TestKafka::Real(brokers) = self {
+            let brokers = brokers.clone();
+            let names: Vec<String> = names.iter().map(|n| n.to_string()).collect();
+            let _ = std::thread::spawn(move || {
+                let runtime = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .expect("runtime");
+                runtime.block_on(async {
+                    let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
+                        .set("bootstrap.servers", &brokers)
+                        .create()
+                        .expect("admin");
+                    let refs: Vec<&str> = names.iter().map(String::as_str).collect();
+                    let _ = admin.delete_topics(&refs, &AdminOptions::new()).await;
+                });
+            })
+            .join();
+        }
+    }
+}
+
+/// Everything one test owns.
+pub struct TestEnv {
+    /// The broker.
+    pub kafka: TestKafka,
+    /// Source topic.
+    pub topic: String,
+    /// Dead-letter topic.
+    pub dlq_topic: String,
+    /// Consumer group of the sink.
+    pub group: String,
+    /// Database schema.
+    pub schema: String,
+    /// Invalidation channel.
+    pub channel: String,
+    /// A pool on the test database (search_path is the test's schema).
+    pub pool: PgPool,
+}
+
+impl TestEnv {
+    /// Creates topics (source with `partitions` partitions) and picks names.
+    pub async fn new(partitions: i32) -> Self {
+        let id = suffix();
+        let kafka = TestKafka::start();
+        let topic = format!("audit-events-{id}");
+        let dlq_topic = format!("audit-events-{id}.dlq");
+        kafka.create_topic(&topic, partitions).await;
+        kafka.create_topic(&dlq_topic, 1).await;
+        let schema = format!("audit_test_{id}");
+        let pool = PgPoolOptions::new()
+            .max_connections(4)
+            .connect(&database_url())
+            .await
+            .expect("connect to test database");
+        TestEnv {
+            kafka,
+            topic,
+            dlq_topic,
+            group: format!("auditflow-{id}"),
+            schema,
+            channel: format!("auditflow.invalidations.{id}"),
+            pool,
+        }
+    }
+
+    /// The `AUDITFLOW_*` variables a sink of this test runs with.
+    pub fn vars(&self) -> Vec<(String, String)> {
+        [
+            ("AUDITFLOW_KAFKA_BROKERS", self.kafka.brokers()),
+            ("AUDITFLOW_KAFKA_TOPIC", self.topic.clone()),
+            ("AUDITFLOW_DLQ_TOPIC", self.dlq_topic.clone()),
+            ("AUDITFLOW_KAFKA_GROUP_ID", self.group.clone()),
+            ("AUDITFLOW_DATABASE_URL", database_url()),
+            ("AUDITFLOW_DB_SCHEMA", self.schema.clone()),
+            ("AUDITFLOW_REDIS_URL", redis_url()),
+            ("AUDITFLOW_INVALIDATION_CHANNEL", self.channel.clone()),
+            ("AUDITFLOW_BATCH_MAX_EVENTS", "500".into()),
+            ("AUDITFLOW_BATCH_MAX_WAIT_MS", "100".into()),
+            ("AUDITFLOW_METRICS_ADDR", "off".into()),
+            ("AUDITFLOW_DRAIN_TIMEOUT_MS", "15000".into()),
+            ("AUDITFLOW_KAFKA_OPT_SESSION_TIMEOUT_MS", "6000".into()),
+            ("AUDITFLOW_KAFKA_OPT_HEARTBEAT_INTERVAL_MS", "500".into()),
+            (
+                "AUDITFLOW_SCHEMA_DIR",
+                concat!(env!("CARGO_MANIFEST_DIR"), "/schemas").into(),
+            ),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v))
+        .collect()
+    }
+
+    /// The sink configuration, with `overrides` applied.
+    pub fn config(&self, overrides: &[(&str, &str)]) -> Config {
+        let mut vars = self.vars();
+        for (key, value) in overrides {
+            vars.retain(|(k, _)| k != key);
+            vars.push((key.to_string(), value.to_string()));
+        }
+        Config::from_vars(vars).expect("test config")
+    }
+
+    /// Writes generated traffic to the source topic.
+    pub async fn produce(
+        &self,
+        count: u64,
+        duplicate_ratio: f64,
+        invalid_ratio: f64,
+        seed: u64,
+    ) -> ProduceSummary {
+        self.produce_at(count, duplicate_ratio, invalid_ratio, seed, None)
+            .await
+    }
+
+    /// Writes generated traffic at `rate` records per second.
+    pub async fn produce_at(
+        &self,
+        count: u64,
+        duplicate_ratio: f64,
+        invalid_ratio: f64,
+        seed: u64,
+        rate: Option<f64>,
+    ) -> ProduceSummary {
+        let config = self.config(&[]);
+        produce::produce(
+            &self.kafka.brokers(),
+            &config,
+            &ProduceOptions {
+                count,
+                duplicate_ratio,
+                invalid_ratio,
+                rate,
+                seed,
+            },
+        )
+        .await
+        .expect("produce")
+    }
+
+    /// Rows in the events table.
+    pub async fn count_rows(&self) -> i64 {
+        sqlx::query_scalar(&format!("SELECT count(*) FROM \"{}\".events", self.schema))
+            .fetch_one(&self.pool)
+            .await
+            .unwrap_or(0)
+    }
+
+    /// Distinct event ids in the events table.
+    pub async fn count_distinct_ids(&self) -> i64 {
+        sqlx::query_scalar(&format!(
+            "SELECT count(DISTINCT event_id) FROM \"{}\".events",
+            self.schema
+        ))
+        .fetch_one(&self.pool)
+        .await
+        .expect("count distinct")
+    }
+
+    /// Reads the dead-letter topic from the start until `expected` records arrived or `timeout`.
+    pub async fn read_dlq(&self, expected: usize, timeout: Duration) -> Vec<OwnedMessage> {
+        let consumer: StreamConsumer = ClientConfig::new()
+            .set("bootstrap.servers", self.kafka.brokers())
+            .set("group.id", format!("dlq-reader-{}", suffix()))
+            .set("auto.offset.reset", "earliest")
+            .set("enable.auto.commit", "false")
+            .create()
+            .expect("dlq consumer");
+        consumer
+            .subscribe(&[&self.dlq_topic])
+            .expect("subscribe dlq");
+        let mut messages = Vec::new();
+        let deadline = tokio::time::Instant::now() + timeout;
+        while messages.len() < expected {
+            match tokio::time::timeout_at(deadline, consumer.recv()).await {
+                Ok(Ok(message)) => messages.push(message.detach()),
+                Ok(Err(err)) => panic!("dlq read failed: {err}"),
+                Err(_) => break,
+            }
+        }
+        // Anything beyond `expected` would be a defect: give it a moment to show up.
+        if let Ok(Ok(message)) =
+            tokio::time::timeout(Duration::from_millis(1500), consumer.recv()).await
+        {
+            messages.push(message.detach());
+        }
+        messages
+    }
+
+    /// Starts the `auditflow` binary with this test's variables plus `extra`.
+    pub fn spawn_sink(&self, args: &[&str], extra: &[(&str, &str)]) -> Child {
+        let mut command = Command::new(env!("CARGO_BIN_EXE_auditflow"));
+        command.args(args).env_clear();
+        if let Ok(path) = std::env::var("PATH") {
+            command.env("PATH", path);
+        }
+        command.env(
+            "RUST_LOG",
+            std::env::var("AUDITFLOW_TEST_LOG").unwrap_or_else(|_| "warn".into()),
+        );
+        for (key, value) in self.vars() {
+            command.env(key, value);
+        }
+        for (key, value) in extra {
+            command.env(key, value);
+        }
+        command
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("spawn auditflow")
+    }
+
+    /// Waits until the table holds at least `rows` rows.
+    pub async fn wait_for_rows(&self, rows: i64, timeout: Duration) -> i64 {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let count = self.count_rows().await;
+            if count >= rows || tokio::time::Instant::now() >= deadline {
+                return count;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
+
+impl Drop for TestEnv {
+    fn drop(&mut self) {
+        let schema = self.schema.clone();
+        let _ = std::thread::spawn(move || {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("runtime");
+            runtime.block_on(async {
+                if let Ok(pool) = PgPoolOptions::new()
+                    .max_connections(1)
+                    .connect(&database_url())
+                    .await
+                {
+                    let _ = sqlx::query(&format!("DROP SCHEMA IF EXISTS \"{schema}\" CASCADE"))
+                        .execute(&pool)
+                        .await;
+                }
+            });
+        })
+        .join();
+        self.kafka.delete_topics(&[&self.topic, &self.dlq_topic]);
+    }
+}
+
+/// Sends SIGTERM or SIGKILL to a child.
+pub fn signal(child: &Child, signal: &str) {
+    let status = Command::new("kill")
+        .args([&format!("-{signal}"), &child.id().to_string()])
+        .status()
+        .expect("kill");
+    assert!(status.success(), "kill -{signal} failed");
+}
+
+/// Waits for a child to exit, at most `timeout`, without blocking the runtime.
+pub async fn wait_exit(child: &mut Child, timeout: Duration) -> std::process::ExitStatus {
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        if let Some(status) = child.try_wait().expect("try_wait") {
+            return status;
+        }
+        if tokio::time::Instant::now() >= deadline {
+            let _ = child.kill();
+            panic!("process did not exit within {timeout:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// The value of header `name` of a message, as text.
+pub fn header(message: &OwnedMessage, name: &str) -> Option<String> {
+    use rdkafka::message::Headers;
+    let headers = message.headers()?;
+    headers
+        .iter()
+        .filter(|h| h.key == name)
+        .last()
+        .and_then(|h| h.value.map(|v| String::from_utf8_lossy(v).into_owned()))
+}

@@ -1,0 +1,338 @@
+//! End-to-end behaviour of the sink against real Postgres and Redis and a Kafka-protocol broker.
+
+mod common;
+
+use std::time::Duration;
+
+use auditflow::dlq::header as dlq_header;
+use auditflow::Sink;
+use common::{header, signal, wait_exit, TestEnv};
+use rdkafka::message::{Header, Headers, Message, OwnedHeaders};
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::ClientConfig;
+use tokio_util::sync::CancellationToken;
+
+const IDLE: Duration = Duration::from_secs(2);
+
+async fn run_in_process(env: &TestEnv, overrides: &[(&str, &str)]) -> auditflow::RunSummary {
+    let sink = Sink::build(env.config(overrides))
+        .await
+        .expect("build sink");
+    tokio::time::timeout(
+        Duration::from_secs(120),
+        sink.run_until_stopped(CancellationToken::new(), Some(IDLE)),
+    )
+    .await
+    .expect("sink drained in time")
+    .expect("sink run")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn duplicates_are_stored_once_within_and_across_batches_and_after_restart() {
+    let env = TestEnv::new(3).await;
+    let produced = env.produce(3_000, 0.3, 0.0, 7).await;
+    assert!(
+        produced.duplicates > 500,
+        "the stream must carry duplicates: {produced:?}"
+    );
+
+    let first = run_in_process(&env, &[("AUDITFLOW_BATCH_MAX_EVENTS", "200")]).await;
+    assert_eq!(first.consumed, produced.total);
+    assert_eq!(first.stored, produced.distinct_valid);
+    assert_eq!(first.duplicates, produced.duplicates);
+    assert_eq!(env.count_rows().await, produced.distinct_valid as i64);
+    assert_eq!(
+        env.count_distinct_ids().await,
+        produced.distinct_valid as i64
+    );
+
+    // A restart that re-reads everything (a fresh group starts from the beginning): nothing new.
+    let group = format!("{}-restarted", env.group);
+    let second = run_in_process(&env, &[("AUDITFLOW_KAFKA_GROUP_ID", &group)]).await;
+    assert_eq!(second.consumed, produced.total);
+    assert_eq!(second.stored, 0);
+    assert_eq!(second.duplicates, produced.total);
+    assert_eq!(env.count_rows().await, produced.distinct_valid as i64);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_committed_group_resumes_where_it_stopped() {
+    let env = TestEnv::new(2).await;
+    let first_wave = env.produce(500, 0.0, 0.0, 1).await;
+    let first = run_in_process(&env, &[]).await;
+    assert_eq!(first.stored, first_wave.distinct_valid);
+    let second_wave = env.produce(300, 0.0, 0.0, 2).await;
+    let second = run_in_process(&env, &[]).await;
+    assert_eq!(
+        second.consumed, second_wave.total,
+        "only the new records are read again"
+    );
+    assert_eq!(second.stored, second_wave.distinct_valid);
+    assert_eq!(env.count_rows().await, 800);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bad_record_reaches_the_dlq_with_its_headers_while_good_neighbours_are_stored() {
+    let env = TestEnv::new(1).await;
+    let before = env.produce(200, 0.0, 0.0, 11).await;
+    let producer: FutureProducer = ClientConfig::new()
+        .set("bootstrap.servers", env.kafka.brokers())
+        .create()
+        .unwrap();
+    let garbage = b"\x00\x00\x00\x00\x02not avro at all".to_vec();
+    let delivered = producer
+        .send(
+            FutureRecord::to(&env.topic)
+                .key("tenant-x")
+                .payload(&garbage)
+                .headers(
+                    OwnedHeaders::new()
+                        .insert(Header {
+                            key: "traceparent",
+                            value: Some("00-4bf92f-01"),
+                        })
+                        .insert(Header {
+                            key: "binary",
+                            value: Some(&[0u8, 255, 1][..]),
+                        }),
+                ),
+            Duration::from_secs(5),
+        )
+        .await
+        .expect("produce bad record");
+    let (partition, offset) = (delivered.partition, delivered.offset);
+    let after = env.produce(200, 0.0, 0.1, 12).await;
+
+    let summary = run_in_process(&env, &[]).await;
+    let expected_dlq = 1 + after.invalid as usize;
+    assert_eq!(summary.stored, before.distinct_valid + after.distinct_valid);
+    assert_eq!(summary.dead_lettered, expected_dlq as u64);
+    assert_eq!(env.count_rows().await, 400);
+
+    let dead = env.read_dlq(expected_dlq, Duration::from_secs(20)).await;
+    assert_eq!(
+        dead.len(),
+        expected_dlq,
+        "exactly the bad records are dead-lettered"
+    );
+    let ours = dead
+        .iter()
+        .find(|m| header(m, dlq_header::SOURCE_OFFSET) == Some(offset.to_string()))
+        .expect("the hand-made bad record is in the DLQ");
+    assert_eq!(ours.key(), Some(&b"tenant-x"[..]));
+    assert_eq!(
+        ours.payload(),
+        Some(&garbage[..]),
+        "value kept byte for byte"
+    );
+    let headers = ours.headers().expect("headers");
+    assert_eq!(headers.get(0).key, "traceparent");
+    assert_eq!(headers.get(0).value, Some(&b"00-4bf92f-01"[..]));
+    assert_eq!(headers.get(1).key, "binary");
+    assert_eq!(headers.get(1).value, Some(&[0u8, 255, 1][..]));
+    assert_eq!(
+        header(ours, dlq_header::ERROR_CLASS).as_deref(),
+        Some("decode")
+    );
+    assert!(!header(ours, dlq_header::ERROR_MESSAGE)
+        .unwrap_or_default()
+        .is_empty());
+    assert_eq!(
+        header(ours, dlq_header::SOURCE_TOPIC),
+        Some(env.topic.clone())
+    );
+    assert_eq!(
+        header(ours, dlq_header::SOURCE_PARTITION),
+        Some(partition.to_string())
+    );
+    assert!(header(ours, dlq_header::SOURCE_TIMESTAMP).is_some());
+    assert!(header(ours, dlq_header::FAILED_AT).is_some());
+    assert_eq!(header(ours, dlq_header::ATTEMPT).as_deref(), Some("1"));
+    let classes: Vec<String> = dead
+        .iter()
+        .filter_map(|m| header(m, dlq_header::ERROR_CLASS))
+        .collect();
+    for class in &classes {
+        assert!(
+            ["decode", "schema", "validation", "out_of_window"].contains(&class.as_str()),
+            "unexpected class {class}"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn invalidations_reach_a_real_redis_subscriber() {
+    let env = TestEnv::new(2).await;
+    let client = redis::Client::open(common::redis_url()).unwrap();
+    let mut pubsub = client.get_async_pubsub().await.expect("redis pubsub");
+    pubsub.subscribe(&env.channel).await.expect("subscribe");
+    let produced = env.produce(1_000, 0.0, 0.0, 5).await;
+
+    let summary = run_in_process(&env, &[("AUDITFLOW_BATCH_MAX_EVENTS", "250")]).await;
+    assert_eq!(summary.stored, produced.distinct_valid);
+
+    let mut stream = pubsub.on_message();
+    let mut counted = 0;
+    let mut sequences = Vec::new();
+    while counted < summary.stored {
+        let message = tokio::time::timeout(
+            Duration::from_secs(10),
+            futures::StreamExt::next(&mut stream),
+        )
+        .await
+        .expect("invalidation within 10s")
+        .expect("stream open");
+        let body: serde_json::Value =
+            serde_json::from_str(&message.get_payload::<String>().unwrap()).unwrap();
+        counted += body["count"].as_u64().unwrap();
+        sequences.push(body["batch_seq"].as_u64().unwrap());
+        assert!(!body["tenants"].as_array().unwrap().is_empty());
+        let resource = &body["resources"][0];
+        assert!(
+            resource["type"].is_string() && resource["id"].is_string(),
+            "{body}"
+        );
+    }
+    assert_eq!(
+        counted, produced.distinct_valid,
+        "every stored event is announced once"
+    );
+    assert!(
+        sequences.windows(2).all(|w| w[0] < w[1]),
+        "batch sequence increases: {sequences:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ingestion_goes_on_while_redis_is_down() {
+    let env = TestEnv::new(2).await;
+    let produced = env.produce(2_000, 0.0, 0.0, 9).await;
+    let sink = Sink::build(env.config(&[
+        // Nothing listens on port 1: Redis is down for this sink.
+        ("AUDITFLOW_REDIS_URL", "redis://127.0.0.1:1"),
+        ("AUDITFLOW_INVALIDATION_QUEUE", "2"),
+        ("AUDITFLOW_BATCH_MAX_EVENTS", "100"),
+    ]))
+    .await
+    .expect("build");
+    let notify_stats = sink.notifier().stats();
+    let summary = sink
+        .run_until_stopped(CancellationToken::new(), Some(IDLE))
+        .await
+        .expect("run");
+    assert_eq!(summary.stored, produced.distinct_valid);
+    assert_eq!(env.count_rows().await, 2_000);
+    assert_eq!(notify_stats.published(), 0);
+    assert!(
+        notify_stats.dropped() > 0,
+        "overflow is dropped and counted"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sink_killed_mid_stream_loses_nothing_after_restart() {
+    let env = TestEnv::new(3).await;
+    let mut sink = env.spawn_sink(&["run"], &[("AUDITFLOW_BATCH_MAX_EVENTS", "200")]);
+    let producing = env.produce_at(12_000, 0.05, 0.005, 21, Some(4_000.0));
+    let watcher = async {
+        let rows = env.wait_for_rows(2_000, Duration::from_secs(60)).await;
+        assert!(rows >= 2_000, "the sink stored {rows} rows before the kill");
+        signal(&sink, "KILL");
+        rows
+    };
+    let (produced, rows_at_kill) = tokio::join!(producing, watcher);
+    let status = wait_exit(&mut sink, Duration::from_secs(10)).await;
+    assert!(!status.success(), "SIGKILL ends the process abruptly");
+    assert!(
+        (rows_at_kill as u64) < produced.distinct_valid,
+        "the kill happened mid-stream ({rows_at_kill} of {})",
+        produced.distinct_valid
+    );
+
+    let mut restarted = env.spawn_sink(&["run", "--until-idle", "3"], &[]);
+    let status = wait_exit(&mut restarted, Duration::from_secs(120)).await;
+    assert!(status.success(), "restarted sink exits 0 when idle");
+    let mut line = String::new();
+    std::io::Read::read_to_string(restarted.stdout.as_mut().unwrap(), &mut line).unwrap();
+    let summary: serde_json::Value =
+        serde_json::from_str(line.trim()).expect("one JSON summary line");
+    for key in [
+        "consumed",
+        "stored",
+        "duplicates",
+        "dead_lettered",
+        "elapsed_s",
+    ] {
+        assert!(summary.get(key).is_some(), "summary has {key}: {summary}");
+    }
+    assert_eq!(
+        env.count_rows().await,
+        produced.distinct_valid as i64,
+        "nothing lost"
+    );
+    assert_eq!(
+        env.count_distinct_ids().await,
+        produced.distinct_valid as i64,
+        "nothing twice"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_sinks_sharing_partitions_one_leaving_mid_stream_lose_nothing_and_store_nothing_twice()
+{
+    let env = TestEnv::new(4).await;
+    let mut leaving = env.spawn_sink(&["run"], &[("AUDITFLOW_INSTANCE_ID", "leaving")]);
+    let mut staying = env.spawn_sink(
+        &["run", "--until-idle", "4"],
+        &[("AUDITFLOW_INSTANCE_ID", "staying")],
+    );
+    let producing = env.produce_at(16_000, 0.05, 0.0, 33, Some(2_000.0));
+    let watcher = async {
+        let rows = env.wait_for_rows(4_000, Duration::from_secs(60)).await;
+        signal(&leaving, "TERM");
+        rows
+    };
+    let (produced, rows_at_leave) = tokio::join!(producing, watcher);
+    assert!(
+        (rows_at_leave as u64) < produced.distinct_valid,
+        "left mid-stream"
+    );
+    let status = wait_exit(&mut leaving, Duration::from_secs(30)).await;
+    assert!(status.success(), "SIGTERM drains and exits 0, got {status}");
+    let status = wait_exit(&mut staying, Duration::from_secs(120)).await;
+    assert!(status.success(), "the remaining sink exits 0 when idle");
+    assert_eq!(
+        env.count_rows().await,
+        produced.distinct_valid as i64,
+        "nothing lost"
+    );
+    assert_eq!(
+        env.count_distinct_ids().await,
+        produced.distinct_valid as i64,
+        "nothing twice"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_configuration_stops_start_up_naming_the_variable() {
+    let env = TestEnv::new(1).await;
+    let mut child = env.spawn_sink(&["run"], &[("AUDITFLOW_BATCH_MAX_BYTES", "lots")]);
+    let status = wait_exit(&mut child, Duration::from_secs(10)).await;
+    assert_eq!(status.code(), Some(2));
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_auditflow"))
+        .arg("run")
+        .env_clear()
+        .env("AUDITFLOW_ACCEPT_PAST_DAYS", "-3")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("AUDITFLOW_ACCEPT_PAST_DAYS"), "{stderr}");
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_auditflow"))
+        .arg("run")
+        .env_clear()
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("AUDITFLOW_KAFKA_BROKERS"), "{stderr}");
+    assert!(!output.status.success());
+}

@@ -1,0 +1,225 @@
+//! The storage layer against the real Postgres: partitions, COPY encoding, deduplication.
+
+mod common;
+
+use auditflow::config::Config;
+use auditflow::decode::content_hash;
+use auditflow::event::{Actor, ActorType, AuditEvent, Outcome, Resource};
+use auditflow::partitions::{self, Creation};
+use auditflow::store::{self, CopyRows, RowMeta, Store};
+use chrono::{DateTime, NaiveDate, Utc};
+use uuid::Uuid;
+
+struct TestDb {
+    schema: String,
+    store: Store,
+}
+
+impl TestDb {
+    async fn new() -> Self {
+        let schema = format!("audit_store_{}", common::suffix());
+        let config = Config::from_vars([
+            ("AUDITFLOW_DB_SCHEMA".to_string(), schema.clone()),
+            ("AUDITFLOW_DB_MAX_CONNECTIONS".to_string(), "10".to_string()),
+        ])
+        .unwrap();
+        let pool = store::connect(&config.database, &common::database_url())
+            .await
+            .unwrap();
+        store::migrate(&pool, &schema).await.unwrap();
+        TestDb {
+            store: Store::new(pool, schema.clone()),
+            schema,
+        }
+    }
+}
+
+impl Drop for TestDb {
+    fn drop(&mut self) {
+        let schema = self.schema.clone();
+        let _ = std::thread::spawn(move || {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            runtime.block_on(async {
+                if let Ok(pool) = sqlx::PgPool::connect(&common::database_url()).await {
+                    let _ = sqlx::query(&format!("DROP SCHEMA IF EXISTS \"{schema}\" CASCADE"))
+                        .execute(&pool)
+                        .await;
+                }
+            });
+        })
+        .join();
+    }
+}
+
+fn event(id: u128, tenant: &str) -> AuditEvent {
+    AuditEvent {
+        event_id: Uuid::from_u128(id),
+        occurred_at: Utc::now() - chrono::Duration::hours(1),
+        tenant_id: tenant.into(),
+        actor: Actor {
+            id: "user-1".into(),
+            actor_type: ActorType::User,
+            ip: Some("10.0.0.1".into()),
+            user_agent: None,
+        },
+        action: "order.update".into(),
+        resource: Resource {
+            resource_type: "order".into(),
+            id: "o-1".into(),
+        },
+        outcome: Outcome::Success,
+        reason: None,
+        trace_id: None,
+        details: Some(r#"{"k":"v"}"#.into()),
+        session_id: None,
+    }
+}
+
+fn rows(events: &[AuditEvent]) -> CopyRows {
+    let mut rows = CopyRows::new();
+    for (offset, event) in events.iter().enumerate() {
+        rows.push(
+            event,
+            RowMeta {
+                content_hash: content_hash(event),
+                schema_version: Some(2),
+                topic: "audit-events",
+                partition: 1,
+                offset: offset as i64,
+                kafka_timestamp: Some(Utc::now()),
+            },
+        );
+    }
+    rows
+}
+
+#[tokio::test]
+async fn eight_concurrent_creations_of_one_partition_report_one_created() {
+    let db = TestDb::new().await;
+    let day = NaiveDate::from_ymd_opt(2031, 5, 17).unwrap();
+    let attempts = (0..8).map(|_| partitions::ensure_day(db.store.pool(), &db.schema, day));
+    let results = futures::future::join_all(attempts).await;
+    let created = results
+        .iter()
+        .filter(|r| matches!(r, Ok(Creation::Created)))
+        .count();
+    let existed = results
+        .iter()
+        .filter(|r| matches!(r, Ok(Creation::AlreadyExisted)))
+        .count();
+    assert_eq!((created, existed), (1, 7), "{results:?}");
+}
+
+#[tokio::test]
+async fn text_with_copy_separators_and_unicode_is_stored_exactly() {
+    let db = TestDb::new().await;
+    let mut tricky = event(1, "tenant\twith\ttabs");
+    tricky.reason = Some("line one\nline two\r\\back\\slash ünïcødé 🚀".into());
+    tricky.details = Some(r#"{"path":"C:\\temp","quote":"\"x\"","nested":{"a":[1,2]}}"#.into());
+    tricky.actor.user_agent = Some("\\N".into());
+    let outcome = db
+        .store
+        .write(&rows(std::slice::from_ref(&tricky)), 0..1)
+        .await
+        .unwrap();
+    assert_eq!(outcome.stored, 1);
+    let (tenant, reason, details, agent): (String, String, serde_json::Value, String) =
+        sqlx::query_as(&format!(
+            "SELECT tenant_id, reason, details, actor_user_agent FROM \"{}\".events",
+            db.schema
+        ))
+        .fetch_one(db.store.pool())
+        .await
+        .unwrap();
+    assert_eq!(tenant, tricky.tenant_id);
+    assert_eq!(Some(reason), tricky.reason);
+    assert_eq!(agent, "\\N", "a literal backslash-N is text, not NULL");
+    let expected: serde_json::Value =
+        serde_json::from_str(tricky.details.as_deref().unwrap()).unwrap();
+    assert_eq!(details, expected);
+}
+
+#[tokio::test]
+async fn rows_carry_their_kafka_coordinates_and_land_in_daily_partitions() {
+    let db = TestDb::new().await;
+    let mut old = event(1, "t");
+    old.occurred_at = DateTime::parse_from_rfc3339("2030-01-02T23:59:59.999999Z")
+        .unwrap()
+        .to_utc();
+    let mut new = event(2, "t");
+    new.occurred_at = DateTime::parse_from_rfc3339("2030-01-03T00:00:00Z")
+        .unwrap()
+        .to_utc();
+    db.store.write(&rows(&[old, new]), 0..2).await.unwrap();
+    let placed: Vec<(String, String, i32, i64)> = sqlx::query_as(&format!(
+        "SELECT tableoid::regclass::text, kafka_topic, kafka_partition, kafka_offset FROM \"{}\".events ORDER BY kafka_offset",
+        db.schema
+    ))
+    .fetch_all(db.store.pool())
+    .await
+    .unwrap();
+    assert_eq!(placed.len(), 2);
+    assert!(placed[0].0.ends_with("events_p20300102"), "{placed:?}");
+    assert!(placed[1].0.ends_with("events_p20300103"), "{placed:?}");
+    assert_eq!(
+        (placed[1].1.as_str(), placed[1].2, placed[1].3),
+        ("audit-events", 1, 1)
+    );
+}
+
+#[tokio::test]
+async fn repeated_batches_are_skipped_and_reused_ids_with_other_content_are_counted() {
+    let db = TestDb::new().await;
+    let events: Vec<AuditEvent> = (0..100).map(|i| event(i, "t")).collect();
+    let first = db.store.write(&rows(&events), 0..100).await.unwrap();
+    assert_eq!((first.stored, first.duplicates), (100, 0));
+    // The same rows again, on the optimistic path too (after a clean batch).
+    let second = db.store.write(&rows(&events), 0..100).await.unwrap();
+    assert_eq!(
+        (second.stored, second.duplicates, second.conflicts),
+        (0, 100, 0)
+    );
+    let third = db.store.write(&rows(&events), 0..100).await.unwrap();
+    assert_eq!((third.stored, third.duplicates), (0, 100));
+
+    let mut mixed: Vec<AuditEvent> = (100..110).map(|i| event(i, "t")).collect();
+    let mut reused = events[5].clone();
+    reused.tenant_id = "someone-else".into();
+    mixed.push(reused);
+    let fourth = db.store.write(&rows(&mixed), 0..11).await.unwrap();
+    assert_eq!(
+        (fourth.stored, fourth.duplicates, fourth.conflicts),
+        (10, 1, 1)
+    );
+    let tenant: String = sqlx::query_scalar(&format!(
+        "SELECT tenant_id FROM \"{}\".events WHERE event_id = $1",
+        db.schema
+    ))
+    .bind(events[5].event_id)
+    .fetch_one(db.store.pool())
+    .await
+    .unwrap();
+    assert_eq!(tenant, "t", "the stored row is kept, not merged");
+    let count: i64 = sqlx::query_scalar(&format!("SELECT count(*) FROM \"{}\".events", db.schema))
+        .fetch_one(db.store.pool())
+        .await
+        .unwrap();
+    assert_eq!(count, 110);
+}
+
+#[tokio::test]
+async fn migrating_twice_is_harmless() {
+    let db = TestDb::new().await;
+    store::migrate(db.store.pool(), &db.schema).await.unwrap();
+    let tables: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM pg_tables WHERE schemaname = $1 AND tablename = 'events'",
+    )
+    .bind(&db.schema)
+    .fetch_one(db.store.pool())
+    .await
+    .unwrap();
+    assert_eq!(tables, 1);
+}
