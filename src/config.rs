@@ -14,6 +14,7 @@ use std::time::Duration;
 use serde::de::DeserializeOwned;
 use serde::Deserialize;
 
+use crate::breaker::BreakerConfig;
 use crate::decode::AcceptWindow;
 
 /// Every variable auditflow reads starts with this.
@@ -154,6 +155,120 @@ pub struct SinkConfig {
     pub log_format: String,
 }
 
+/// Circuit-breaker thresholds as set by the operator; unset fields take the defaults of
+/// [`BreakerConfig::INGEST`] and [`BreakerConfig::INTERACTIVE`].
+#[derive(Debug, Clone, Default, Deserialize)]
+pub struct BreakerEnv {
+    /// `AUDITFLOW_BREAKER_CONSECUTIVE_FAILURES`: transient failures in a row that open a breaker
+    /// on the ingest path (default 5).
+    pub breaker_consecutive_failures: Option<u32>,
+    /// `AUDITFLOW_BREAKER_FAILURE_RATE`: failure rate (0..1] over the window that opens it (0.5).
+    pub breaker_failure_rate: Option<f64>,
+    /// `AUDITFLOW_BREAKER_MIN_CALLS`: calls in the window before the rate counts (20).
+    pub breaker_min_calls: Option<u32>,
+    /// `AUDITFLOW_BREAKER_WINDOW_MS`: the failure-rate window (30000).
+    pub breaker_window_ms: Option<u64>,
+    /// `AUDITFLOW_BREAKER_OPEN_MS`: how long it stays open before a probe, jittered ±20% (5000).
+    pub breaker_open_ms: Option<u64>,
+    /// `AUDITFLOW_BREAKER_PROBE_TIMEOUT_MS`: the longest a half-open probe may take (10000).
+    pub breaker_probe_timeout_ms: Option<u64>,
+    /// `AUDITFLOW_INTERACTIVE_BREAKER_CONSECUTIVE_FAILURES`: the same for interactive commands
+    /// (replay, partitions), default 3.
+    pub interactive_breaker_consecutive_failures: Option<u32>,
+    /// `AUDITFLOW_INTERACTIVE_BREAKER_FAILURE_RATE` (default 0.5).
+    pub interactive_breaker_failure_rate: Option<f64>,
+    /// `AUDITFLOW_INTERACTIVE_BREAKER_MIN_CALLS` (default 10).
+    pub interactive_breaker_min_calls: Option<u32>,
+    /// `AUDITFLOW_INTERACTIVE_BREAKER_WINDOW_MS` (default 10000).
+    pub interactive_breaker_window_ms: Option<u64>,
+    /// `AUDITFLOW_INTERACTIVE_BREAKER_OPEN_MS` (default 2000).
+    pub interactive_breaker_open_ms: Option<u64>,
+    /// `AUDITFLOW_INTERACTIVE_BREAKER_PROBE_TIMEOUT_MS` (default 5000).
+    pub interactive_breaker_probe_timeout_ms: Option<u64>,
+}
+
+impl BreakerEnv {
+    /// The ingest-path thresholds.
+    pub fn ingest(&self) -> BreakerConfig {
+        merge(
+            BreakerConfig::INGEST,
+            [
+                self.breaker_consecutive_failures.map(u64::from),
+                self.breaker_min_calls.map(u64::from),
+                self.breaker_window_ms,
+                self.breaker_open_ms,
+                self.breaker_probe_timeout_ms,
+            ],
+            self.breaker_failure_rate,
+        )
+    }
+
+    /// The thresholds for interactive commands.
+    pub fn interactive(&self) -> BreakerConfig {
+        merge(
+            BreakerConfig::INTERACTIVE,
+            [
+                self.interactive_breaker_consecutive_failures.map(u64::from),
+                self.interactive_breaker_min_calls.map(u64::from),
+                self.interactive_breaker_window_ms,
+                self.interactive_breaker_open_ms,
+                self.interactive_breaker_probe_timeout_ms,
+            ],
+            self.interactive_breaker_failure_rate,
+        )
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        for (prefix, config) in [
+            ("AUDITFLOW_BREAKER_", self.ingest()),
+            ("AUDITFLOW_INTERACTIVE_BREAKER_", self.interactive()),
+        ] {
+            if !(config.failure_rate > 0.0 && config.failure_rate <= 1.0) {
+                return Err(ConfigError(format!(
+                    "{prefix}FAILURE_RATE must be in (0, 1], got {}",
+                    config.failure_rate
+                )));
+            }
+            for (name, zero) in [
+                ("CONSECUTIVE_FAILURES", config.consecutive_failures == 0),
+                ("MIN_CALLS", config.min_calls == 0),
+                ("WINDOW_MS", config.window.is_zero()),
+                ("OPEN_MS", config.open_for.is_zero()),
+                ("PROBE_TIMEOUT_MS", config.probe_timeout.is_zero()),
+            ] {
+                if zero {
+                    return Err(ConfigError(format!(
+                        "{prefix}{name} must be greater than zero"
+                    )));
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Applies the set fields (consecutive failures, min calls, window, open, probe timeout in ms).
+fn merge(
+    base: BreakerConfig,
+    values: [Option<u64>; 5],
+    failure_rate: Option<f64>,
+) -> BreakerConfig {
+    let [consecutive, min_calls, window_ms, open_ms, probe_ms] = values;
+    let count = |value: Option<u64>, default: u32| {
+        value.map_or(default, |v| u32::try_from(v).unwrap_or(u32::MAX))
+    };
+    let millis =
+        |value: Option<u64>, default: Duration| value.map_or(default, Duration::from_millis);
+    BreakerConfig {
+        consecutive_failures: count(consecutive, base.consecutive_failures),
+        failure_rate: failure_rate.unwrap_or(base.failure_rate),
+        min_calls: count(min_calls, base.min_calls),
+        window: millis(window_ms, base.window),
+        open_for: millis(open_ms, base.open_for),
+        probe_timeout: millis(probe_ms, base.probe_timeout),
+    }
+}
+
 /// The whole configuration.
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -167,6 +282,8 @@ pub struct Config {
     pub batch: BatchConfig,
     /// The rest.
     pub sink: SinkConfig,
+    /// Circuit-breaker thresholds.
+    pub breakers: BreakerEnv,
 }
 
 fn default_topic() -> String {
@@ -256,6 +373,7 @@ impl Config {
             redis: load(&vars)?,
             batch: load(&vars)?,
             sink: load(&vars)?,
+            breakers: load(&vars)?,
         };
         config.validate()?;
         Ok(config)
@@ -334,6 +452,7 @@ impl Config {
                 self.sink.log_format
             )));
         }
+        self.breakers.validate()?;
         if redis::Client::open(self.redis.redis_url.expose()).is_err() {
             return Err(ConfigError(
                 "AUDITFLOW_REDIS_URL must be a redis:// or rediss:// URL".into(),
@@ -510,6 +629,38 @@ mod tests {
         let printed = format!("{config:?}");
         assert!(!printed.contains("hunter2"), "{printed}");
         assert!(!printed.contains("pw@"), "{printed}");
+    }
+
+    #[test]
+    fn breaker_thresholds_are_separate_for_ingest_and_interactive_use() {
+        let config = Config::from_vars(vars(&[
+            ("AUDITFLOW_BREAKER_CONSECUTIVE_FAILURES", "9"),
+            ("AUDITFLOW_INTERACTIVE_BREAKER_OPEN_MS", "750"),
+        ]))
+        .unwrap();
+        assert_eq!(config.breakers.ingest().consecutive_failures, 9);
+        assert_eq!(
+            config.breakers.ingest().open_for,
+            BreakerConfig::INGEST.open_for
+        );
+        assert_eq!(
+            config.breakers.interactive().open_for,
+            Duration::from_millis(750)
+        );
+        assert_eq!(
+            config.breakers.interactive().consecutive_failures,
+            BreakerConfig::INTERACTIVE.consecutive_failures
+        );
+        let err = Config::from_vars(vars(&[(
+            "AUDITFLOW_INTERACTIVE_BREAKER_FAILURE_RATE",
+            "1.5",
+        )]))
+        .unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("AUDITFLOW_INTERACTIVE_BREAKER_FAILURE_RATE"),
+            "{err}"
+        );
     }
 
     #[test]

@@ -5,6 +5,7 @@
 //! source offset counts as done only once the dead-letter producer has acknowledged the record
 //! (`acks=all`, idempotent); until then the record is retried, never dropped.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use backon::{ExponentialBuilder, Retryable};
@@ -13,6 +14,8 @@ use rdkafka::message::{Header, Headers, Message, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::util::Timeout;
 use tokio_util::sync::CancellationToken;
+
+use crate::breaker::{Breaker, BreakerError};
 
 /// Header names of the dead-letter contract.
 pub mod header {
@@ -166,6 +169,9 @@ pub enum DlqError {
     /// The broker did not acknowledge the record before shutdown.
     #[error("dead-letter produce failed: {0}")]
     Produce(#[from] rdkafka::error::KafkaError),
+    /// The dead-letter breaker is open; the record was not sent.
+    #[error("dead-letter topic unavailable: {0}")]
+    Unavailable(String),
     /// Shutdown interrupted the retries; the source offset stays uncommitted.
     #[error("dead-letter produce interrupted by shutdown")]
     Interrupted,
@@ -177,6 +183,7 @@ pub struct DlqProducer {
     producer: FutureProducer,
     topic: String,
     consumer_id: String,
+    breaker: Arc<Breaker>,
 }
 
 impl DlqProducer {
@@ -185,12 +192,19 @@ impl DlqProducer {
         producer: FutureProducer,
         topic: impl Into<String>,
         consumer_id: impl Into<String>,
+        breaker: Arc<Breaker>,
     ) -> Self {
         DlqProducer {
             producer,
             topic: topic.into(),
             consumer_id: consumer_id.into(),
+            breaker,
         }
+    }
+
+    /// The dead-letter producer's circuit breaker.
+    pub fn breaker(&self) -> &Arc<Breaker> {
+        &self.breaker
     }
 
     /// The dead-letter topic.
@@ -235,7 +249,15 @@ impl DlqProducer {
             .with_max_delay(Duration::from_secs(10))
             .with_jitter()
             .without_max_times();
-        let attempt = || self.send_once(letter);
+        let attempt = || async {
+            self.breaker
+                .call(self.send_once(letter), |_| true)
+                .await
+                .map_err(|err| match err {
+                    BreakerError::Inner(err) => err,
+                    other => DlqError::Unavailable(other.to_string()),
+                })
+        };
         tokio::select! {
             result = attempt
                 .retry(backoff)

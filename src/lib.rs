@@ -25,10 +25,12 @@
 //! - [`offsets`]: which offsets may be committed (every earlier message durable).
 //! - [`dlq`]: the dead-letter record contract and its acknowledged producer.
 //! - [`notify`]: the cache-invalidation publisher on Redis pub/sub, off the hot path.
+//! - [`breaker`]: circuit breakers in front of Postgres, Redis and the dead-letter producer.
 //! - [`kafka`]: Kafka client settings shared by consumer and producers.
 //! - [`generate`] and [`produce`]: the load generator; [`demo`]: the self-contained demo.
 
 pub mod batch;
+pub mod breaker;
 pub mod config;
 pub mod decode;
 pub mod demo;

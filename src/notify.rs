@@ -57,6 +57,8 @@ use tokio::time::{timeout, timeout_at, Instant};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn};
 
+use crate::breaker::{Breaker, BreakerConfig};
+
 /// Caps the `resources` array of one message; beyond it the message is marked `truncated`.
 pub const MAX_RESOURCES_PER_MESSAGE: usize = 1000;
 
@@ -92,6 +94,9 @@ pub struct NotifyConfig {
     /// within this long of cancellation, counting what it could not flush as dropped. Must be
     /// greater than zero.
     pub publish_timeout: Duration,
+    /// Thresholds of the Redis circuit breaker: while it is open the worker neither connects nor
+    /// publishes, and notices wait in (and overflow from) the queue.
+    pub breaker: BreakerConfig,
 }
 
 impl NotifyConfig {
@@ -290,6 +295,7 @@ pub fn describe_metrics() {
 pub struct Notifier {
     invalidation_tx: mpsc::Sender<Invalidation>,
     stats: Arc<NotifyStats>,
+    breaker: Arc<Breaker>,
 }
 
 impl Notifier {
@@ -316,6 +322,11 @@ impl Notifier {
     pub fn stats(&self) -> Arc<NotifyStats> {
         Arc::clone(&self.stats)
     }
+
+    /// Returns the Redis circuit breaker.
+    pub fn breaker(&self) -> Arc<Breaker> {
+        Arc::clone(&self.breaker)
+    }
 }
 
 /// Builds the publisher and spawns its worker on the current Tokio runtime.
@@ -327,6 +338,7 @@ impl Notifier {
 /// dropped, alongside an already finished task. Use [`NotifyWorker::new`] to get the error
 /// instead. Panics if called outside a Tokio runtime.
 pub fn spawn(config: NotifyConfig, shutdown: CancellationToken) -> (Notifier, JoinHandle<()>) {
+    let breaker_config = config.breaker;
     match NotifyWorker::new(config, shutdown) {
         Ok((notifier, worker)) => (notifier, tokio::spawn(worker.run())),
         Err(err) => {
@@ -336,6 +348,7 @@ pub fn spawn(config: NotifyConfig, shutdown: CancellationToken) -> (Notifier, Jo
             let notifier = Notifier {
                 invalidation_tx,
                 stats: Arc::new(NotifyStats::default()),
+                breaker: Arc::new(Breaker::new("redis", breaker_config)),
             };
             (notifier, tokio::spawn(async {}))
         }
@@ -354,6 +367,7 @@ pub struct NotifyWorker {
     /// `None` while Redis is unreachable: the worker then reconnects before taking the next
     /// notice, so notices wait in the queue rather than fail one by one.
     connection: Option<ConnectionManager>,
+    breaker: Arc<Breaker>,
 }
 
 impl fmt::Debug for NotifyWorker {
@@ -384,9 +398,11 @@ impl NotifyWorker {
             .set_response_timeout(config.publish_timeout);
         let (invalidation_tx, invalidation_rx) = mpsc::channel(config.queue_capacity);
         let stats = Arc::new(NotifyStats::default());
+        let breaker = Arc::new(Breaker::new("redis", config.breaker));
         let notifier = Notifier {
             invalidation_tx,
             stats: Arc::clone(&stats),
+            breaker: Arc::clone(&breaker),
         };
         let worker = NotifyWorker {
             client,
@@ -397,6 +413,7 @@ impl NotifyWorker {
             stats,
             shutdown,
             connection: None,
+            breaker,
         };
         Ok((notifier, worker))
     }
@@ -418,6 +435,7 @@ impl NotifyWorker {
                         &self.client,
                         &self.manager_config,
                         self.publish_timeout,
+                        &self.breaker,
                     ) => connection,
                 };
                 self.connection = Some(connection);
@@ -466,8 +484,12 @@ impl NotifyWorker {
         let mut num_abandoned: u64 = 0;
         while let Ok(invalidation) = self.invalidation_rx.try_recv() {
             if self.connection.is_none() {
-                let connect =
-                    connect_with_backoff(&self.client, &self.manager_config, self.publish_timeout);
+                let connect = connect_with_backoff(
+                    &self.client,
+                    &self.manager_config,
+                    self.publish_timeout,
+                    &self.breaker,
+                );
                 match timeout_at(deadline, connect).await {
                     Ok(connection) => self.connection = Some(connection),
                     Err(_elapsed) => {
@@ -507,9 +529,16 @@ impl NotifyWorker {
             self.stats.record_dropped(1);
             return;
         };
+        let Some(permit) = self.breaker.try_acquire() else {
+            // Connected, but the breaker opened meanwhile (another failure path): do not wait.
+            self.stats.record_dropped(1);
+            return;
+        };
         let mut command = redis::cmd("PUBLISH");
         command.arg(&self.channel).arg(payload);
-        match timeout_at(deadline, command.query_async::<u64>(connection)).await {
+        let result = timeout_at(deadline, command.query_async::<u64>(connection)).await;
+        self.breaker.record(permit, !matches!(result, Ok(Ok(_))));
+        match result {
             Ok(Ok(num_receivers)) => {
                 self.stats.record_published();
                 debug!(batch_seq, num_receivers, "published invalidation notice");
@@ -557,14 +586,22 @@ async fn connect_with_backoff(
     client: &redis::Client,
     manager_config: &ConnectionManagerConfig,
     attempt_timeout: Duration,
+    breaker: &Breaker,
 ) -> ConnectionManager {
     let redis_addr = &client.get_connection_info().addr;
     let mut delays = reconnect_backoff().build();
     let mut attempt: u64 = 0;
     loop {
+        let Some(permit) = breaker.try_acquire() else {
+            // The breaker is open: no connection attempt until it lets a probe through.
+            tokio::time::sleep(breaker.retry_after().max(RECONNECT_MIN_DELAY)).await;
+            continue;
+        };
         attempt += 1;
         let connect = ConnectionManager::new_with_config(client.clone(), manager_config.clone());
-        let error = match timeout(attempt_timeout, connect).await {
+        let result = timeout(attempt_timeout, connect).await;
+        breaker.record(permit, !matches!(result, Ok(Ok(_))));
+        let error = match result {
             Ok(Ok(connection)) => {
                 info!(%redis_addr, attempt, "connected to redis for invalidation notices");
                 return connection;
@@ -611,6 +648,7 @@ mod tests {
             channel: "auditflow.test".to_owned(),
             queue_capacity,
             publish_timeout: Duration::from_millis(200),
+            breaker: BreakerConfig::INGEST,
         }
     }
 

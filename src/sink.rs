@@ -30,6 +30,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::batch::{Added, Batch, BatchLimits};
+use crate::breaker::{Breaker, State as BreakerState};
 use crate::config::Config;
 use crate::decode::{self, AcceptWindow, Decoder};
 use crate::dlq::{DeadLetter, DlqError, DlqProducer, Failure, SourceRecord};
@@ -56,6 +57,10 @@ pub struct SinkStats {
     pub dead_lettered: AtomicU64,
     /// Batches completed.
     pub batches: AtomicU64,
+    /// Partition revocations seen (rebalances that took partitions away).
+    pub revokes: AtomicU64,
+    /// Times the consumer paused its partitions (database unavailable or store behind).
+    pub pauses: AtomicU64,
     /// When the first message arrived and when the last batch completed.
     active: Mutex<Option<(Instant, Instant)>>,
 }
@@ -123,6 +128,7 @@ pub struct SinkContext {
     topic: String,
     /// The group membership as idleness sees it.
     membership: Arc<Mutex<Membership>>,
+    stats: Arc<SinkStats>,
 }
 
 /// Whether the consumer holds an assignment, and since when. Between a revoke and the next
@@ -132,6 +138,8 @@ pub struct SinkContext {
 struct Membership {
     assigned: bool,
     changed_at: Option<Instant>,
+    /// Counts assignments; a pause must be re-applied to partitions assigned after it.
+    generation: u64,
 }
 
 impl ClientContext for SinkContext {}
@@ -143,10 +151,12 @@ impl ConsumerContext for SinkContext {
             // replica takes over. Messages still in flight here are redelivered there and
             // deduplicated by the primary key.
             commit_sync(consumer, "revoke");
-            *lock(&self.membership) = Membership {
-                assigned: false,
-                changed_at: Some(Instant::now()),
-            };
+            {
+                let mut membership = lock(&self.membership);
+                membership.assigned = false;
+                membership.changed_at = Some(Instant::now());
+            }
+            self.stats.revokes.fetch_add(1, Ordering::Relaxed);
             let mut tracker = lock(&self.tracker);
             for element in partitions.elements_for_topic(&self.topic) {
                 tracker.revoke(element.partition());
@@ -162,10 +172,12 @@ impl ConsumerContext for SinkContext {
                 for element in partitions.elements_for_topic(&self.topic) {
                     tracker.assign(element.partition());
                 }
-                *lock(&self.membership) = Membership {
-                    assigned: true,
-                    changed_at: Some(Instant::now()),
-                };
+                {
+                    let mut membership = lock(&self.membership);
+                    membership.assigned = true;
+                    membership.changed_at = Some(Instant::now());
+                    membership.generation += 1;
+                }
                 tracing::info!(partitions = ?partition_ids(partitions), "partitions assigned");
             }
             Rebalance::Error(err) => tracing::warn!(error = %err, "rebalance error"),
@@ -233,7 +245,12 @@ impl Sink {
         store::migrate(&pool, &config.database.db_schema)
             .await
             .context("migrating the database")?;
-        let store = Store::new(pool, config.database.db_schema.clone());
+        let breaker_config = config.breakers.ingest();
+        let store = Store::new(
+            pool,
+            config.database.db_schema.clone(),
+            Arc::new(Breaker::new("postgres", breaker_config)),
+        );
         let today = Utc::now().date_naive();
         store
             .ensure_partitions(
@@ -245,10 +262,12 @@ impl Sink {
 
         let tracker = Arc::new(Mutex::new(OffsetTracker::new()));
         let membership = Arc::new(Mutex::new(Membership::default()));
+        let stats = Arc::new(SinkStats::default());
         let context = SinkContext {
             tracker: Arc::clone(&tracker),
             topic: config.kafka.kafka_topic.clone(),
             membership: Arc::clone(&membership),
+            stats: Arc::clone(&stats),
         };
         let consumer: SinkConsumer = kafka::client_config(&brokers, &config.kafka)
             .set("group.id", &config.kafka.kafka_group_id)
@@ -271,6 +290,7 @@ impl Sink {
             producer,
             config.kafka.dlq_topic.clone(),
             config.instance_id(),
+            Arc::new(Breaker::new("dlq", breaker_config)),
         );
         let notifier_shutdown = CancellationToken::new();
         let (notifier, notifier_task) = notify::spawn(
@@ -279,6 +299,7 @@ impl Sink {
                 channel: config.redis.invalidation_channel.clone(),
                 queue_capacity: config.redis.invalidation_queue,
                 publish_timeout: Duration::from_secs(2),
+                breaker: breaker_config,
             },
             notifier_shutdown.clone(),
         );
@@ -295,7 +316,7 @@ impl Sink {
             notifier_shutdown,
             tracker,
             membership,
-            stats: Arc::new(SinkStats::default()),
+            stats,
         })
     }
 
@@ -304,9 +325,9 @@ impl Sink {
         Arc::clone(&self.stats)
     }
 
-    /// The store.
-    pub fn store(&self) -> &Store {
-        &self.store
+    /// The store (shared with the running sink).
+    pub fn store(&self) -> Arc<Store> {
+        Arc::clone(&self.store)
     }
 
     /// The notifier.
@@ -350,13 +371,19 @@ impl Sink {
         let mut open = Batch::new(seq);
         let mut ready: Option<Batch> = None;
         let mut waiting_since: Option<Instant> = None;
-        let mut paused = false;
+        // Why the partitions should be paused: the store has not taken a finished batch for
+        // PAUSE_AFTER, or the database breaker is not closed.
+        let mut store_stalled = false;
+        let mut breaker_rx = sink.store.breaker().subscribe();
+        let mut database_unavailable = false;
+        let mut paused_generation: Option<u64> = None;
         let mut last_message = Instant::now();
-        let mut idle_tick = tokio::time::interval(Duration::from_millis(100));
+        let mut tick = tokio::time::interval(Duration::from_millis(100));
         let consumer = Arc::clone(&sink.consumer);
 
         loop {
             let deadline = open.deadline(&sink.limits);
+            let paused = paused_generation.is_some();
             let store_behind = ready.is_some() && open.is_full(&sink.limits);
             tokio::select! {
                 biased;
@@ -368,21 +395,23 @@ impl Sink {
                         permit.send(batch);
                     }
                     waiting_since = None;
-                    if paused {
-                        sink.set_paused(false);
-                        paused = false;
-                    }
+                    store_stalled = false;
                 }
-                _ = sleep_until_opt(waiting_since.map(|since| since + PAUSE_AFTER)), if !paused && waiting_since.is_some() => {
-                    tracing::warn!("store is behind; pausing partitions");
-                    sink.set_paused(true);
-                    paused = true;
+                _ = sleep_until_opt(waiting_since.map(|since| since + PAUSE_AFTER)), if !store_stalled && waiting_since.is_some() => {
+                    store_stalled = true;
+                }
+                changed = breaker_rx.changed() => {
+                    if changed.is_ok() {
+                        database_unavailable = *breaker_rx.borrow_and_update() != BreakerState::Closed;
+                    }
                 }
                 _ = sleep_until_opt(deadline), if ready.is_none() && deadline.is_some() => {
                     seq += 1;
                     ready = Some(std::mem::replace(&mut open, Batch::new(seq)));
                     waiting_since = Some(Instant::now());
                 }
+                // While paused, keep polling: it serves rebalances and heartbeats, and whatever
+                // was fetched before the pause still goes into the open batch.
                 message = consumer.recv(), if !store_behind || paused => {
                     match message {
                         Ok(message) => {
@@ -402,25 +431,42 @@ impl Sink {
                         }
                     }
                 }
-                _ = idle_tick.tick(), if until_idle.is_some() => {
-                    let idle_for = until_idle.unwrap_or_default();
-                    // Idle only counts while the group has assigned partitions: joining and
-                    // rebalancing can take longer than the idle period.
-                    let membership = *lock(&sink.membership);
-                    let quiet_since = membership
-                        .changed_at
-                        .filter(|_| membership.assigned)
-                        .map(|at| at.max(last_message));
-                    if open.is_empty()
-                        && ready.is_none()
-                        && in_flight.load(Ordering::SeqCst) == 0
-                        && quiet_since.is_some_and(|since| since.elapsed() >= idle_for)
-                        && lock(&sink.tracker).num_pending() == 0
-                    {
-                        tracing::info!(idle_s = idle_for.as_secs_f64(), "idle; stopping");
-                        break;
+                _ = tick.tick() => {
+                    // The tick also wakes the loop so a pause is re-applied after a rebalance.
+                    if let Some(idle_for) = until_idle {
+                        // Idle only counts while the group has assigned partitions: joining and
+                        // rebalancing can take longer than the idle period.
+                        let membership = *lock(&sink.membership);
+                        let quiet_since = membership
+                            .changed_at
+                            .filter(|_| membership.assigned)
+                            .map(|at| at.max(last_message));
+                        if open.is_empty()
+                            && ready.is_none()
+                            && in_flight.load(Ordering::SeqCst) == 0
+                            && quiet_since.is_some_and(|since| since.elapsed() >= idle_for)
+                            && lock(&sink.tracker).num_pending() == 0
+                        {
+                            tracing::info!(idle_s = idle_for.as_secs_f64(), "idle; stopping");
+                            break;
+                        }
                     }
                 }
+            }
+            let want_paused = store_stalled || database_unavailable;
+            let generation = lock(&sink.membership).generation;
+            // Partitions assigned after a pause start fetching: pause them too.
+            if want_paused && paused_generation != Some(generation) {
+                if paused_generation.is_none() {
+                    tracing::warn!(store_stalled, database_unavailable, "pausing consumption");
+                    sink.stats.pauses.fetch_add(1, Ordering::Relaxed);
+                }
+                sink.set_paused(true);
+                paused_generation = Some(generation);
+            } else if !want_paused && paused_generation.is_some() {
+                tracing::info!("resuming consumption");
+                sink.set_paused(false);
+                paused_generation = None;
             }
         }
 

@@ -16,13 +16,14 @@
 use std::collections::BTreeSet;
 use std::io::Write as _;
 use std::str::FromStr;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 
 use chrono::{DateTime, NaiveDate, Utc};
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::{Connection, Executor, PgPool};
 
+use crate::breaker::{Breaker, BreakerError};
 use crate::config::DatabaseConfig;
 use crate::event::AuditEvent;
 use crate::partitions::{self, quote_ident};
@@ -54,6 +55,10 @@ pub enum StoreError {
     /// A migration failed.
     #[error("migration failed: {0}")]
     Migrate(#[from] sqlx::migrate::MigrateError),
+    /// The Postgres circuit breaker is open, or its probe timed out: the database was not
+    /// (fully) tried.
+    #[error("database unavailable: {0}")]
+    Unavailable(String),
 }
 
 /// Whether an error is worth retrying.
@@ -71,6 +76,7 @@ impl StoreError {
         match self {
             StoreError::Database(err) => classify(err),
             StoreError::Migrate(_) => Retry::Permanent,
+            StoreError::Unavailable(_) => Retry::Transient,
         }
     }
 
@@ -267,6 +273,8 @@ pub struct Store {
     schema: String,
     known_days: Mutex<BTreeSet<NaiveDate>>,
     expect_duplicates: AtomicBool,
+    breaker: Arc<Breaker>,
+    num_writes: AtomicU64,
 }
 
 /// Opens a pool whose connections use `schema` as search path and have the staging table.
@@ -319,15 +327,28 @@ pub async fn migrate(pool: &PgPool, schema: &str) -> Result<(), StoreError> {
 }
 
 impl Store {
-    /// Wraps a pool opened by [`connect`] on a migrated schema.
-    pub fn new(pool: PgPool, schema: impl Into<String>) -> Self {
+    /// Wraps a pool opened by [`connect`] on a migrated schema; every write goes through
+    /// `breaker`.
+    pub fn new(pool: PgPool, schema: impl Into<String>, breaker: Arc<Breaker>) -> Self {
         Store {
             pool,
             schema: schema.into(),
             known_days: Mutex::new(BTreeSet::new()),
             // After a restart, redeliveries are likely: start on the tolerant path.
             expect_duplicates: AtomicBool::new(true),
+            breaker,
+            num_writes: AtomicU64::new(0),
         }
+    }
+
+    /// The Postgres circuit breaker.
+    pub fn breaker(&self) -> &Arc<Breaker> {
+        &self.breaker
+    }
+
+    /// Write transactions attempted so far (each [`Store::write`] call that reached the database).
+    pub fn num_writes(&self) -> u64 {
+        self.num_writes.load(Ordering::Relaxed)
     }
 
     /// The pool.
@@ -361,7 +382,7 @@ impl Store {
         Ok(())
     }
 
-    /// Writes rows `range` of `rows` in one transaction, deduplicated.
+    /// Writes rows `range` of `rows` in one transaction, deduplicated, through the breaker.
     pub async fn write(
         &self,
         rows: &CopyRows,
@@ -370,6 +391,23 @@ impl Store {
         if range.is_empty() {
             return Ok(WriteOutcome::default());
         }
+        self.breaker
+            .call(self.write_unguarded(rows, range), |err: &StoreError| {
+                err.retry() == Retry::Transient
+            })
+            .await
+            .map_err(|err| match err {
+                BreakerError::Inner(err) => err,
+                other => StoreError::Unavailable(other.to_string()),
+            })
+    }
+
+    async fn write_unguarded(
+        &self,
+        rows: &CopyRows,
+        range: std::ops::Range<usize>,
+    ) -> Result<WriteOutcome, StoreError> {
+        self.num_writes.fetch_add(1, Ordering::Relaxed);
         self.ensure_partitions(rows.days().iter().copied()).await?;
         let data = rows.bytes_of(range.clone());
         let num_rows = range.len() as u64;

@@ -2,6 +2,9 @@
 
 mod common;
 
+use std::sync::Arc;
+
+use auditflow::breaker::{Breaker, BreakerConfig};
 use auditflow::config::Config;
 use auditflow::decode::content_hash;
 use auditflow::event::{Actor, ActorType, AuditEvent, Outcome, Resource};
@@ -28,7 +31,11 @@ impl TestDb {
             .unwrap();
         store::migrate(&pool, &schema).await.unwrap();
         TestDb {
-            store: Store::new(pool, schema.clone()),
+            store: Store::new(
+                pool,
+                schema.clone(),
+                Arc::new(Breaker::new("postgres", BreakerConfig::INGEST)),
+            ),
             schema,
         }
     }
