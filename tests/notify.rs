@@ -6,13 +6,18 @@
 
 use std::time::Duration;
 
+#[path = "common/proxy.rs"]
+mod proxy;
+
+use auditflow::breaker::BreakerConfig;
 use auditflow::notify::{
     spawn, Invalidation, NotifyConfig, NotifyStats, MAX_RESOURCES_PER_MESSAGE,
 };
 use futures::StreamExt;
+use proxy::TcpProxy;
 use redis::aio::PubSubStream;
-use tokio::net::{TcpListener, TcpStream};
-use tokio::task::{JoinHandle, JoinSet};
+use tokio::net::TcpListener;
+use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 /// How long a test waits for a message or a shutdown before failing; generous because the
@@ -36,6 +41,7 @@ fn notify_config(redis_url: String, channel: &str, queue_capacity: usize) -> Not
         channel: channel.to_owned(),
         queue_capacity,
         publish_timeout: Duration::from_millis(500),
+        breaker: BreakerConfig::INGEST,
     }
 }
 
@@ -89,12 +95,6 @@ fn invalidation(batch_seq: u64, resources: &[(&str, &str, &str)]) -> Invalidatio
     invalidation
 }
 
-/// Returns a local port nothing listens on (until a [`RedisProxy`] is started there).
-async fn unused_port() -> u16 {
-    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-    listener.local_addr().expect("local addr").port()
-}
-
 /// The test Redis URL with its host and port replaced by `127.0.0.1:port`, credentials and
 /// database kept.
 fn redis_url_via(port: u16) -> String {
@@ -110,50 +110,18 @@ fn redis_url_via(port: u16) -> String {
     )
 }
 
-/// Forwards a local port to the test Redis; stopping it closes every forwarded connection, which
-/// looks like a Redis outage to the notifier.
-struct RedisProxy {
-    accept_task: JoinHandle<()>,
-}
-
-impl RedisProxy {
-    async fn start(port: u16) -> Self {
-        let upstream = match redis::Client::open(redis_url())
-            .expect("valid test redis url")
-            .get_connection_info()
-            .addr
-            .clone()
-        {
-            redis::ConnectionAddr::Tcp(host, upstream_port) => format!("{host}:{upstream_port}"),
-            other => panic!("proxy tests need a plain tcp redis url, got {other}"),
-        };
-        let listener = TcpListener::bind(("127.0.0.1", port))
-            .await
-            .expect("bind proxy port");
-        let accept_task = tokio::spawn(async move {
-            // Dropping the set when this task is aborted aborts every forwarding task.
-            let mut connections = JoinSet::new();
-            loop {
-                let Ok((mut inbound, _)) = listener.accept().await else {
-                    continue;
-                };
-                let upstream = upstream.clone();
-                connections.spawn(async move {
-                    if let Ok(mut outbound) = TcpStream::connect(upstream).await {
-                        let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
-                    }
-                });
-            }
-        });
-        Self { accept_task }
-    }
-
-    async fn stop(self) {
-        self.accept_task.abort();
-        let _ = self.accept_task.await;
-        // Give the aborted forwarding tasks a moment to close their sockets.
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+/// A proxy in front of the test Redis; cutting it looks like a Redis outage to the notifier.
+async fn redis_proxy() -> TcpProxy {
+    let upstream = match redis::Client::open(redis_url())
+        .expect("valid test redis url")
+        .get_connection_info()
+        .addr
+        .clone()
+    {
+        redis::ConnectionAddr::Tcp(host, port) => format!("{host}:{port}"),
+        other => panic!("proxy tests need a plain tcp redis url, got {other}"),
+    };
+    TcpProxy::start(&upstream).await
 }
 
 #[tokio::test]
@@ -247,7 +215,9 @@ async fn unreachable_redis_never_blocks_publish_and_counts_overflow_as_dropped()
 async fn invalidations_queued_while_redis_is_down_are_published_once_it_is_up() {
     let channel = random_channel();
     let mut messages = subscribe(&channel).await;
-    let port = unused_port().await;
+    let proxy = redis_proxy().await;
+    proxy.cut().await;
+    let port = proxy.port();
     let shutdown = CancellationToken::new();
     let (notifier, worker) = spawn(
         notify_config(redis_url_via(port), &channel, 16),
@@ -266,7 +236,7 @@ async fn invalidations_queued_while_redis_is_down_are_published_once_it_is_up() 
     assert_eq!(stats.failed(), 0);
     assert_eq!(stats.dropped(), 0);
 
-    let proxy = RedisProxy::start(port).await;
+    proxy.restore().await;
     for pending in &queued {
         assert_eq!(
             next_payload(&mut messages).await,
@@ -278,15 +248,15 @@ async fn invalidations_queued_while_redis_is_down_are_published_once_it_is_up() 
     assert_eq!(stats.published(), 3);
     assert_eq!(stats.failed(), 0);
     assert_eq!(stats.dropped(), 0);
-    proxy.stop().await;
+    proxy.cut().await;
 }
 
 #[tokio::test]
 async fn publish_on_a_lost_connection_fails_once_and_later_invalidations_arrive_after_reconnect() {
     let channel = random_channel();
     let mut messages = subscribe(&channel).await;
-    let port = unused_port().await;
-    let proxy = RedisProxy::start(port).await;
+    let proxy = redis_proxy().await;
+    let port = proxy.port();
     let shutdown = CancellationToken::new();
     let (notifier, worker) = spawn(
         notify_config(redis_url_via(port), &channel, 16),
@@ -301,7 +271,7 @@ async fn publish_on_a_lost_connection_fails_once_and_later_invalidations_arrive_
         before_outage.to_json().expect("encodes")
     );
 
-    proxy.stop().await;
+    proxy.cut().await;
     notifier.publish(invalidation(2, &[("acme", "order", "2")]));
     wait_for(&stats, |stats| stats.failed() == 1).await;
 
@@ -316,7 +286,7 @@ async fn publish_on_a_lost_connection_fails_once_and_later_invalidations_arrive_
     assert_eq!(stats.failed(), 1);
     assert_eq!(stats.published(), 1);
 
-    let proxy = RedisProxy::start(port).await;
+    proxy.restore().await;
     for pending in &after_outage {
         assert_eq!(
             next_payload(&mut messages).await,
@@ -328,7 +298,7 @@ async fn publish_on_a_lost_connection_fails_once_and_later_invalidations_arrive_
     assert_eq!(stats.published(), 3);
     assert_eq!(stats.failed(), 1);
     assert_eq!(stats.dropped(), 0);
-    proxy.stop().await;
+    proxy.cut().await;
 }
 
 #[tokio::test]

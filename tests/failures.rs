@@ -1,0 +1,323 @@
+//! Failure paths against the real Postgres and Redis: poison records, outages, breakers.
+
+mod common;
+#[path = "common/proxy.rs"]
+mod proxy;
+
+use std::collections::BTreeSet;
+use std::sync::Arc;
+use std::time::Duration;
+
+use auditflow::breaker::State as BreakerState;
+use auditflow::decode::Decoder;
+use auditflow::dlq::header as dlq_header;
+use auditflow::event::{Actor, ActorType, AuditEvent, Outcome, Resource};
+use auditflow::{store, Sink};
+use chrono::Utc;
+use common::{header, TestEnv};
+use proxy::TcpProxy;
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::ClientConfig;
+use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
+
+const POISON_ACTION: &str = "poison.record";
+
+fn event(action: &str) -> AuditEvent {
+    AuditEvent {
+        event_id: Uuid::new_v4(),
+        occurred_at: Utc::now() - chrono::Duration::minutes(5),
+        tenant_id: "tenant-1".into(),
+        actor: Actor {
+            id: "user-1".into(),
+            actor_type: ActorType::User,
+            ip: Some("10.1.2.3".into()),
+            user_agent: Some("test".into()),
+        },
+        action: action.into(),
+        resource: Resource {
+            resource_type: "order".into(),
+            id: "o-1".into(),
+        },
+        outcome: Outcome::Success,
+        reason: None,
+        trace_id: None,
+        details: Some(r#"{"field":"status","from":"open","to":"paid"}"#.into()),
+        session_id: None,
+    }
+}
+
+/// Produces the events in order to one partition; returns their offsets.
+async fn produce_events(env: &TestEnv, events: &[AuditEvent]) -> Vec<i64> {
+    let decoder = Decoder::embedded();
+    let producer: FutureProducer = ClientConfig::new()
+        .set("bootstrap.servers", env.kafka.brokers())
+        .set("linger.ms", "5")
+        .create()
+        .unwrap();
+    let mut deliveries = Vec::with_capacity(events.len());
+    for event in events {
+        let payload = decoder.encode_confluent(event, 2).unwrap();
+        let record = FutureRecord::to(&env.topic)
+            .key("tenant-1")
+            .payload(&payload)
+            .partition(0);
+        deliveries.push(producer.send_result(record).map_err(|(e, _)| e).unwrap());
+    }
+    let mut offsets = Vec::with_capacity(events.len());
+    for delivery in deliveries {
+        offsets.push(delivery.await.unwrap().map_err(|(e, _)| e).unwrap().offset);
+    }
+    offsets
+}
+
+/// Migrates the test schema and adds a rule the decoder does not know, so some valid events are
+/// refused by the database itself (SQLSTATE 23514).
+async fn refuse_poison_in_database(env: &TestEnv) {
+    let config = env.config(&[]);
+    let pool = store::connect(&config.database, &common::database_url())
+        .await
+        .unwrap();
+    store::migrate(&pool, &env.schema).await.unwrap();
+    sqlx::query(&format!(
+        "ALTER TABLE \"{}\".events ADD CONSTRAINT no_poison CHECK (action <> '{POISON_ACTION}')",
+        env.schema
+    ))
+    .execute(&pool)
+    .await
+    .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_percent_poison_records_are_dead_lettered_alone_while_every_good_one_is_stored() {
+    let env = TestEnv::new(1).await;
+    refuse_poison_in_database(&env).await;
+    let events: Vec<AuditEvent> = (0..3_000)
+        .map(|i| {
+            event(if i % 100 == 37 {
+                POISON_ACTION
+            } else {
+                "order.update"
+            })
+        })
+        .collect();
+    let offsets = produce_events(&env, &events).await;
+    let poison_offsets: BTreeSet<String> = events
+        .iter()
+        .zip(&offsets)
+        .filter(|(e, _)| e.action == POISON_ACTION)
+        .map(|(_, o)| o.to_string())
+        .collect();
+    assert_eq!(poison_offsets.len(), 30);
+
+    let sink = Sink::build(env.config(&[])).await.unwrap();
+    let store = sink.store();
+    let summary = sink
+        .run_until_stopped(CancellationToken::new(), Some(Duration::from_secs(2)))
+        .await
+        .unwrap();
+    assert_eq!(summary.stored, 2_970);
+    assert_eq!(summary.dead_lettered, 30);
+    assert_eq!(env.count_rows().await, 2_970);
+    // Six batches of 500, each with five poison rows: bisection costs about 2 * log2(500 / 5)
+    // statements per poison row (measured: 440 in all), far from one per row (3,000).
+    assert!(
+        store.num_writes() < 600,
+        "{} write statements",
+        store.num_writes()
+    );
+
+    let dead = env.read_dlq(30, Duration::from_secs(20)).await;
+    assert_eq!(dead.len(), 30);
+    let dead_offsets: BTreeSet<String> = dead
+        .iter()
+        .map(|m| header(m, dlq_header::SOURCE_OFFSET).unwrap())
+        .collect();
+    assert_eq!(dead_offsets, poison_offsets, "exactly the poison records");
+    for message in &dead {
+        assert_eq!(
+            header(message, dlq_header::ERROR_CLASS).as_deref(),
+            Some("constraint")
+        );
+        assert_eq!(
+            header(message, dlq_header::ERROR_SQLSTATE).as_deref(),
+            Some("23514")
+        );
+        assert!(header(message, dlq_header::ERROR_MESSAGE)
+            .unwrap()
+            .contains("no_poison"));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_bad_record_among_five_thousand_costs_a_few_statements() {
+    let env = TestEnv::new(1).await;
+    refuse_poison_in_database(&env).await;
+    let events: Vec<AuditEvent> = (0..5_000)
+        .map(|i| {
+            event(if i == 2_718 {
+                POISON_ACTION
+            } else {
+                "order.update"
+            })
+        })
+        .collect();
+    produce_events(&env, &events).await;
+    let sink = Sink::build(env.config(&[
+        ("AUDITFLOW_BATCH_MAX_EVENTS", "5000"),
+        ("AUDITFLOW_BATCH_MAX_WAIT_MS", "3000"),
+    ]))
+    .await
+    .unwrap();
+    let store = sink.store();
+    let summary = sink
+        .run_until_stopped(CancellationToken::new(), Some(Duration::from_secs(2)))
+        .await
+        .unwrap();
+    assert_eq!((summary.stored, summary.dead_lettered), (4_999, 1));
+    // One failed batch, then two halves per level down to the row: 1 + 2 * ceil(log2 5000) = 27.
+    assert!(
+        store.num_writes() <= 27,
+        "{} write statements",
+        store.num_writes()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn database_outage_pauses_consumption_dead_letters_nothing_and_recovers() {
+    let env = TestEnv::new(2).await;
+    let database = common::database_url();
+    let upstream = database
+        .split('@')
+        .nth(1)
+        .and_then(|rest| rest.split('/').next())
+        .unwrap()
+        .to_owned();
+    let proxy = TcpProxy::start(&upstream).await;
+    let via_proxy = database.replace(&upstream, &format!("127.0.0.1:{}", proxy.port()));
+    let sink = Sink::build(env.config(&[
+        ("AUDITFLOW_DATABASE_URL", &via_proxy),
+        ("AUDITFLOW_DB_ACQUIRE_TIMEOUT_MS", "1000"),
+        ("AUDITFLOW_BREAKER_OPEN_MS", "2000"),
+    ]))
+    .await
+    .unwrap();
+    let stats = sink.stats();
+    let breaker = Arc::clone(sink.store().breaker());
+    let mut states = breaker.subscribe();
+    let running = tokio::spawn(
+        sink.run_until_stopped(CancellationToken::new(), Some(Duration::from_secs(3))),
+    );
+
+    let producing = env.produce_at(16_000, 0.0, 0.0, 77, Some(800.0));
+    let outage = async {
+        let before = env.wait_for_rows(2_000, Duration::from_secs(60)).await;
+        assert!(before >= 2_000);
+        proxy.cut().await;
+        let cut_rows = env.count_rows().await;
+        let mut seen_open = false;
+        let outage_end = tokio::time::Instant::now() + Duration::from_secs(20);
+        while tokio::time::Instant::now() < outage_end {
+            if let Ok(Ok(())) =
+                tokio::time::timeout(Duration::from_millis(200), states.changed()).await
+            {
+                seen_open |= *states.borrow_and_update() == BreakerState::Open;
+            }
+        }
+        let during = env.count_rows().await;
+        assert_eq!(
+            during, cut_rows,
+            "nothing is written while the database is unreachable"
+        );
+        assert!(seen_open, "the postgres breaker opened");
+        assert!(
+            stats.pauses.load(std::sync::atomic::Ordering::Relaxed) >= 1,
+            "consumption paused"
+        );
+        assert_eq!(
+            stats
+                .dead_lettered
+                .load(std::sync::atomic::Ordering::Relaxed),
+            0
+        );
+        proxy.restore().await;
+        tokio::time::Instant::now()
+    };
+    let (produced, restored_at) = tokio::join!(producing, outage);
+    let remaining_at_restore = produced.distinct_valid as i64 - env.count_rows().await;
+    let rows = env
+        .wait_for_rows(produced.distinct_valid as i64, Duration::from_secs(60))
+        .await;
+    let recovery = restored_at.elapsed();
+    assert_eq!(rows, produced.distinct_valid as i64, "nothing lost");
+    assert_eq!(
+        stats.revokes.load(std::sync::atomic::Ordering::Relaxed),
+        0,
+        "the consumer stayed in its group through the outage"
+    );
+    let summary = running.await.unwrap().unwrap();
+    assert_eq!(summary.dead_lettered, 0, "an outage dead-letters nothing");
+    assert_eq!(
+        env.count_distinct_ids().await,
+        produced.distinct_valid as i64
+    );
+    assert!(breaker.num_opened() >= 1);
+    assert_eq!(
+        breaker.state(),
+        BreakerState::Closed,
+        "closed again after recovery"
+    );
+    eprintln!(
+        "backlog of {remaining_at_restore} rows drained in {:.1}s after the database returned",
+        recovery.as_secs_f64()
+    );
+    assert!(
+        env.read_dlq(1, Duration::from_secs(2)).await.is_empty(),
+        "the DLQ stays empty"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_outage_keeps_ingestion_going_opens_the_breaker_and_counts_dropped_invalidations() {
+    let env = TestEnv::new(2).await;
+    let redis = common::redis_url();
+    let upstream = redis
+        .trim_start_matches("redis://")
+        .trim_end_matches('/')
+        .to_owned();
+    let proxy = TcpProxy::start(&upstream).await;
+    let sink = Sink::build(env.config(&[
+        (
+            "AUDITFLOW_REDIS_URL",
+            &format!("redis://127.0.0.1:{}", proxy.port()),
+        ),
+        ("AUDITFLOW_INVALIDATION_QUEUE", "2"),
+        ("AUDITFLOW_BATCH_MAX_EVENTS", "100"),
+    ]))
+    .await
+    .unwrap();
+    let notify_stats = sink.notifier().stats();
+    let breaker = sink.notifier().breaker();
+    let running = tokio::spawn(
+        sink.run_until_stopped(CancellationToken::new(), Some(Duration::from_secs(3))),
+    );
+    let producing = env.produce_at(6_000, 0.0, 0.0, 13, Some(1_000.0));
+    let outage = async {
+        env.wait_for_rows(1_000, Duration::from_secs(60)).await;
+        let published_before = notify_stats.published();
+        assert!(
+            published_before > 0,
+            "invalidations flowed while redis was up"
+        );
+        proxy.cut().await;
+    };
+    let (produced, ()) = tokio::join!(producing, outage);
+    let summary = running.await.unwrap().unwrap();
+    assert_eq!(summary.stored, produced.distinct_valid, "ingestion went on");
+    assert_eq!(env.count_rows().await, 6_000);
+    assert!(breaker.num_opened() >= 1, "the redis breaker opened");
+    assert!(
+        notify_stats.dropped() > 0,
+        "the dropped-invalidation counter rose"
+    );
+}
