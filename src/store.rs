@@ -26,7 +26,7 @@ use sqlx::{Connection, Executor, PgPool};
 use crate::breaker::{Breaker, BreakerError};
 use crate::config::DatabaseConfig;
 use crate::event::AuditEvent;
-use crate::partitions::{self, quote_ident};
+use crate::partitions::{self, quote_ident, PartitionInterval};
 
 /// Migrations embedded in the binary.
 pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
@@ -275,6 +275,7 @@ pub struct Store {
     expect_duplicates: AtomicBool,
     breaker: Arc<Breaker>,
     num_writes: AtomicU64,
+    partition_interval: PartitionInterval,
 }
 
 /// Opens a pool whose connections use `schema` as search path and have the staging table.
@@ -338,7 +339,15 @@ impl Store {
             expect_duplicates: AtomicBool::new(true),
             breaker,
             num_writes: AtomicU64::new(0),
+            partition_interval: PartitionInterval::Day,
         }
+    }
+
+    /// Creates missing partitions with `interval` (`AUDITFLOW_PARTITION_INTERVAL`) instead of
+    /// daily ones.
+    pub fn with_partition_interval(mut self, interval: PartitionInterval) -> Self {
+        self.partition_interval = interval;
+        self
     }
 
     /// The Postgres circuit breaker.
@@ -373,7 +382,8 @@ impl Store {
                 .collect()
         };
         for day in missing {
-            partitions::ensure_day(&self.pool, &self.schema, day).await?;
+            partitions::ensure_partition(&self.pool, &self.schema, self.partition_interval, day)
+                .await?;
             self.known_days
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())
@@ -477,7 +487,8 @@ impl Store {
     }
 }
 
-async fn copy_into(
+/// Streams COPY text rows into `table` (already quoted) on `conn`; returns the rows copied.
+pub async fn copy_into(
     conn: &mut sqlx::PgConnection,
     table: &str,
     data: &[u8],
