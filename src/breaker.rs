@@ -134,7 +134,8 @@ pub struct Permit {
 #[derive(Debug)]
 pub struct Breaker {
     dependency: &'static str,
-    config: BreakerConfig,
+    /// Replaced whole by [`Breaker::reconfigure`] (live reload).
+    config: Mutex<BreakerConfig>,
     inner: Mutex<Inner>,
     state_tx: watch::Sender<State>,
     num_transitions: AtomicU64,
@@ -149,7 +150,7 @@ impl Breaker {
             .set(State::Closed.gauge());
         Breaker {
             dependency,
-            config,
+            config: Mutex::new(config),
             inner: Mutex::new(Inner {
                 state: State::Closed,
                 consecutive_failures: 0,
@@ -166,6 +167,22 @@ impl Breaker {
     /// The dependency's name.
     pub fn dependency(&self) -> &'static str {
         self.dependency
+    }
+
+    /// The thresholds in force.
+    pub fn config(&self) -> BreakerConfig {
+        *self
+            .config
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Replaces the thresholds; the state and its history are kept.
+    pub fn reconfigure(&self, config: BreakerConfig) {
+        *self
+            .config
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner()) = config;
     }
 
     /// The current state.
@@ -207,7 +224,7 @@ impl Breaker {
         inner.state = to;
         if to == State::Open {
             let jitter = rand::rng().random_range(0.8..1.2);
-            inner.open_until = Instant::now() + self.config.open_for.mul_f64(jitter);
+            inner.open_until = Instant::now() + self.config().open_for.mul_f64(jitter);
             self.num_opened.fetch_add(1, Ordering::Relaxed);
         }
         if to == State::Closed {
@@ -260,7 +277,7 @@ impl Breaker {
         let inner = self.lock();
         match inner.state {
             State::Open => inner.open_until.saturating_duration_since(Instant::now()),
-            State::HalfOpen => self.config.probe_timeout.min(Duration::from_millis(200)),
+            State::HalfOpen => self.config().probe_timeout.min(Duration::from_millis(200)),
             State::Closed => Duration::ZERO,
         }
     }
@@ -278,11 +295,12 @@ impl Breaker {
         if inner.state != State::Closed {
             return;
         }
+        let config = self.config();
         inner.recent.push_back((now, failed));
         while inner
             .recent
             .front()
-            .is_some_and(|(at, _)| now.duration_since(*at) > self.config.window)
+            .is_some_and(|(at, _)| now.duration_since(*at) > config.window)
         {
             inner.recent.pop_front();
         }
@@ -293,9 +311,9 @@ impl Breaker {
         inner.consecutive_failures += 1;
         let calls = inner.recent.len() as u32;
         let failures = inner.recent.iter().filter(|(_, failed)| *failed).count() as f64;
-        let rate_exceeded = calls >= self.config.min_calls
-            && failures / f64::from(calls) > self.config.failure_rate;
-        if inner.consecutive_failures >= self.config.consecutive_failures || rate_exceeded {
+        let rate_exceeded =
+            calls >= config.min_calls && failures / f64::from(calls) > config.failure_rate;
+        if inner.consecutive_failures >= config.consecutive_failures || rate_exceeded {
             self.transition(&mut inner, State::Open);
         }
     }
@@ -316,7 +334,7 @@ impl Breaker {
             });
         };
         let result = if permit.probe {
-            match tokio::time::timeout(self.config.probe_timeout, call).await {
+            match tokio::time::timeout(self.config().probe_timeout, call).await {
                 Ok(result) => result,
                 Err(_) => {
                     self.record(permit, true);
