@@ -1,0 +1,414 @@
+//! `auditflow bench`: the end-to-end benchmark, measured in one run on one machine.
+//!
+//! 1. Ceiling: the same rows the pipeline will store, decoded and COPY-encoded beforehand, are
+//!    copied straight into a fresh copy of the partitioned table, one transaction per batch of
+//!    the default size: the physical limit of this Postgres for this data.
+//! 2. Pipeline: the same N events, already in the broker, are consumed, decoded, deduplicated
+//!    and committed by the sink (`auditflow run --until-idle`, a child process with default
+//!    settings, so its peak RSS is its own), from first fetch to last commit.
+//! 3. Latency: a fresh topic is fed at half the measured pipeline throughput while the sink runs;
+//!    the sink reports the 99th percentile from Kafka timestamp to commit.
+//!
+//! Without `AUDITFLOW_KAFKA_BROKERS` the broker is librdkafka's in-process mock cluster. It keeps
+//! only about 5 MB per partition, so the topics get enough partitions for every event to survive
+//! until it is read.
+
+use std::process::Stdio;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use chrono::Utc;
+use rdkafka::mocking::MockCluster;
+use rdkafka::producer::FutureProducer;
+use serde::Serialize;
+use tokio::time::Instant;
+
+use crate::breaker::{Breaker, BreakerConfig};
+use crate::config::{Config, Secret, METRICS_OFF};
+use crate::decode::{content_hash, Decoder};
+use crate::generate::{EventGenerator, GeneratorConfig};
+use crate::kafka;
+use crate::partitions::quote_ident;
+use crate::produce::{self, ProduceOptions};
+use crate::sink::RunSummary;
+use crate::store::{self, CopyRows, RowMeta, Store};
+
+/// Benchmark parameters.
+#[derive(Debug, Clone)]
+pub struct BenchOptions {
+    /// Events to store.
+    pub events: u64,
+    /// Partitions of the benchmark topics.
+    pub partitions: i32,
+    /// How long the latency phase feeds the sink.
+    pub latency_duration: Duration,
+}
+
+/// The JSON line `bench` prints.
+#[derive(Debug, Clone, Serialize)]
+pub struct BenchReport {
+    /// Events per phase.
+    pub events: u64,
+    /// COPY straight into the table, rows per second.
+    pub ceiling_rows_per_s: f64,
+    /// The sink, first fetch to last commit, events per second.
+    pub pipeline_events_per_s: f64,
+    /// `pipeline_events_per_s / ceiling_rows_per_s`.
+    pub ratio: f64,
+    /// 99th percentile end-to-end latency at `latency_rate_eps`, milliseconds.
+    pub p99_latency_ms: Option<u64>,
+    /// Median of the same.
+    pub p50_latency_ms: Option<u64>,
+    /// The feed rate of the latency phase (half the pipeline throughput).
+    pub latency_rate_eps: f64,
+    /// The sink's peak resident set size over both sink runs, MiB.
+    pub peak_rss_mb: Option<f64>,
+    /// The pipeline run's own summary: where its time went.
+    pub pipeline: RunSummary,
+}
+
+/// Runs the benchmark.
+pub async fn run(mut config: Config, options: &BenchOptions) -> anyhow::Result<BenchReport> {
+    anyhow::ensure!(options.events > 0, "--events must be positive");
+    let suffix: u32 = rand::random();
+    let mut _mock = None;
+    let brokers = match config.kafka.kafka_brokers.clone() {
+        Some(brokers) => brokers,
+        None => {
+            let cluster = MockCluster::new(1).context("starting the mock Kafka cluster")?;
+            let brokers = cluster.bootstrap_servers();
+            _mock = Some(cluster);
+            brokers
+        }
+    };
+    config.kafka.kafka_brokers = Some(brokers.clone());
+    let database_url = config
+        .database
+        .database_url
+        .get_or_insert_with(|| Secret::new(crate::demo::DEFAULT_DATABASE_URL))
+        .clone();
+    let topic = format!("auditflow-bench-{suffix:08x}");
+    let latency_topic = format!("{topic}-latency");
+    let dlq_topic = format!("{topic}.dlq");
+    if let Some(cluster) = &_mock {
+        for (name, partitions) in [
+            (&topic, options.partitions),
+            (&latency_topic, options.partitions),
+            (&dlq_topic, 1),
+        ] {
+            cluster
+                .create_topic(name, partitions, 1)
+                .context("creating a benchmark topic")?;
+        }
+    }
+    let ceiling_schema = format!("auditflow_bench_ceiling_{suffix:08x}");
+    let pipeline_schema = format!("auditflow_bench_{suffix:08x}");
+
+    tracing::info!(events = options.events, "generating events");
+    let payloads = generate(options.events, u64::from(suffix));
+    let ceiling =
+        measure_ceiling(&config, database_url.expose(), &ceiling_schema, &payloads).await?;
+    tracing::info!(rows_per_s = ceiling, "ceiling measured");
+
+    tracing::info!(%topic, "producing the benchmark events");
+    produce_payloads(&brokers, &config, &topic, options.partitions, &payloads).await?;
+    let retained = retained_messages(&brokers, &config, &topic)?;
+    anyhow::ensure!(
+        retained == options.events,
+        "the broker kept {retained} of {} events; use more --partitions",
+        options.events
+    );
+    drop(payloads);
+
+    let env = SinkEnv {
+        brokers: brokers.clone(),
+        database_url: database_url.expose().to_owned(),
+        schema: pipeline_schema.clone(),
+        dlq_topic: dlq_topic.clone(),
+        redis_url: config.redis.redis_url.expose().to_owned(),
+    };
+    tracing::info!("running the sink over the backlog");
+    let pipeline = env
+        .run(&topic, &format!("bench-{suffix:08x}"), |_| async { Ok(()) })
+        .await?;
+    anyhow::ensure!(
+        pipeline.stored == options.events,
+        "the sink stored {} of {} events",
+        pipeline.stored,
+        options.events
+    );
+    let pipeline_rate = pipeline.stored as f64 / pipeline.active_s.max(1e-6);
+
+    let latency_rate = pipeline_rate / 2.0;
+    let latency_events = (latency_rate * options.latency_duration.as_secs_f64()).ceil() as u64;
+    tracing::info!(
+        rate = latency_rate,
+        events = latency_events,
+        "measuring latency at half throughput"
+    );
+    let mut latency_config = config.clone();
+    latency_config.kafka.kafka_topic = latency_topic.clone();
+    let latency_run = env
+        .run(
+            &latency_topic,
+            &format!("bench-latency-{suffix:08x}"),
+            |pool| {
+                let config = latency_config.clone();
+                let brokers = brokers.clone();
+                let schema = pipeline_schema.clone();
+                async move {
+                    // A small warm-up proves the sink joined the group before the timed feed starts.
+                    let warm_up = feed(&brokers, &config, 100, None, u64::from(suffix) + 1).await?;
+                    wait_for_rows(&pool, &schema, options.events + warm_up).await?;
+                    feed(
+                        &brokers,
+                        &config,
+                        latency_events,
+                        Some(latency_rate),
+                        u64::from(suffix) + 2,
+                    )
+                    .await?;
+                    Ok(())
+                }
+            },
+        )
+        .await?;
+
+    drop_schemas(database_url.expose(), &[&ceiling_schema, &pipeline_schema]).await;
+    Ok(BenchReport {
+        events: options.events,
+        ceiling_rows_per_s: ceiling,
+        pipeline_events_per_s: pipeline_rate,
+        ratio: pipeline_rate / ceiling,
+        p99_latency_ms: latency_run.latency_p99_ms,
+        p50_latency_ms: latency_run.latency_p50_ms,
+        latency_rate_eps: latency_rate,
+        peak_rss_mb: match (pipeline.peak_rss_mb, latency_run.peak_rss_mb) {
+            (Some(a), Some(b)) => Some(a.max(b)),
+            (a, b) => a.or(b),
+        },
+        pipeline,
+    })
+}
+
+fn generate(count: u64, seed: u64) -> Vec<(Vec<u8>, Vec<u8>)> {
+    EventGenerator::new(GeneratorConfig {
+        count,
+        duplicate_ratio: 0.0,
+        invalid_ratio: 0.0,
+        seed,
+        now: Utc::now(),
+    })
+    .map(|record| (record.key, record.payload))
+    .collect()
+}
+
+/// COPYs the decoded rows into a fresh copy of the table, one transaction per default batch.
+async fn measure_ceiling(
+    config: &Config,
+    database_url: &str,
+    schema: &str,
+    payloads: &[(Vec<u8>, Vec<u8>)],
+) -> anyhow::Result<f64> {
+    let mut database = config.database.clone();
+    database.db_schema = schema.to_owned();
+    let pool = store::connect(&database, database_url).await?;
+    store::migrate(&pool, schema).await?;
+    let decoder = Decoder::embedded();
+    let batch_size = config.batch.batch_max_events;
+    let mut batches = Vec::new();
+    for chunk in payloads.chunks(batch_size) {
+        let mut rows = CopyRows::new();
+        for (offset, (_, payload)) in chunk.iter().enumerate() {
+            let decoded = decoder
+                .decode(payload)
+                .context("decoding a generated event")?;
+            rows.push(
+                &decoded.event,
+                RowMeta {
+                    content_hash: content_hash(&decoded.event),
+                    schema_version: Some(decoded.writer_version),
+                    topic: "bench",
+                    partition: 0,
+                    offset: offset as i64,
+                    kafka_timestamp: Some(Utc::now()),
+                },
+            );
+        }
+        batches.push(rows);
+    }
+    let store = Store::new(
+        pool.clone(),
+        schema,
+        std::sync::Arc::new(Breaker::new("postgres", BreakerConfig::INGEST)),
+    );
+    store
+        .ensure_partitions(batches.iter().flat_map(|rows| rows.days().iter().copied()))
+        .await?;
+    let table = format!("{}.events", quote_ident(schema));
+    let started = Instant::now();
+    for rows in &batches {
+        let mut tx = pool.begin().await?;
+        store::copy_into(&mut tx, &table, rows.bytes_of(0..rows.len())).await?;
+        tx.commit().await?;
+    }
+    Ok(payloads.len() as f64 / started.elapsed().as_secs_f64())
+}
+
+async fn produce_payloads(
+    brokers: &str,
+    config: &Config,
+    topic: &str,
+    partitions: i32,
+    payloads: &[(Vec<u8>, Vec<u8>)],
+) -> anyhow::Result<()> {
+    let producer: FutureProducer = kafka::durable_producer_config(brokers, &config.kafka)
+        .set("linger.ms", "20")
+        .set("batch.num.messages", "10000")
+        .create()?;
+    let mut deliveries = Vec::with_capacity(payloads.len());
+    // Round-robin over the partitions: the generator keys by tenant (8 of them), and the sticky
+    // partitioner fills one partition for 10 ms at a time; either piles megabytes onto single
+    // partitions, past the mock broker's 5 MB per-partition retention.
+    for (index, (_, payload)) in payloads.iter().enumerate() {
+        let partition = (index % partitions.max(1) as usize) as i32;
+        let mut record = rdkafka::producer::FutureRecord::<[u8], [u8]>::to(topic)
+            .payload(&payload[..])
+            .partition(partition);
+        loop {
+            match producer.send_result(record) {
+                Ok(delivery) => {
+                    deliveries.push(delivery);
+                    break;
+                }
+                Err((_, returned)) => {
+                    record = returned;
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
+            }
+        }
+    }
+    for delivery in deliveries {
+        delivery
+            .await
+            .context("producer dropped a delivery")?
+            .map_err(|(err, _)| err)
+            .context("benchmark record not acknowledged")?;
+    }
+    Ok(())
+}
+
+/// Messages the broker holds in `topic` (high minus low watermark over all partitions).
+fn retained_messages(brokers: &str, config: &Config, topic: &str) -> anyhow::Result<u64> {
+    use rdkafka::consumer::{BaseConsumer, Consumer};
+    let consumer: BaseConsumer = kafka::client_config(brokers, &config.kafka).create()?;
+    let metadata = consumer.fetch_metadata(Some(topic), Duration::from_secs(10))?;
+    let mut total = 0;
+    for topic_metadata in metadata.topics() {
+        for partition in topic_metadata.partitions() {
+            let (low, high) =
+                consumer.fetch_watermarks(topic, partition.id(), Duration::from_secs(10))?;
+            total += u64::try_from(high - low).unwrap_or(0);
+        }
+    }
+    Ok(total)
+}
+
+async fn feed(
+    brokers: &str,
+    config: &Config,
+    count: u64,
+    rate: Option<f64>,
+    seed: u64,
+) -> anyhow::Result<u64> {
+    let summary = produce::produce(
+        brokers,
+        config,
+        &ProduceOptions {
+            count,
+            duplicate_ratio: 0.0,
+            invalid_ratio: 0.0,
+            rate,
+            seed,
+        },
+    )
+    .await?;
+    Ok(summary.distinct_valid)
+}
+
+async fn wait_for_rows(pool: &sqlx::PgPool, schema: &str, rows: u64) -> anyhow::Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let query = format!("SELECT count(*) FROM {}.events", quote_ident(schema));
+    loop {
+        let count: i64 = sqlx::query_scalar(&query)
+            .fetch_one(pool)
+            .await
+            .unwrap_or(0);
+        if count as u64 >= rows {
+            return Ok(());
+        }
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "the sink did not store the warm-up events"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+async fn drop_schemas(database_url: &str, schemas: &[&str]) {
+    if let Ok(pool) = sqlx::PgPool::connect(database_url).await {
+        for schema in schemas {
+            let _ = sqlx::query(&format!(
+                "DROP SCHEMA IF EXISTS {} CASCADE",
+                quote_ident(schema)
+            ))
+            .execute(&pool)
+            .await;
+        }
+    }
+}
+
+/// How to start the sink as a child process with default settings.
+struct SinkEnv {
+    brokers: String,
+    database_url: String,
+    schema: String,
+    dlq_topic: String,
+    redis_url: String,
+}
+
+impl SinkEnv {
+    /// Runs `auditflow run --until-idle 3` on `topic`, with `during` running alongside.
+    async fn run<F, Fut>(&self, topic: &str, group: &str, during: F) -> anyhow::Result<RunSummary>
+    where
+        F: FnOnce(sqlx::PgPool) -> Fut,
+        Fut: std::future::Future<Output = anyhow::Result<()>>,
+    {
+        let exe = std::env::current_exe().context("locating the auditflow binary")?;
+        let child = tokio::process::Command::new(exe)
+            .args(["run", "--until-idle", "3"])
+            .env("AUDITFLOW_KAFKA_BROKERS", &self.brokers)
+            .env("AUDITFLOW_KAFKA_TOPIC", topic)
+            .env("AUDITFLOW_KAFKA_GROUP_ID", group)
+            .env("AUDITFLOW_DLQ_TOPIC", &self.dlq_topic)
+            .env("AUDITFLOW_DATABASE_URL", &self.database_url)
+            .env("AUDITFLOW_DB_SCHEMA", &self.schema)
+            .env("AUDITFLOW_REDIS_URL", &self.redis_url)
+            .env("AUDITFLOW_METRICS_ADDR", METRICS_OFF)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .kill_on_drop(true)
+            .spawn()
+            .context("starting the sink")?;
+        let pool = sqlx::PgPool::connect(&self.database_url).await?;
+        during(pool).await?;
+        let output = child.wait_with_output().await?;
+        anyhow::ensure!(
+            output.status.success(),
+            "the sink exited with {}",
+            output.status
+        );
+        let line = String::from_utf8_lossy(&output.stdout);
+        serde_json::from_str(line.trim()).context("parsing the sink's summary line")
+    }
+}
