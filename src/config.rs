@@ -16,6 +16,7 @@ use serde::Deserialize;
 
 use crate::breaker::BreakerConfig;
 use crate::decode::AcceptWindow;
+use crate::partitions::PartitionInterval;
 
 /// Every variable auditflow reads starts with this.
 pub const ENV_PREFIX: &str = "AUDITFLOW_";
@@ -153,6 +154,152 @@ pub struct SinkConfig {
     /// `AUDITFLOW_LOG_FORMAT`: `text` (default) or `json`.
     #[serde(default = "default_log_format")]
     pub log_format: String,
+    /// `AUDITFLOW_LOG_LEVEL`: tracing filter directives, e.g. `info` or
+    /// `auditflow=debug,librdkafka=warn` (default: `RUST_LOG`, else `info`). Changes live on
+    /// SIGHUP.
+    pub log_level: Option<String>,
+    /// `AUDITFLOW_CONFIG_FILE`: an environment file (`KEY=VALUE` lines) read at start-up over the
+    /// process environment and again on SIGHUP, when its live settings take effect.
+    pub config_file: Option<PathBuf>,
+    /// `AUDITFLOW_REPLAY_RATE`: records per second `replay` writes when `--rate` is not given;
+    /// changes live on SIGHUP.
+    pub replay_rate: Option<f64>,
+}
+
+/// The lifecycle of the `events` table's partitions (see `auditflow partitions plan`).
+#[derive(Debug, Clone, Deserialize)]
+pub struct PartitionConfig {
+    /// `AUDITFLOW_PARTITION_INTERVAL`: `day` (default), `week` (ISO weeks, Monday 00:00 UTC) or
+    /// `month`: the time one partition covers. Changing it on a live table is safe: existing
+    /// partitions stay as they are, new ones use the new interval, and a day whose interval is
+    /// partly covered by partitions of the old one gets a daily partition.
+    #[serde(default, deserialize_with = "deserialize_partition_interval")]
+    pub partition_interval: PartitionInterval,
+    /// `AUDITFLOW_PARTITION_PREMAKE`: intervals created ahead of the current one (default 7).
+    /// The sink also creates a missing partition on demand, but that DDL runs on the ingest path;
+    /// premade partitions keep it off.
+    #[serde(default = "default_partition_premake")]
+    pub partition_premake: u32,
+    /// `AUDITFLOW_PARTITION_RETENTION_DAYS`: a partition whose whole range ended more than this
+    /// many days ago is retired (detached and renamed, rows kept) unless a legal hold covers it
+    /// (default 400; 0 keeps everything forever). Must exceed `AUDITFLOW_ACCEPT_PAST_DAYS`, so no
+    /// partition the sink may still write to is ever retired.
+    #[serde(default = "default_partition_retention_days")]
+    pub partition_retention_days: u32,
+    /// `AUDITFLOW_PARTITION_RETIRED_GRACE_DAYS`: how long a retired partition is kept before it is
+    /// dropped for good (default 30); also how long a restored partition stays attached before it
+    /// may be retired again. The drop is irreversible: a legal hold is the way to keep data longer.
+    #[serde(default = "default_partition_retired_grace_days")]
+    pub partition_retired_grace_days: u32,
+    /// `AUDITFLOW_PARTITION_MAINTENANCE_INTERVAL_MS`: how often `run` attempts maintenance
+    /// (default 600000, ±10% jitter; within 30 s after a round that had to skip something). Only
+    /// the replica holding the maintenance advisory lock does the work; the others skip.
+    #[serde(default = "default_partition_maintenance_interval_ms")]
+    pub partition_maintenance_interval_ms: u64,
+    /// `AUDITFLOW_PARTITION_LOCK_TIMEOUT_MS`: `lock_timeout` of maintenance DDL (default 2000). A
+    /// statement that would wait longer behind application traffic is cancelled and retried next
+    /// round, so maintenance never holds up ingestion for longer than this.
+    #[serde(default = "default_partition_lock_timeout_ms")]
+    pub partition_lock_timeout_ms: u64,
+}
+
+impl Default for PartitionConfig {
+    fn default() -> Self {
+        PartitionConfig {
+            partition_interval: PartitionInterval::default(),
+            partition_premake: default_partition_premake(),
+            partition_retention_days: default_partition_retention_days(),
+            partition_retired_grace_days: default_partition_retired_grace_days(),
+            partition_maintenance_interval_ms: default_partition_maintenance_interval_ms(),
+            partition_lock_timeout_ms: default_partition_lock_timeout_ms(),
+        }
+    }
+}
+
+impl PartitionConfig {
+    /// How often maintenance runs.
+    pub fn maintenance_interval(&self) -> Duration {
+        Duration::from_millis(self.partition_maintenance_interval_ms)
+    }
+
+    /// `lock_timeout` of maintenance DDL.
+    pub fn lock_timeout(&self) -> Duration {
+        Duration::from_millis(self.partition_lock_timeout_ms)
+    }
+
+    /// The retention, or `None` to keep forever.
+    pub fn retention(&self) -> Option<chrono::Duration> {
+        (self.partition_retention_days > 0)
+            .then(|| chrono::Duration::days(i64::from(self.partition_retention_days)))
+    }
+
+    /// How long retired partitions are kept.
+    pub fn retired_grace(&self) -> chrono::Duration {
+        chrono::Duration::days(i64::from(self.partition_retired_grace_days))
+    }
+
+    fn validate(&self, sink: &SinkConfig) -> Result<(), ConfigError> {
+        if self.partition_premake > 366 {
+            return Err(ConfigError(format!(
+                "AUDITFLOW_PARTITION_PREMAKE must be at most 366, got {}",
+                self.partition_premake
+            )));
+        }
+        let retention = self.partition_retention_days;
+        if retention != 0 && retention <= sink.accept_past_days {
+            return Err(ConfigError(format!(
+                "AUDITFLOW_PARTITION_RETENTION_DAYS must be 0 (keep forever) or greater than \
+                 AUDITFLOW_ACCEPT_PAST_DAYS ({}), got {retention}",
+                sink.accept_past_days
+            )));
+        }
+        for (variable, days) in [
+            ("AUDITFLOW_PARTITION_RETENTION_DAYS", retention),
+            (
+                "AUDITFLOW_PARTITION_RETIRED_GRACE_DAYS",
+                self.partition_retired_grace_days,
+            ),
+        ] {
+            if days > 36_500 {
+                return Err(ConfigError(format!(
+                    "{variable} must be at most 36500, got {days}"
+                )));
+            }
+        }
+        for (variable, value) in [
+            (
+                "AUDITFLOW_PARTITION_MAINTENANCE_INTERVAL_MS",
+                self.partition_maintenance_interval_ms,
+            ),
+            (
+                "AUDITFLOW_PARTITION_LOCK_TIMEOUT_MS",
+                self.partition_lock_timeout_ms,
+            ),
+        ] {
+            // lock_timeout = 0 would mean "wait forever": exactly what must not happen.
+            if value == 0 {
+                return Err(ConfigError(format!("{variable} must be greater than zero")));
+            }
+            if value > 86_400_000 {
+                return Err(ConfigError(format!(
+                    "{variable} must be at most 86400000 (a day), got {value}"
+                )));
+            }
+        }
+        Ok(())
+    }
+}
+
+fn deserialize_partition_interval<'de, D>(deserializer: D) -> Result<PartitionInterval, D::Error>
+where
+    D: serde::Deserializer<'de>,
+{
+    let value = String::deserialize(deserializer)?;
+    value.parse().map_err(|_| {
+        serde::de::Error::custom(format!(
+            "AUDITFLOW_PARTITION_INTERVAL must be day, week or month, got {value:?}"
+        ))
+    })
 }
 
 /// Circuit-breaker thresholds as set by the operator; unset fields take the defaults of
@@ -284,6 +431,8 @@ pub struct Config {
     pub sink: SinkConfig,
     /// Circuit-breaker thresholds.
     pub breakers: BreakerEnv,
+    /// Partition lifecycle.
+    pub partitions: PartitionConfig,
 }
 
 fn default_topic() -> String {
@@ -340,6 +489,21 @@ fn default_metrics_addr() -> String {
 fn default_log_format() -> String {
     "text".into()
 }
+fn default_partition_premake() -> u32 {
+    7
+}
+fn default_partition_retention_days() -> u32 {
+    400
+}
+fn default_partition_retired_grace_days() -> u32 {
+    30
+}
+fn default_partition_maintenance_interval_ms() -> u64 {
+    600_000
+}
+fn default_partition_lock_timeout_ms() -> u64 {
+    2_000
+}
 
 impl Config {
     /// Loads the configuration from the process environment and validates it.
@@ -374,6 +538,7 @@ impl Config {
             batch: load(&vars)?,
             sink: load(&vars)?,
             breakers: load(&vars)?,
+            partitions: load(&vars)?,
         };
         config.validate()?;
         Ok(config)
@@ -446,6 +611,20 @@ impl Config {
                 self.sink.metrics_addr
             )));
         }
+        if let Some(directives) = &self.sink.log_level {
+            if tracing_subscriber::EnvFilter::try_new(directives).is_err() {
+                return Err(ConfigError(format!(
+                    "AUDITFLOW_LOG_LEVEL is not a valid log filter: {directives:?}"
+                )));
+            }
+        }
+        if self
+            .sink
+            .replay_rate
+            .is_some_and(|rate| rate.is_nan() || rate <= 0.0)
+        {
+            return Err(ConfigError("AUDITFLOW_REPLAY_RATE must be positive".into()));
+        }
         if !matches!(self.sink.log_format.as_str(), "text" | "json") {
             return Err(ConfigError(format!(
                 "AUDITFLOW_LOG_FORMAT must be text or json, got {:?}",
@@ -453,6 +632,7 @@ impl Config {
             )));
         }
         self.breakers.validate()?;
+        self.partitions.validate(&self.sink)?;
         if redis::Client::open(self.redis.redis_url.expose()).is_err() {
             return Err(ConfigError(
                 "AUDITFLOW_REDIS_URL must be a redis:// or rediss:// URL".into(),
@@ -491,6 +671,15 @@ impl Config {
             past: chrono::Duration::days(i64::from(self.sink.accept_past_days)),
             future: chrono::Duration::days(i64::from(self.sink.accept_future_days)),
         }
+    }
+
+    /// The log filter: `AUDITFLOW_LOG_LEVEL`, else `RUST_LOG`, else `info`.
+    pub fn log_directives(&self) -> String {
+        self.sink
+            .log_level
+            .clone()
+            .or_else(|| std::env::var("RUST_LOG").ok())
+            .unwrap_or_else(|| "info".into())
     }
 
     /// The name this replica uses in logs and dead-letter headers.
@@ -661,6 +850,64 @@ mod tests {
                 .contains("AUDITFLOW_INTERACTIVE_BREAKER_FAILURE_RATE"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn partition_settings_load_with_defaults_and_name_their_variable() {
+        let config = Config::from_vars(vars(&[])).unwrap();
+        assert_eq!(config.partitions.partition_interval, PartitionInterval::Day);
+        assert_eq!(config.partitions.partition_premake, 7);
+        assert_eq!(config.partitions.partition_retention_days, 400);
+        assert_eq!(config.partitions.partition_retired_grace_days, 30);
+        assert_eq!(
+            config.partitions.maintenance_interval(),
+            Duration::from_secs(600)
+        );
+        assert_eq!(config.partitions.lock_timeout(), Duration::from_secs(2));
+        let config = Config::from_vars(vars(&[
+            ("AUDITFLOW_PARTITION_INTERVAL", "week"),
+            ("AUDITFLOW_PARTITION_RETENTION_DAYS", "0"),
+        ]))
+        .unwrap();
+        assert_eq!(
+            config.partitions.partition_interval,
+            PartitionInterval::Week
+        );
+        assert_eq!(config.partitions.retention(), None);
+        for (variable, value) in [
+            ("AUDITFLOW_PARTITION_INTERVAL", "fortnight"),
+            ("AUDITFLOW_PARTITION_PREMAKE", "many"),
+            ("AUDITFLOW_PARTITION_PREMAKE", "1000"),
+            ("AUDITFLOW_PARTITION_LOCK_TIMEOUT_MS", "0"),
+            ("AUDITFLOW_PARTITION_MAINTENANCE_INTERVAL_MS", "0"),
+            ("AUDITFLOW_PARTITION_RETIRED_GRACE_DAYS", "100000"),
+        ] {
+            let err = Config::from_vars(vars(&[(variable, value)])).unwrap_err();
+            assert!(
+                err.to_string().contains(variable),
+                "{variable}={value}: {err}"
+            );
+        }
+    }
+
+    #[test]
+    fn retention_must_outlast_the_accepted_past() {
+        let err = Config::from_vars(vars(&[
+            ("AUDITFLOW_PARTITION_RETENTION_DAYS", "30"),
+            ("AUDITFLOW_ACCEPT_PAST_DAYS", "30"),
+        ]))
+        .unwrap_err();
+        let message = err.to_string();
+        assert!(
+            message.contains("AUDITFLOW_PARTITION_RETENTION_DAYS")
+                && message.contains("AUDITFLOW_ACCEPT_PAST_DAYS"),
+            "{message}"
+        );
+        Config::from_vars(vars(&[
+            ("AUDITFLOW_PARTITION_RETENTION_DAYS", "31"),
+            ("AUDITFLOW_ACCEPT_PAST_DAYS", "30"),
+        ]))
+        .unwrap();
     }
 
     #[test]

@@ -13,7 +13,8 @@
 //! ```
 //!
 //! Which module owns each step:
-//! - [`config`]: `AUDITFLOW_*` variables, validated at start-up.
+//! - [`config`]: `AUDITFLOW_*` variables, validated at start-up; [`reload`]: live changes on
+//!   SIGHUP.
 //! - [`sink`]: the consumer loop and the store loop; pausing when the store falls behind,
 //!   draining on shutdown. Start here.
 //! - [`decode`]: Confluent-framed and single-object Avro, schema resolution into the v2 reader
@@ -21,15 +22,22 @@
 //! - [`event`]: the decoded event.
 //! - [`batch`]: flush limits (events, bytes, wait) and deduplication within a batch.
 //! - [`store`]: COPY into the `events` table, deduplicated by primary key; error classification.
-//! - [`partitions`]: daily partitions, created safely by many replicas at once.
+//! - [`partitions`]: the time partitions: created on demand by many replicas at once, premade,
+//!   retired after retention (soft delete), held, restored.
 //! - [`offsets`]: which offsets may be committed (every earlier message durable).
 //! - [`dlq`]: the dead-letter record contract and its acknowledged producer.
 //! - [`notify`]: the cache-invalidation publisher on Redis pub/sub, off the hot path.
 //! - [`breaker`]: circuit breakers in front of Postgres, Redis and the dead-letter producer.
 //! - [`kafka`]: Kafka client settings shared by consumer and producers.
-//! - [`generate`] and [`produce`]: the load generator; [`demo`]: the self-contained demo.
+//! - [`observe`]: `/metrics`, `/healthz`, `/readyz` and the live `/status` page, fed by a
+//!   [`observe::StatusBoard`]; [`telemetry`]: logging and the metrics recorder's buckets.
+//! - [`replay`]: `auditflow replay`, redriving dead letters to their source topic (filtered,
+//!   resumable, parked after too many attempts).
+//! - [`generate`] and [`produce`]: the load generator; [`demo`]: the self-contained demo;
+//!   [`bench`]: the end-to-end benchmark.
 
 pub mod batch;
+pub mod bench;
 pub mod breaker;
 pub mod config;
 pub mod decode;
@@ -39,9 +47,12 @@ pub mod event;
 pub mod generate;
 pub mod kafka;
 pub mod notify;
+pub mod observe;
 pub mod offsets;
 pub mod partitions;
 pub mod produce;
+pub mod reload;
+pub mod replay;
 pub mod sink;
 pub mod store;
 pub mod telemetry;

@@ -2,12 +2,20 @@
 //! over to the library.
 
 use std::process::ExitCode;
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context as _;
+use auditflow::breaker::Breaker;
+use auditflow::observe::{self, StatusBoard};
+use auditflow::partitions::{self, PartitionLifecycle};
 use auditflow::produce::ProduceOptions;
-use auditflow::{demo, produce, store, telemetry, Config, Sink};
+use auditflow::reload::{ConfigSource, LiveConfig};
+use auditflow::replay::{self, OffsetRange, ReplayFilter, ReplayOptions};
+use auditflow::{bench, demo, produce, store, telemetry, Config, Sink};
+use chrono::{DateTime, Utc};
 use clap::{Parser, Subcommand};
+use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 /// Kafka-to-PostgreSQL audit-event sink. Configuration comes from AUDITFLOW_* variables.
@@ -47,6 +55,67 @@ enum Command {
         #[arg(long)]
         seed: Option<u64>,
     },
+    /// Re-publishes dead-lettered records to their source topic, up to the end of the
+    /// dead-letter topic as it was at start; parks records replayed too often. Resumable: the
+    /// same command continues where an interrupted one stopped. Prints a JSON summary line.
+    Replay {
+        /// Only records with this auditflow.error.class (repeatable: any of them).
+        #[arg(long = "error-class", value_name = "CLASS")]
+        error_classes: Vec<String>,
+        /// Only records that failed at or after this time (RFC 3339).
+        #[arg(long, value_name = "TIME", value_parser = replay::parse_time)]
+        since: Option<DateTime<Utc>>,
+        /// Only records that failed before this time (RFC 3339).
+        #[arg(long, value_name = "TIME", value_parser = replay::parse_time)]
+        until: Option<DateTime<Utc>>,
+        /// Only records from this partition of the source topic.
+        #[arg(long, value_name = "N")]
+        source_partition: Option<i32>,
+        /// Only records from these source offsets, inclusive (FROM.., ..TO also work).
+        #[arg(long, value_name = "FROM..TO")]
+        source_offsets: Option<OffsetRange>,
+        /// Stop after N matching records.
+        #[arg(long, value_name = "N")]
+        max: Option<u64>,
+        /// Report what would be replayed (error classes, most common messages); write and
+        /// commit nothing.
+        #[arg(long)]
+        dry_run: bool,
+        /// Re-publish to this topic instead of each record's source topic.
+        #[arg(long, value_name = "TOPIC")]
+        to_topic: Option<String>,
+        /// Records written per second (unlimited when absent).
+        #[arg(long, value_name = "EPS")]
+        rate: Option<f64>,
+        /// Park a record instead once it has been replayed N times.
+        #[arg(long, value_name = "N", default_value_t = replay::DEFAULT_MAX_ATTEMPTS)]
+        max_attempts: u32,
+        /// Where records out of attempts go (default: the dead-letter topic + ".parking").
+        #[arg(long, value_name = "TOPIC")]
+        parking_topic: Option<String>,
+        /// Consumer group keeping the progress (default: derived from the dead-letter topic and
+        /// a hash of the filters and destinations).
+        #[arg(long, value_name = "GROUP")]
+        group: Option<String>,
+    },
+    /// Measures the COPY ceiling, the sink's throughput and its latency at half throughput;
+    /// prints one JSON line (see BENCHMARKS.md).
+    Bench {
+        /// Events per phase.
+        #[arg(long, default_value_t = 500_000)]
+        events: u64,
+        /// Partitions of the benchmark topics (the mock broker keeps ~5 MB per partition).
+        #[arg(long, default_value_t = 128)]
+        partitions: i32,
+        /// Seconds the latency phase feeds the sink.
+        #[arg(long, default_value_t = 10)]
+        latency_seconds: u64,
+    },
+    /// The partition lifecycle of the events table: plan, apply, legal holds, restore.
+    Partitions {
+        #[command(subcommand)]
+        command: PartitionsCommand,
+    },
     /// Runs the whole flow on an embedded broker (or AUDITFLOW_KAFKA_BROKERS) and prints a summary.
     Demo {
         /// Distinct valid events to produce.
@@ -57,14 +126,23 @@ enum Command {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let config = match Config::from_env() {
-        Ok(config) => config,
+    let mut live = match LiveConfig::load(ConfigSource::from_env()) {
+        Ok(live) => live,
         Err(err) => {
             eprintln!("error: {err}");
             return ExitCode::from(2);
         }
     };
-    telemetry::init_logging(config.sink.log_format == "json");
+    let config = live.config();
+    if let Some(log) =
+        telemetry::init_logging(config.sink.log_format == "json", &config.log_directives())
+    {
+        live.on_reload(move |config| {
+            if let Err(err) = log.set(&config.log_directives()) {
+                tracing::warn!(error = %err, "log level not changed");
+            }
+        });
+    }
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(runtime) => runtime,
         Err(err) => {
@@ -72,7 +150,7 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(execute(cli.command, config)) {
+    match runtime.block_on(execute(cli.command, live)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
             tracing::error!(error = format!("{err:#}"), "auditflow failed");
@@ -82,7 +160,8 @@ fn main() -> ExitCode {
     }
 }
 
-async fn execute(command: Command, config: Config) -> anyhow::Result<()> {
+async fn execute(command: Command, mut live: LiveConfig) -> anyhow::Result<()> {
+    let config: Config = live.config().clone();
     match command {
         Command::Migrate => {
             let url = config.require_database_url()?;
@@ -96,11 +175,28 @@ async fn execute(command: Command, config: Config) -> anyhow::Result<()> {
         Command::Run { until_idle } => {
             config.require_brokers()?;
             config.require_database_url()?;
-            telemetry::init_metrics(&config.sink.metrics_addr).context("AUDITFLOW_METRICS_ADDR")?;
             let shutdown = shutdown_on_signal();
-            let sink = Sink::build(config).await?;
+            // The endpoints outlive the sink's drain, so /metrics and /readyz tell the truth
+            // until the process exits.
+            let server_shutdown = CancellationToken::new();
+            let board = Arc::new(StatusBoard::new(config.instance_id()));
+            let server = observe::start(
+                &config.sink.metrics_addr,
+                Arc::clone(&board),
+                server_shutdown.clone(),
+            )
+            .await
+            .context("AUDITFLOW_METRICS_ADDR")?;
+            let sink = Sink::build_with_board(config, board).await?;
+            let tuning = sink.tuning();
+            live.on_reload(move |config| tuning.apply(config));
+            let _reloader = live.spawn_on_sighup(shutdown.clone());
             let idle = until_idle.map(Duration::from_secs_f64);
             let summary = sink.run_until_stopped(shutdown, idle).await?;
+            server_shutdown.cancel();
+            if let Some(server) = server {
+                server.stopped().await?;
+            }
             if idle.is_some() {
                 println!("{}", serde_json::to_string(&summary)?);
             }
@@ -126,6 +222,64 @@ async fn execute(command: Command, config: Config) -> anyhow::Result<()> {
             println!("{}", serde_json::to_string(&summary)?);
             Ok(())
         }
+        Command::Replay {
+            error_classes,
+            since,
+            until,
+            source_partition,
+            source_offsets,
+            max,
+            dry_run,
+            to_topic,
+            rate,
+            max_attempts,
+            parking_topic,
+            group,
+        } => {
+            let options = ReplayOptions {
+                filter: ReplayFilter {
+                    error_classes,
+                    since,
+                    until,
+                    source_partition,
+                    source_offsets,
+                },
+                max,
+                dry_run,
+                to_topic,
+                rate,
+                max_attempts,
+                parking_topic,
+                group,
+            };
+            let shutdown = shutdown_on_signal();
+            // --rate wins at start; AUDITFLOW_REPLAY_RATE from a SIGHUP reload wins after.
+            let (rate_tx, rate_rx) = watch::channel(rate.or(config.sink.replay_rate));
+            live.on_reload(move |config| {
+                rate_tx.send_replace(config.sink.replay_rate.or(rate));
+            });
+            let _reloader = live.spawn_on_sighup(shutdown.clone());
+            let summary =
+                replay::replay_with_live_rate(&config, &options, rate_rx, shutdown).await?;
+            eprintln!("{summary}");
+            println!("{}", serde_json::to_string(&summary)?);
+            Ok(())
+        }
+        Command::Bench {
+            events,
+            partitions,
+            latency_seconds,
+        } => {
+            let options = bench::BenchOptions {
+                events,
+                partitions,
+                latency_duration: Duration::from_secs(latency_seconds),
+            };
+            let report = bench::run(config, &options).await?;
+            println!("{}", serde_json::to_string(&report)?);
+            Ok(())
+        }
+        Command::Partitions { command } => partitions_command(command, &config).await,
         Command::Demo { count } => {
             let shutdown = shutdown_on_signal();
             let report = demo::run(config, count, shutdown).await?;
@@ -133,6 +287,168 @@ async fn execute(command: Command, config: Config) -> anyhow::Result<()> {
             Ok(())
         }
     }
+}
+
+#[derive(Debug, Subcommand)]
+enum PartitionsCommand {
+    /// Prints what partition maintenance would do now: partitions to create (premake), to retire
+    /// (past retention) and to drop (retired, grace over), and why others are kept. Changes
+    /// nothing.
+    Plan {
+        /// One JSON object instead of text.
+        #[arg(long)]
+        json: bool,
+        /// Plan as if it were TIME (RFC 3339, or YYYY-MM-DD for midnight UTC).
+        #[arg(long, value_name = "TIME", value_parser = partitions::parse_time)]
+        now: Option<DateTime<Utc>>,
+    },
+    /// Does what `plan` prints (planned again, or read from --plan FILE), re-checking every step
+    /// as it runs; prints what became of each. Fails if another replica is maintaining.
+    Apply {
+        /// One JSON object instead of text.
+        #[arg(long)]
+        json: bool,
+        /// Plan and apply as if it were TIME (recorded as the retirement time): for rehearsals.
+        #[arg(long, value_name = "TIME", value_parser = partitions::parse_time)]
+        now: Option<DateTime<Utc>>,
+        /// Apply this plan (the output of `plan --json`) instead of planning again.
+        #[arg(long, value_name = "FILE", conflicts_with = "now")]
+        plan: Option<std::path::PathBuf>,
+    },
+    /// Places a legal hold on [FROM, TO): no partition overlapping it is retired or dropped until
+    /// it is released. Prints the hold's id.
+    Hold {
+        /// Start of the held range (RFC 3339 or YYYY-MM-DD), inclusive.
+        #[arg(long, value_name = "TIME", value_parser = partitions::parse_time)]
+        from: DateTime<Utc>,
+        /// End of the held range, exclusive.
+        #[arg(long, value_name = "TIME", value_parser = partitions::parse_time)]
+        to: DateTime<Utc>,
+        /// Why (case number, request); stored with the hold.
+        #[arg(long)]
+        reason: String,
+    },
+    /// Releases legal hold ID.
+    Release {
+        /// The id `hold` printed.
+        id: i64,
+    },
+    /// Lists the active legal holds.
+    Holds {
+        /// JSON instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Re-attaches retired partition NAME (`retired_events_p…` or `events_p…`) under its original
+    /// name, with every row it had.
+    Restore {
+        /// The partition.
+        name: String,
+        /// One JSON object instead of text.
+        #[arg(long)]
+        json: bool,
+        /// Restore as if it were TIME (for tests and rehearsals).
+        #[arg(long, value_name = "TIME", value_parser = partitions::parse_time, hide = true)]
+        now: Option<DateTime<Utc>>,
+    },
+}
+
+async fn partitions_command(command: PartitionsCommand, config: &Config) -> anyhow::Result<()> {
+    let url = config.require_database_url()?;
+    let pool = store::connect(&config.database, url.expose()).await?;
+    let lifecycle = PartitionLifecycle::new(
+        pool,
+        config.database.db_schema.clone(),
+        config.partitions.clone(),
+    )
+    .with_breaker(Arc::new(Breaker::new(
+        "postgres",
+        config.breakers.interactive(),
+    )));
+    match command {
+        PartitionsCommand::Plan { json, now } => {
+            let plan = lifecycle
+                .plan(now.unwrap_or_else(Utc::now))
+                .await
+                .context("planning partition maintenance")?;
+            print_result(json, &plan)
+        }
+        PartitionsCommand::Apply { json, now, plan } => {
+            let plan = match plan {
+                Some(path) => {
+                    let text = std::fs::read_to_string(&path)
+                        .with_context(|| format!("reading {}", path.display()))?;
+                    serde_json::from_str(&text)
+                        .with_context(|| format!("{} is not a plan", path.display()))?
+                }
+                None => lifecycle
+                    .plan(now.unwrap_or_else(Utc::now))
+                    .await
+                    .context("planning partition maintenance")?,
+            };
+            let report = lifecycle
+                .apply(&plan)
+                .await
+                .context("applying partition maintenance")?;
+            print_result(json, &report)?;
+            let failed = report
+                .results
+                .iter()
+                .filter(|r| matches!(r.outcome, partitions::Outcome::Failed { .. }))
+                .count();
+            anyhow::ensure!(failed == 0, "{failed} partition action(s) failed");
+            Ok(())
+        }
+        PartitionsCommand::Hold { from, to, reason } => {
+            let id = lifecycle
+                .hold(from, to, &reason)
+                .await
+                .context("placing a legal hold")?;
+            println!("{id}");
+            Ok(())
+        }
+        PartitionsCommand::Release { id } => {
+            lifecycle
+                .release(id)
+                .await
+                .context("releasing a legal hold")?;
+            println!("released hold {id}");
+            Ok(())
+        }
+        PartitionsCommand::Holds { json } => {
+            let holds = lifecycle.holds().await.context("listing legal holds")?;
+            if json {
+                println!("{}", serde_json::to_string(&holds)?);
+            } else if holds.is_empty() {
+                println!("no active legal holds");
+            } else {
+                for hold in &holds {
+                    println!("{hold}");
+                }
+            }
+            Ok(())
+        }
+        PartitionsCommand::Restore { name, json, now } => {
+            let restored = lifecycle
+                .restore(&name, now.unwrap_or_else(Utc::now))
+                .await
+                .with_context(|| format!("restoring {name}"))?;
+            print_result(json, &restored)
+        }
+    }
+}
+
+/// Prints `value` as one JSON line or as text.
+fn print_result<T: serde::Serialize + std::fmt::Display>(
+    json: bool,
+    value: &T,
+) -> anyhow::Result<()> {
+    if json {
+        println!("{}", serde_json::to_string(value)?);
+    } else {
+        println!("{value}");
+    }
+    Ok(())
 }
 
 /// A token cancelled on SIGINT or SIGTERM.

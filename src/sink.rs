@@ -23,20 +23,22 @@ use rdkafka::consumer::{
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{BorrowedMessage, Message};
 use rdkafka::producer::FutureProducer;
-use rdkafka::{ClientContext, TopicPartitionList};
-use serde::Serialize;
-use tokio::sync::mpsc;
+use rdkafka::{ClientContext, Statistics, TopicPartitionList};
+use serde::{Deserialize, Serialize};
+use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use crate::batch::{Added, Batch, BatchLimits};
+use crate::batch::{Batch, BatchLimits};
 use crate::breaker::{Breaker, State as BreakerState};
 use crate::config::Config;
 use crate::decode::{self, AcceptWindow, Decoder};
 use crate::dlq::{DeadLetter, DlqError, DlqProducer, Failure, SourceRecord};
 use crate::kafka;
 use crate::notify::{self, Notifier, NotifyConfig};
+use crate::observe::StatusBoard;
 use crate::offsets::OffsetTracker;
+use crate::partitions::{self, PartitionLifecycle};
 use crate::store::{self, Retry, Store, StoreError, WriteOutcome};
 
 /// How long a finished batch may wait for the store before the consumer pauses its partitions.
@@ -63,6 +65,14 @@ pub struct SinkStats {
     pub pauses: AtomicU64,
     /// When the first message arrived and when the last batch completed.
     active: Mutex<Option<(Instant, Instant)>>,
+    /// End-to-end latency (Kafka timestamp to commit) of every stored event, milliseconds.
+    latency_ms: Mutex<Option<hdrhistogram::Histogram<u64>>>,
+    /// Time spent decoding and validating, nanoseconds.
+    pub decode_ns: AtomicU64,
+    /// Time spent encoding rows for COPY (batch building), nanoseconds.
+    pub encode_ns: AtomicU64,
+    /// Time spent making batches durable (database writes, dead letters, offsets), nanoseconds.
+    pub store_ns: AtomicU64,
 }
 
 impl SinkStats {
@@ -80,6 +90,27 @@ impl SinkStats {
         }
     }
 
+    fn record_latencies(&self, kafka_timestamps_ms: &[i64], now_ms: i64) {
+        let mut histogram = lock(&self.latency_ms);
+        let histogram = histogram.get_or_insert_with(|| {
+            // One hour at three significant digits: a few tens of KiB, whatever the traffic.
+            hdrhistogram::Histogram::new_with_bounds(1, 3_600_000, 3).unwrap_or_else(|_| {
+                hdrhistogram::Histogram::new(3).expect("3 significant digits is valid")
+            })
+        });
+        for ts in kafka_timestamps_ms {
+            histogram.saturating_record(u64::try_from(now_ms - ts).unwrap_or(0).max(1));
+        }
+    }
+
+    /// The end-to-end latency at quantile `q` (0..=1) in milliseconds, if any event was stored.
+    pub fn latency_ms(&self, q: f64) -> Option<u64> {
+        lock(&self.latency_ms)
+            .as_ref()
+            .filter(|h| !h.is_empty())
+            .map(|h| h.value_at_quantile(q))
+    }
+
     /// Seconds from the first message received to the last batch completed.
     pub fn active_s(&self) -> f64 {
         lock(&self.active).map_or(0.0, |(first, last)| (last - first).as_secs_f64())
@@ -87,7 +118,7 @@ impl SinkStats {
 }
 
 /// The line `auditflow run --until-idle` prints.
-#[derive(Debug, Clone, Serialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct RunSummary {
     /// Messages received from Kafka.
     pub consumed: u64,
@@ -103,6 +134,18 @@ pub struct RunSummary {
     pub elapsed_s: f64,
     /// From the first message received to the last batch completed: the time spent working.
     pub active_s: f64,
+    /// Median end-to-end latency, Kafka timestamp to commit, milliseconds.
+    pub latency_p50_ms: Option<u64>,
+    /// 99th percentile of the same.
+    pub latency_p99_ms: Option<u64>,
+    /// Peak resident set size of this process, MiB (Linux; `None` elsewhere).
+    pub peak_rss_mb: Option<f64>,
+    /// Where the time went: decoding and validating.
+    pub decode_s: f64,
+    /// Encoding rows for COPY.
+    pub encode_s: f64,
+    /// Making batches durable (COPY, commit, dead letters, offsets), on the store task.
+    pub store_s: f64,
 }
 
 /// What one batch did.
@@ -129,6 +172,7 @@ pub struct SinkContext {
     /// The group membership as idleness sees it.
     membership: Arc<Mutex<Membership>>,
     stats: Arc<SinkStats>,
+    board: Arc<StatusBoard>,
 }
 
 /// Whether the consumer holds an assignment, and since when. Between a revoke and the next
@@ -142,7 +186,20 @@ struct Membership {
     generation: u64,
 }
 
-impl ClientContext for SinkContext {}
+impl ClientContext for SinkContext {
+    /// Publishes consumer lag per assigned partition (`statistics.interval.ms`).
+    fn stats(&self, statistics: Statistics) {
+        let tracker = lock(&self.tracker);
+        if let Some(topic) = statistics.topics.get(&self.topic) {
+            for (partition, stats) in &topic.partitions {
+                if *partition >= 0 && tracker.is_assigned(*partition) {
+                    self.board
+                        .set_partition_lag(&self.topic, *partition, stats.consumer_lag);
+                }
+            }
+        }
+    }
+}
 
 impl ConsumerContext for SinkContext {
     fn pre_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
@@ -157,9 +214,12 @@ impl ConsumerContext for SinkContext {
                 membership.changed_at = Some(Instant::now());
             }
             self.stats.revokes.fetch_add(1, Ordering::Relaxed);
+            self.board.set_joined(false);
             let mut tracker = lock(&self.tracker);
             for element in partitions.elements_for_topic(&self.topic) {
                 tracker.revoke(element.partition());
+                self.board
+                    .remove_partition(&self.topic, element.partition());
             }
             tracing::info!(partitions = ?partition_ids(partitions), "partitions revoked");
         }
@@ -178,6 +238,7 @@ impl ConsumerContext for SinkContext {
                     membership.changed_at = Some(Instant::now());
                     membership.generation += 1;
                 }
+                self.board.set_joined(true);
                 tracing::info!(partitions = ?partition_ids(partitions), "partitions assigned");
             }
             Rebalance::Error(err) => tracing::warn!(error = %err, "rebalance error"),
@@ -225,13 +286,38 @@ pub struct Sink {
     tracker: Arc<Mutex<OffsetTracker>>,
     membership: Arc<Mutex<Membership>>,
     stats: Arc<SinkStats>,
+    board: Arc<StatusBoard>,
     window: AcceptWindow,
-    limits: BatchLimits,
+    /// Batch limits; replaced on live reload, read at every turn of the consumer loop.
+    limits: watch::Sender<BatchLimits>,
+}
+
+/// What a live reload can change in a running sink.
+#[derive(Clone)]
+pub struct SinkTuning {
+    limits: watch::Sender<BatchLimits>,
+    breakers: Vec<Arc<Breaker>>,
+}
+
+impl SinkTuning {
+    /// Applies the live settings of `config`: batch limits and ingest breaker thresholds.
+    pub fn apply(&self, config: &Config) {
+        self.limits.send_replace(BatchLimits::from(&config.batch));
+        for breaker in &self.breakers {
+            breaker.reconfigure(config.breakers.ingest());
+        }
+    }
 }
 
 impl Sink {
     /// Connects to Kafka, Postgres and Redis, migrates, premakes partitions and subscribes.
     pub async fn build(config: Config) -> anyhow::Result<Self> {
+        let board = Arc::new(StatusBoard::new(config.instance_id()));
+        Self::build_with_board(config, board).await
+    }
+
+    /// Like [`Sink::build`], reporting to `board` (which the status endpoints serve).
+    pub async fn build_with_board(config: Config, board: Arc<StatusBoard>) -> anyhow::Result<Self> {
         let brokers = config.require_brokers()?.to_owned();
         let database_url = config.require_database_url()?.clone();
         let decoder = if config.sink.schema_dir.is_dir() {
@@ -250,7 +336,8 @@ impl Sink {
             pool,
             config.database.db_schema.clone(),
             Arc::new(Breaker::new("postgres", breaker_config)),
-        );
+        )
+        .with_partition_interval(config.partitions.partition_interval);
         let today = Utc::now().date_naive();
         store
             .ensure_partitions(
@@ -268,6 +355,7 @@ impl Sink {
             topic: config.kafka.kafka_topic.clone(),
             membership: Arc::clone(&membership),
             stats: Arc::clone(&stats),
+            board: Arc::clone(&board),
         };
         let consumer: SinkConsumer = kafka::client_config(&brokers, &config.kafka)
             .set("group.id", &config.kafka.kafka_group_id)
@@ -278,6 +366,7 @@ impl Sink {
             .set("auto.offset.reset", "earliest")
             .set("enable.partition.eof", "false")
             .set("queued.max.messages.kbytes", "32768")
+            .set("statistics.interval.ms", "5000")
             .create_with_context(context)
             .context("creating the Kafka consumer")?;
         consumer
@@ -303,9 +392,14 @@ impl Sink {
             },
             notifier_shutdown.clone(),
         );
+        board.register_breaker(Arc::clone(store.breaker()));
+        board.register_breaker(Arc::clone(dlq.breaker()));
+        board.register_breaker(notifier.breaker());
+        board.register_pool(store.pool().clone());
         Ok(Sink {
+            board,
             window: config.accept_window(),
-            limits: BatchLimits::from(&config.batch),
+            limits: watch::Sender::new(BatchLimits::from(&config.batch)),
             config,
             consumer: Arc::new(consumer),
             decoder: Arc::new(decoder),
@@ -335,6 +429,18 @@ impl Sink {
         &self.notifier
     }
 
+    /// The handle a live reload uses to retune this sink.
+    pub fn tuning(&self) -> SinkTuning {
+        SinkTuning {
+            limits: self.limits.clone(),
+            breakers: vec![
+                Arc::clone(self.store.breaker()),
+                Arc::clone(self.dlq.breaker()),
+                self.notifier.breaker(),
+            ],
+        }
+    }
+
     /// Runs until `shutdown` fires, or, with `until_idle`, until everything received is stored
     /// and committed and nothing new arrived for that long. Then drains: the open batch is
     /// stored and committed within the drain timeout, the consumer leaves the group.
@@ -345,6 +451,16 @@ impl Sink {
     ) -> anyhow::Result<RunSummary> {
         let started = Instant::now();
         let sink = Arc::new(self);
+        // Partition upkeep runs beside ingestion; the advisory lock makes one replica do it.
+        let maintenance_shutdown = CancellationToken::new();
+        let maintenance = tokio::spawn(partitions::run_maintenance(
+            PartitionLifecycle::new(
+                sink.store.pool().clone(),
+                sink.store.schema(),
+                sink.config.partitions.clone(),
+            ),
+            maintenance_shutdown.clone(),
+        ));
         let (batch_tx, mut batch_rx) = mpsc::channel::<Batch>(1);
         let in_flight = Arc::new(AtomicUsize::new(0));
         // Fires when the drain timeout is over: retries stop, offsets of unfinished work stay
@@ -378,13 +494,15 @@ impl Sink {
         let mut database_unavailable = false;
         let mut paused_generation: Option<u64> = None;
         let mut last_message = Instant::now();
+        let mut resumed_at = Instant::now();
         let mut tick = tokio::time::interval(Duration::from_millis(100));
         let consumer = Arc::clone(&sink.consumer);
 
         loop {
-            let deadline = open.deadline(&sink.limits);
+            let limits = *sink.limits.borrow();
+            let deadline = open.deadline(&limits);
             let paused = paused_generation.is_some();
-            let store_behind = ready.is_some() && open.is_full(&sink.limits);
+            let store_behind = ready.is_some() && open.is_full(&limits);
             tokio::select! {
                 biased;
                 _ = shutdown.cancelled() => break,
@@ -418,13 +536,8 @@ impl Sink {
                             last_message = Instant::now();
                             sink.stats.consumed.fetch_add(1, Ordering::Relaxed);
                             sink.stats.message_arrived();
-                            metrics::counter!("auditflow_events_consumed_total").increment(1);
+                            sink.board.add_consumed(1);
                             sink.add_message(&mut open, &message);
-                            if ready.is_none() && open.is_full(&sink.limits) {
-                                seq += 1;
-                                ready = Some(std::mem::replace(&mut open, Batch::new(seq)));
-                                waiting_since = Some(Instant::now());
-                            }
                         }
                         Err(err) => {
                             tracing::warn!(error = %err, "kafka consumer error");
@@ -437,10 +550,11 @@ impl Sink {
                         // Idle only counts while the group has assigned partitions: joining and
                         // rebalancing can take longer than the idle period.
                         let membership = *lock(&sink.membership);
+                        // Nor while paused: nothing can arrive then.
                         let quiet_since = membership
                             .changed_at
-                            .filter(|_| membership.assigned)
-                            .map(|at| at.max(last_message));
+                            .filter(|_| membership.assigned && paused_generation.is_none())
+                            .map(|at| at.max(last_message).max(resumed_at));
                         if open.is_empty()
                             && ready.is_none()
                             && in_flight.load(Ordering::SeqCst) == 0
@@ -452,6 +566,12 @@ impl Sink {
                         }
                     }
                 }
+            }
+            // A full batch goes out as soon as the slot is free, whichever branch freed it.
+            if ready.is_none() && open.is_full(&limits) {
+                seq += 1;
+                ready = Some(std::mem::replace(&mut open, Batch::new(seq)));
+                waiting_since = Some(Instant::now());
             }
             let want_paused = store_stalled || database_unavailable;
             let generation = lock(&sink.membership).generation;
@@ -467,6 +587,7 @@ impl Sink {
                 tracing::info!("resuming consumption");
                 sink.set_paused(false);
                 paused_generation = None;
+                resumed_at = Instant::now();
             }
         }
 
@@ -496,7 +617,12 @@ impl Sink {
             abort.cancel();
             let _ = store_task.await;
         }
+        maintenance_shutdown.cancel();
+        if let Err(err) = maintenance.await {
+            tracing::warn!(error = %err, "partition maintenance task failed");
+        }
         commit_sync(sink.consumer.as_ref(), "shutdown");
+        sink.board.set_joined(false);
         sink.consumer.unsubscribe();
         sink.notifier_shutdown.cancel();
         let elapsed_s = started.elapsed().as_secs_f64();
@@ -509,6 +635,12 @@ impl Sink {
             conflicts: stats.conflicts.load(Ordering::Relaxed),
             elapsed_s,
             active_s: stats.active_s(),
+            latency_p50_ms: stats.latency_ms(0.5),
+            latency_p99_ms: stats.latency_ms(0.99),
+            peak_rss_mb: peak_rss_mb(),
+            decode_s: nanos_to_s(&stats.decode_ns),
+            encode_s: nanos_to_s(&stats.encode_ns),
+            store_s: nanos_to_s(&stats.store_ns),
         };
         match Arc::try_unwrap(sink) {
             Ok(sink) => {
@@ -547,17 +679,19 @@ impl Sink {
             return;
         };
         let source = SourceRecord::from_message(message);
+        let decode_started = std::time::Instant::now();
         let decoded = self.decoder.decode_validated(
             message.payload().unwrap_or_default(),
             Utc::now(),
             &self.window,
         );
+        add_elapsed(&self.stats.decode_ns, decode_started);
         match decoded {
             Ok(decoded) => {
+                let encode_started = std::time::Instant::now();
                 let hash = decode::content_hash(&decoded.event);
-                if batch.add_event(delivery, &decoded, hash, source) != Added::Row {
-                    metrics::counter!("auditflow_duplicates_total").increment(1);
-                }
+                batch.add_event(delivery, &decoded, hash, source);
+                add_elapsed(&self.stats.encode_ns, encode_started);
             }
             Err(err) => {
                 tracing::debug!(
@@ -611,16 +745,18 @@ impl Sink {
             .fetch_add(dead_lettered, Ordering::Relaxed);
         stats.batches.fetch_add(1, Ordering::Relaxed);
         stats.batch_completed();
-        metrics::counter!("auditflow_events_stored_total").increment(outcome.stored);
-        metrics::counter!("auditflow_duplicates_skipped_total").increment(duplicates);
+        self.board.add_stored(outcome.stored);
+        self.board.add_duplicates(duplicates);
         metrics::counter!("auditflow_duplicate_conflicts_total").increment(conflicts);
         for letter in &letters {
-            metrics::counter!("auditflow_events_dead_lettered_total", "class" => letter.failure.class.clone()).increment(1);
+            self.board.record_dead_letter(&letter.failure.class);
         }
         metrics::histogram!("auditflow_batch_size_events").record(batch.num_messages() as f64);
         metrics::histogram!("auditflow_batch_flush_duration_seconds")
             .record(started.elapsed().as_secs_f64());
         let now_ms = Utc::now().timestamp_millis();
+        stats.record_latencies(&batch.kafka_timestamps_ms, now_ms);
+        add_elapsed(&stats.store_ns, started);
         for ts in &batch.kafka_timestamps_ms {
             metrics::histogram!("auditflow_end_to_end_latency_seconds")
                 .record((now_ms - ts).max(0) as f64 / 1000.0);
@@ -757,6 +893,23 @@ impl Sink {
             }
         }
     }
+}
+
+fn add_elapsed(counter: &AtomicU64, since: std::time::Instant) {
+    let nanos = u64::try_from(since.elapsed().as_nanos()).unwrap_or(u64::MAX);
+    counter.fetch_add(nanos, Ordering::Relaxed);
+}
+
+fn nanos_to_s(counter: &AtomicU64) -> f64 {
+    counter.load(Ordering::Relaxed) as f64 / 1e9
+}
+
+/// The process's peak resident set size (VmHWM), MiB.
+fn peak_rss_mb() -> Option<f64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|line| line.starts_with("VmHWM:"))?;
+    let kib: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib / 1024.0)
 }
 
 async fn sleep_until_opt(deadline: Option<Instant>) {

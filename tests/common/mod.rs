@@ -133,6 +133,11 @@ pub struct TestEnv {
 impl TestEnv {
     /// Creates topics (source with `partitions` partitions) and picks names.
     pub async fn new(partitions: i32) -> Self {
+        // In-process sinks log into the test output (shown for failed tests).
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(std::env::var("AUDITFLOW_TEST_LOG").unwrap_or_else(|_| "info".into()))
+            .with_test_writer()
+            .try_init();
         let id = suffix();
         let kafka = TestKafka::start();
         let topic = format!("audit-events-{id}");
