@@ -8,6 +8,17 @@ use std::time::Duration;
 use common::{signal, wait_exit, TestEnv};
 use futures::StreamExt;
 
+/// The `count` of the next invalidation message.
+async fn next_count(messages: &mut (impl futures::Stream<Item = redis::Msg> + Unpin)) -> u64 {
+    let message = tokio::time::timeout(Duration::from_secs(10), messages.next())
+        .await
+        .expect("an invalidation within 10 s")
+        .expect("subscription open");
+    let body: serde_json::Value =
+        serde_json::from_str(&message.get_payload::<String>().unwrap()).unwrap();
+    body["count"].as_u64().unwrap()
+}
+
 /// Waits until the log file contains `needle`.
 async fn wait_for_log(path: &std::path::Path, needle: &str) -> String {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
@@ -72,24 +83,12 @@ async fn sighup_applies_live_settings_and_refuses_what_needs_a_restart() {
     let mut messages = pubsub.on_message();
     let mut announced = 0;
     while announced < 200 {
-        let message = tokio::time::timeout(Duration::from_secs(10), messages.next())
-            .await
-            .unwrap()
-            .unwrap();
-        let body: serde_json::Value =
-            serde_json::from_str(&message.get_payload::<String>().unwrap()).unwrap();
-        announced += body["count"].as_u64().unwrap();
+        announced += next_count(&mut messages).await;
     }
     env.produce(100, 0.0, 0.0, 2).await;
     let mut after = 0;
     while after < 100 {
-        let message = tokio::time::timeout(Duration::from_secs(10), messages.next())
-            .await
-            .unwrap()
-            .unwrap();
-        let body: serde_json::Value =
-            serde_json::from_str(&message.get_payload::<String>().unwrap()).unwrap();
-        let count = body["count"].as_u64().unwrap();
+        let count = next_count(&mut messages).await;
         assert!(count <= 7, "a batch of {count} after the limit went to 7");
         after += count;
     }
@@ -121,13 +120,7 @@ async fn sighup_applies_live_settings_and_refuses_what_needs_a_restart() {
     env.produce(30, 0.0, 0.0, 3).await;
     let mut last = 0;
     while last < 30 {
-        let message = tokio::time::timeout(Duration::from_secs(10), messages.next())
-            .await
-            .unwrap()
-            .unwrap();
-        let body: serde_json::Value =
-            serde_json::from_str(&message.get_payload::<String>().unwrap()).unwrap();
-        let count = body["count"].as_u64().unwrap();
+        let count = next_count(&mut messages).await;
         assert!(
             count <= 7,
             "rejected reloads left the limit at 7, saw {count}"

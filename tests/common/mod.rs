@@ -323,27 +323,33 @@ impl TestEnv {
 
 impl Drop for TestEnv {
     fn drop(&mut self) {
-        let schema = self.schema.clone();
-        let _ = std::thread::spawn(move || {
-            let runtime = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .expect("runtime");
-            runtime.block_on(async {
-                if let Ok(pool) = PgPoolOptions::new()
-                    .max_connections(1)
-                    .connect(&database_url())
-                    .await
-                {
-                    let _ = sqlx::query(&format!("DROP SCHEMA IF EXISTS \"{schema}\" CASCADE"))
-                        .execute(&pool)
-                        .await;
-                }
-            });
-        })
-        .join();
+        drop_schema_blocking(&self.schema);
         self.kafka.delete_topics(&[&self.topic, &self.dlq_topic]);
     }
+}
+
+/// Drops a test's schema from a `Drop` impl: on a thread of its own, since the test's runtime may
+/// be shutting down.
+pub fn drop_schema_blocking(schema: &str) {
+    let schema = schema.to_owned();
+    let _ = std::thread::spawn(move || {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime");
+        runtime.block_on(async {
+            if let Ok(pool) = PgPoolOptions::new()
+                .max_connections(1)
+                .connect(&database_url())
+                .await
+            {
+                let _ = sqlx::query(&format!("DROP SCHEMA IF EXISTS \"{schema}\" CASCADE"))
+                    .execute(&pool)
+                    .await;
+            }
+        });
+    })
+    .join();
 }
 
 /// Sends SIGTERM or SIGKILL to a child.
