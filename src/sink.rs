@@ -6,9 +6,11 @@
 //! stores the offsets and publishes the invalidation. The consumer keeps decoding the next batch
 //! while the store writes the previous one.
 //!
-//! When the store falls behind for longer than [`PAUSE_AFTER`] (the database is down or slow),
-//! the consumer pauses its partitions but keeps polling, so it stays in the group and serves
-//! rebalances; it resumes once the store takes the waiting batch.
+//! While the Postgres circuit breaker is not closed, or when the store falls behind for longer
+//! than [`PAUSE_AFTER`], the consumer pauses its partitions but keeps polling, so it stays in the
+//! group and serves rebalances; it resumes once the breaker closes and the store takes the
+//! waiting batch. Nothing is dead-lettered because a dependency is down: transient failures are
+//! retried, only records refused for their content go to the dead-letter topic.
 
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -422,6 +424,11 @@ impl Sink {
     /// The store (shared with the running sink).
     pub fn store(&self) -> Arc<Store> {
         Arc::clone(&self.store)
+    }
+
+    /// The dead-letter producer.
+    pub fn dlq(&self) -> &DlqProducer {
+        &self.dlq
     }
 
     /// The notifier.

@@ -17,6 +17,7 @@ use chrono::Utc;
 use common::{header, TestEnv};
 use proxy::TcpProxy;
 use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::types::RDKafkaRespErr;
 use rdkafka::ClientConfig;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
@@ -320,4 +321,106 @@ async fn redis_outage_keeps_ingestion_going_opens_the_breaker_and_counts_dropped
         notify_stats.dropped() > 0,
         "the dropped-invalidation counter rose"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failing_dead_letter_topic_holds_the_offsets_and_drops_nothing() {
+    let env = TestEnv::new(1).await;
+    let common::TestKafka::Mock(cluster) = &env.kafka else {
+        eprintln!("skipped: injecting dead-letter topic errors needs the in-process mock cluster");
+        return;
+    };
+    let produced = env.produce(400, 0.0, 0.05, 19).await;
+    assert!(produced.invalid > 5, "{produced:?}");
+    // Every metadata request for the dead-letter topic fails: nothing can be produced there.
+    cluster
+        .topic_error(
+            &env.dlq_topic,
+            RDKafkaRespErr::RD_KAFKA_RESP_ERR_TOPIC_AUTHORIZATION_FAILED,
+        )
+        .unwrap();
+    let sink = Sink::build(env.config(&[
+        ("AUDITFLOW_KAFKA_OPT_MESSAGE_TIMEOUT_MS", "1500"),
+        ("AUDITFLOW_BREAKER_OPEN_MS", "500"),
+    ]))
+    .await
+    .unwrap();
+    let stats = sink.stats();
+    let dlq_breaker = Arc::clone(sink.dlq().breaker());
+    let running = tokio::spawn(
+        sink.run_until_stopped(CancellationToken::new(), Some(Duration::from_secs(2))),
+    );
+
+    // Good neighbours are stored; the dead letters cannot be, so the offsets stay behind them.
+    env.wait_for_rows(produced.distinct_valid as i64, Duration::from_secs(60))
+        .await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while dlq_breaker.num_opened() == 0 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the dlq breaker never opened"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(
+        stats
+            .dead_lettered
+            .load(std::sync::atomic::Ordering::Relaxed),
+        0
+    );
+    assert!(
+        !running.is_finished(),
+        "the sink cannot finish while dead letters are unacknowledged"
+    );
+    let committed = committed_offset(&env).await;
+    assert!(
+        committed.is_none_or(|offset| offset < produced.total as i64),
+        "offsets must not move past unacknowledged dead letters (committed {committed:?})"
+    );
+
+    cluster
+        .topic_error(&env.dlq_topic, RDKafkaRespErr::RD_KAFKA_RESP_ERR_NO_ERROR)
+        .unwrap();
+    let summary = tokio::time::timeout(Duration::from_secs(90), running)
+        .await
+        .expect("the sink finishes once the dead-letter topic is back")
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        summary.dead_lettered, produced.invalid,
+        "every bad record dead-lettered, none dropped"
+    );
+    let dead = env
+        .read_dlq(produced.invalid as usize, Duration::from_secs(20))
+        .await;
+    assert_eq!(dead.len() as u64, produced.invalid, "each exactly once");
+    assert_eq!(
+        committed_offset(&env).await,
+        Some(produced.total as i64),
+        "then everything is committed"
+    );
+}
+
+/// The sink group's committed offset of partition 0.
+async fn committed_offset(env: &TestEnv) -> Option<i64> {
+    use rdkafka::consumer::{BaseConsumer, Consumer};
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", env.kafka.brokers())
+        .set("group.id", &env.group)
+        .create()
+        .unwrap();
+    let mut partitions = rdkafka::TopicPartitionList::new();
+    partitions.add_partition(&env.topic, 0);
+    let topic = env.topic.clone();
+    tokio::task::spawn_blocking(move || {
+        let committed = consumer
+            .committed_offsets(partitions, Duration::from_secs(10))
+            .unwrap();
+        committed
+            .find_partition(&topic, 0)
+            .and_then(|element| element.offset().to_raw())
+            .filter(|offset| *offset >= 0)
+    })
+    .await
+    .unwrap()
 }

@@ -336,3 +336,47 @@ async fn bad_configuration_stops_start_up_naming_the_variable() {
     assert!(stderr.contains("AUDITFLOW_KAFKA_BROKERS"), "{stderr}");
     assert!(!output.status.success());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn consumer_lag_of_every_assigned_partition_reaches_the_status_board() {
+    let env = TestEnv::new(3).await;
+    let produced = env.produce(1_500, 0.0, 0.0, 41).await;
+    let board = std::sync::Arc::new(auditflow::observe::StatusBoard::new("lag-test"));
+    let sink = Sink::build_with_board(env.config(&[]), std::sync::Arc::clone(&board))
+        .await
+        .unwrap();
+    let shutdown = CancellationToken::new();
+    let running = tokio::spawn(sink.run_until_stopped(shutdown.clone(), None));
+    env.wait_for_rows(produced.distinct_valid as i64, Duration::from_secs(60))
+        .await;
+    // librdkafka reports statistics every 5 s; the lag is known once the offsets are committed.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    let lags = loop {
+        let snapshot = board.snapshot();
+        let known: Vec<(i32, i64)> = snapshot
+            .partitions
+            .iter()
+            .filter(|p| p.topic == env.topic)
+            .filter_map(|p| p.lag.map(|lag| (p.partition, lag)))
+            .collect();
+        if known.len() == 3 && known.iter().all(|(_, lag)| *lag == 0) {
+            break known;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "lag never reported for all partitions: {:?}",
+            snapshot.partitions
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    let mut partitions: Vec<i32> = lags.iter().map(|(p, _)| *p).collect();
+    partitions.sort_unstable();
+    assert_eq!(partitions, vec![0, 1, 2]);
+    assert!(
+        board.readiness().ready,
+        "joined and database breaker closed"
+    );
+    shutdown.cancel();
+    running.await.unwrap().unwrap();
+    assert!(!board.readiness().ready, "a stopped sink is not ready");
+}
