@@ -53,7 +53,7 @@ impl BreakerConfig {
         probe_timeout: Duration::from_secs(10),
     };
 
-    /// Defaults for interactive commands (the `partitions` commands): an operator is waiting, so give
+    /// Defaults for interactive commands (`partitions` commands, `replay` retries): an operator is waiting, so give
     /// up sooner and probe sooner.
     pub const INTERACTIVE: BreakerConfig = BreakerConfig {
         consecutive_failures: 3,

@@ -320,7 +320,7 @@ pub struct BreakerEnv {
     /// `AUDITFLOW_BREAKER_PROBE_TIMEOUT_MS`: the longest a half-open probe may take (10000).
     pub breaker_probe_timeout_ms: Option<u64>,
     /// `AUDITFLOW_INTERACTIVE_BREAKER_CONSECUTIVE_FAILURES`: the same for interactive commands
-    /// (the `partitions` commands), default 3.
+    /// (`partitions` commands, `replay` retries), default 3.
     pub interactive_breaker_consecutive_failures: Option<u32>,
     /// `AUDITFLOW_INTERACTIVE_BREAKER_FAILURE_RATE` (default 0.5).
     pub interactive_breaker_failure_rate: Option<f64>,

@@ -46,6 +46,7 @@ use tokio::sync::watch;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
+use crate::breaker::{Breaker, BreakerError};
 use crate::config::Config;
 use crate::dlq::{header, SourceRecord};
 use crate::kafka;
@@ -627,6 +628,8 @@ pub struct ReplaySummary {
     pub parked: u64,
     /// Records that did not match the filters (their offsets are committed, except in a dry run).
     pub skipped: u64,
+    /// Writes retried after the target did not acknowledge them.
+    pub retries: u64,
     /// Whether this was a dry run.
     pub dry_run: bool,
     /// Wall time.
@@ -771,6 +774,7 @@ pub async fn replay_with_live_rate(
         producer,
         end,
         in_flight: VecDeque::new(),
+        breaker: Breaker::new("replay_target", config.breakers.interactive()),
         commit_points: CommitPoints::default(),
         counts: Counts::default(),
         histogram: options.dry_run.then(ErrorHistogram::default),
@@ -793,6 +797,7 @@ pub async fn replay_with_live_rate(
         replayed: counts.replayed,
         parked: counts.parked,
         skipped: counts.skipped,
+        retries: counts.retries,
         dry_run: options.dry_run,
         elapsed_s: started.elapsed().as_secs_f64(),
         interrupted,
@@ -871,6 +876,7 @@ struct Counts {
     replayed: u64,
     parked: u64,
     skipped: u64,
+    retries: u64,
 }
 
 /// The offsets a replay may commit: per partition, just past the last record settled in read
@@ -915,8 +921,20 @@ struct InFlight {
     partition: i32,
     offset: i64,
     action: Action,
-    /// `None` for skipped records, which are settled as soon as everything before is.
+    /// `None` for skipped records, which are settled as soon as everything before is, and for
+    /// a written record whose first attempt already failed (see `first_failure`).
     delivery: Option<DeliveryFuture>,
+    /// What to write again if the first attempt is not acknowledged; `None` for skipped records.
+    resend: Option<Resend>,
+    /// The first attempt's failure, seen without waiting; the retry happens in `settle_front`.
+    first_failure: Option<anyhow::Error>,
+}
+
+/// A written record, kept until acknowledged so a failed write can be retried.
+struct Resend {
+    topic: String,
+    record: SourceRecord,
+    headers: Vec<(String, Option<Vec<u8>>)>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -1030,6 +1048,8 @@ struct ReplayRun<'a> {
     histogram: Option<ErrorHistogram>,
     rate: RateLimit,
     progress: Progress,
+    /// Guards retried writes with the interactive thresholds.
+    breaker: Breaker,
 }
 
 /// Whether the read loop stopped because of shutdown.
@@ -1113,6 +1133,8 @@ impl ReplayRun<'_> {
                     offset,
                     action: Action::Skipped,
                     delivery: None,
+                    resend: None,
+                    first_failure: None,
                 });
                 if self.in_flight.len() >= MAX_IN_FLIGHT {
                     self.settle_front().await?;
@@ -1158,6 +1180,12 @@ impl ReplayRun<'_> {
             offset,
             action,
             delivery: Some(delivery),
+            resend: Some(Resend {
+                topic,
+                record,
+                headers,
+            }),
+            first_failure: None,
         });
         if self.in_flight.len() >= MAX_IN_FLIGHT {
             self.settle_front().await?;
@@ -1209,16 +1237,59 @@ impl ReplayRun<'_> {
         let Some(mut entry) = self.in_flight.pop_front() else {
             return Ok(());
         };
-        let acknowledged = match entry.delivery.as_mut() {
-            Some(delivery) => acknowledgement(delivery.await),
-            None => Ok(()),
+        let mut acknowledged = match (entry.delivery.as_mut(), entry.first_failure.take()) {
+            (_, Some(failure)) => Err(failure),
+            (Some(delivery), None) => acknowledgement(delivery.await),
+            (None, None) => Ok(()),
         };
+        if let (Err(err), Some(resend)) = (&acknowledged, &entry.resend) {
+            tracing::warn!(
+                error = %err, partition = entry.partition, offset = entry.offset,
+                "write not acknowledged; retrying"
+            );
+            acknowledged = self.retry(resend).await;
+        }
         self.settled(entry, acknowledged)
+    }
+
+    /// Writes a record again under the interactive breaker: retried while the breaker is closed,
+    /// one probe after it opens; if the probe fails too, the replay gives up (and the next run
+    /// resumes from the last acknowledged record).
+    async fn retry(&mut self, resend: &Resend) -> anyhow::Result<()> {
+        let give_up_at = self.breaker.num_opened() + 2;
+        loop {
+            self.counts.retries += 1;
+            let attempt = async {
+                let delivery = self
+                    .send(&resend.topic, &resend.record, &resend.headers)
+                    .await?;
+                acknowledgement(delivery.await)
+            };
+            match self.breaker.call(attempt, |_| true).await {
+                Ok(()) => return Ok(()),
+                Err(BreakerError::Inner(err)) if self.breaker.num_opened() >= give_up_at => {
+                    return Err(err)
+                }
+                Err(BreakerError::Inner(_)) => {}
+                Err(BreakerError::ProbeTimeout { dependency }) => {
+                    if self.breaker.num_opened() >= give_up_at {
+                        anyhow::bail!("{dependency} probe timed out");
+                    }
+                }
+                Err(BreakerError::Open { .. }) => {
+                    tokio::time::sleep(self.breaker.retry_after()).await;
+                }
+            }
+        }
     }
 
     /// Settles the records at the front whose acknowledgement has arrived, without waiting.
     fn settle_ready(&mut self) -> anyhow::Result<()> {
         while let Some(entry) = self.in_flight.front_mut() {
+            if entry.first_failure.is_some() {
+                // Retrying waits: leave it to `settle_front`.
+                return Ok(());
+            }
             let acknowledged = match entry.delivery.as_mut() {
                 Some(delivery) => match delivery.now_or_never() {
                     Some(result) => acknowledgement(result),
@@ -1226,6 +1297,11 @@ impl ReplayRun<'_> {
                 },
                 None => Ok(()),
             };
+            if let (Err(_), Some(_)) = (&acknowledged, &entry.resend) {
+                entry.delivery = None;
+                entry.first_failure = acknowledged.err();
+                return Ok(());
+            }
             if let Some(entry) = self.in_flight.pop_front() {
                 self.settled(entry, acknowledged)?;
             }
@@ -1821,6 +1897,7 @@ mod tests {
             replayed: 2,
             parked: 1,
             skipped: 4,
+            retries: 0,
             dry_run: false,
             elapsed_s: 1.5,
             interrupted: false,
@@ -1833,7 +1910,7 @@ mod tests {
         let line: serde_json::Value = serde_json::to_value(&summary).unwrap();
         assert_eq!(
             line,
-            serde_json::json!({"matched":3,"replayed":2,"parked":1,"skipped":4,"dry_run":false,
+            serde_json::json!({"matched":3,"replayed":2,"parked":1,"skipped":4,"retries":0,"dry_run":false,
                 "elapsed_s":1.5,"interrupted":false,"group":"g"})
         );
         summary.dry_run = true;

@@ -16,6 +16,7 @@ use common::{header, suffix, wait_exit, TestEnv};
 use rdkafka::consumer::{Consumer, StreamConsumer};
 use rdkafka::message::{Header, Headers, Message, OwnedHeaders, OwnedMessage};
 use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::types::RDKafkaRespErr;
 use rdkafka::{ClientConfig, Offset, TopicPartitionList};
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
@@ -956,4 +957,75 @@ async fn dead_letters_arriving_during_a_replay_are_left_for_the_next_one() {
         .map(|i| format!("payload-{i}").into_bytes())
         .collect();
     assert_eq!(payloads, expected, "each once, in dead-letter order");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_target_that_fails_for_a_while_is_retried_under_the_interactive_breaker() {
+    let env = TestEnv::new(1).await;
+    let common::TestKafka::Mock(cluster) = &env.kafka else {
+        eprintln!("skipped: injecting target errors needs the in-process mock cluster");
+        return;
+    };
+    let failed_at = Utc::now();
+    let letters: Vec<DeadLetter> = (0..20)
+        .map(|i| dead_letter(i, "decode", &env.topic, (0, i as i64), failed_at))
+        .collect();
+    send_dead_letters(&env, &env.dlq_topic, 0, &letters).await;
+    // The replay target refuses every write until the error is cleared.
+    cluster
+        .topic_error(
+            &env.topic,
+            RDKafkaRespErr::RD_KAFKA_RESP_ERR_TOPIC_AUTHORIZATION_FAILED,
+        )
+        .unwrap();
+    let overrides = [
+        ("AUDITFLOW_KAFKA_OPT_MESSAGE_TIMEOUT_MS", "500"),
+        ("AUDITFLOW_INTERACTIVE_BREAKER_OPEN_MS", "3000"),
+    ];
+    let options = ReplayOptions::default();
+
+    // The target stays down: a few retries, the breaker opens, the probe fails, the replay gives
+    // up without committing past the record it could not write.
+    let config = env.config(&overrides);
+    let failed = tokio::time::timeout(
+        Duration::from_secs(60),
+        replay::replay(&config, &options, CancellationToken::new()),
+    )
+    .await
+    .expect("gives up by itself");
+    assert!(failed.is_err(), "a target that stays down fails the replay");
+    let group = options.group_id(&env.dlq_topic);
+    assert!(
+        committed_offsets(&env, &group, &env.dlq_topic)
+            .iter()
+            .all(|offset| !matches!(offset, Offset::Offset(o) if *o > 0)),
+        "nothing committed past the first unwritten record"
+    );
+
+    // The target comes back while the breaker is open: the probe succeeds and the replay ends.
+    let (summary, ()) = tokio::join!(
+        tokio::time::timeout(
+            Duration::from_secs(60),
+            replay::replay(&config, &options, CancellationToken::new())
+        ),
+        async {
+            tokio::time::sleep(Duration::from_millis(1500)).await;
+            cluster
+                .topic_error(&env.topic, RDKafkaRespErr::RD_KAFKA_RESP_ERR_NO_ERROR)
+                .unwrap();
+        }
+    );
+    let summary = summary
+        .expect("finished")
+        .expect("replay succeeds once the target is back");
+    assert_eq!(summary.replayed, 20, "{summary:?}");
+    assert!(
+        summary.retries >= 1,
+        "the first write was retried: {summary:?}"
+    );
+    assert_eq!(
+        count_records(&env, &env.topic),
+        20,
+        "each record written once"
+    );
 }
