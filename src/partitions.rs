@@ -315,6 +315,16 @@ pub fn parse_time(value: &str) -> Result<DateTime<Utc>, String> {
         .map_err(|_| format!("expected an RFC 3339 time or a YYYY-MM-DD date, got {value:?}"))
 }
 
+/// Runs one unparameterised statement (DDL, `SET`, `LOCK`) without preparing it: the names in it
+/// change from call to call, so a cached prepared statement would never be reused.
+async fn execute_ddl(conn: &mut PgConnection, sql: &str) -> Result<(), sqlx::Error> {
+    sqlx::query(sql)
+        .persistent(false)
+        .execute(conn)
+        .await
+        .map(drop)
+}
+
 /// The advisory lock key serializing partition creation on one schema's `events` table.
 fn ddl_lock_key(schema: &str) -> String {
     format!("auditflow.partitions.{schema}")
@@ -404,18 +414,20 @@ async fn create_and_attach(
 ) -> Result<(), sqlx::Error> {
     let schema_q = quote_ident(schema);
     let name_q = quote_ident(&spec.name());
-    sqlx::query(&format!(
+    execute_ddl(
+        &mut *conn,
+        &format!(
         "CREATE TABLE {schema_q}.{name_q} (LIKE {schema_q}.events INCLUDING ALL EXCLUDING INDEXES)"
-    ))
-    .persistent(false)
-    .execute(&mut *conn)
+    ),
+    )
     .await?;
-    sqlx::query(&format!(
-        "ALTER TABLE {schema_q}.events ATTACH PARTITION {schema_q}.{name_q} {}",
-        spec.bounds_sql()
-    ))
-    .persistent(false)
-    .execute(&mut *conn)
+    execute_ddl(
+        &mut *conn,
+        &format!(
+            "ALTER TABLE {schema_q}.events ATTACH PARTITION {schema_q}.{name_q} {}",
+            spec.bounds_sql()
+        ),
+    )
     .await?;
     Ok(())
 }
@@ -1350,10 +1362,11 @@ impl MaintenanceLock {
     ) -> Result<Option<Self>, sqlx::Error> {
         let mut conn = pool.acquire().await?;
         conn.close_on_drop();
-        sqlx::query(&format!("SET lock_timeout = {}", lock_timeout.as_millis()))
-            .persistent(false)
-            .execute(&mut *conn)
-            .await?;
+        execute_ddl(
+            &mut conn,
+            &format!("SET lock_timeout = {}", lock_timeout.as_millis()),
+        )
+        .await?;
         let key = maintenance_lock_key(schema);
         let locked: bool =
             sqlx::query_scalar("SELECT pg_try_advisory_lock(hashtextextended($1, 0))")
@@ -1628,19 +1641,21 @@ impl PartitionLifecycle {
             )));
         }
         let retired_q = quote_ident(&spec.retired_name());
-        sqlx::query(&format!(
-            "ALTER TABLE {schema_q}.events ATTACH PARTITION {schema_q}.{retired_q} {}",
-            spec.bounds_sql()
-        ))
-        .persistent(false)
-        .execute(&mut *tx)
+        execute_ddl(
+            &mut tx,
+            &format!(
+                "ALTER TABLE {schema_q}.events ATTACH PARTITION {schema_q}.{retired_q} {}",
+                spec.bounds_sql()
+            ),
+        )
         .await?;
-        sqlx::query(&format!(
-            "ALTER TABLE {schema_q}.{retired_q} RENAME TO {}",
-            quote_ident(&spec.name())
-        ))
-        .persistent(false)
-        .execute(&mut *tx)
+        execute_ddl(
+            &mut tx,
+            &format!(
+                "ALTER TABLE {schema_q}.{retired_q} RENAME TO {}",
+                quote_ident(&spec.name())
+            ),
+        )
         .await?;
         sqlx::query(&format!(
             "UPDATE {schema_q}.partition_lifecycle SET state = 'restored', restored_at = $2 \
@@ -1823,10 +1838,11 @@ impl PartitionLifecycle {
         let name = spec.name();
         // Step 1: re-check with new holds locked out, and record the intent.
         let mut tx = conn.begin().await?;
-        sqlx::query(&format!("LOCK TABLE {schema_q}.legal_holds IN SHARE MODE"))
-            .persistent(false)
-            .execute(&mut *tx)
-            .await?;
+        execute_ddl(
+            &mut tx,
+            &format!("LOCK TABLE {schema_q}.legal_holds IN SHARE MODE"),
+        )
+        .await?;
         if let Some(detail) = self.recheck(&mut tx, now, action).await? {
             tx.commit().await?;
             return Ok(Outcome::Skipped { detail });
@@ -1902,13 +1918,14 @@ impl PartitionLifecycle {
         .fetch_one(&mut *tx)
         .await?;
         if original_exists {
-            sqlx::query(&format!(
-                "ALTER TABLE {schema_q}.{} RENAME TO {}",
-                quote_ident(&name),
-                quote_ident(&spec.retired_name())
-            ))
-            .persistent(false)
-            .execute(&mut *tx)
+            execute_ddl(
+                &mut tx,
+                &format!(
+                    "ALTER TABLE {schema_q}.{} RENAME TO {}",
+                    quote_ident(&name),
+                    quote_ident(&spec.retired_name())
+                ),
+            )
             .await?;
         }
         sqlx::query(&format!(
@@ -1935,17 +1952,11 @@ impl PartitionLifecycle {
         let detach = format!("ALTER TABLE {schema_q}.events DETACH PARTITION {schema_q}.{table_q}");
         if partition.detach_pending {
             let mut tx = conn.begin().await?;
-            sqlx::query(&format!("{detach} FINALIZE"))
-                .persistent(false)
-                .execute(&mut *tx)
-                .await?;
+            execute_ddl(&mut tx, &format!("{detach} FINALIZE")).await?;
             tx.commit().await?;
             return Ok(());
         }
-        let concurrently = sqlx::query(&format!("{detach} CONCURRENTLY"))
-            .persistent(false)
-            .execute(&mut *conn)
-            .await;
+        let concurrently = execute_ddl(&mut *conn, &format!("{detach} CONCURRENTLY")).await;
         match concurrently {
             Ok(_) => Ok(()),
             // 55000 with a default partition present: "cannot detach partitions concurrently
@@ -1953,10 +1964,7 @@ impl PartitionLifecycle {
             // moment, bounded by lock_timeout.
             Err(err) if has_default && sqlstate(&err).as_deref() == Some("55000") => {
                 let mut tx = conn.begin().await?;
-                sqlx::query(&detach)
-                    .persistent(false)
-                    .execute(&mut *tx)
-                    .await?;
+                execute_ddl(&mut tx, &detach).await?;
                 tx.commit().await?;
                 Ok(())
             }
@@ -2006,10 +2014,11 @@ impl PartitionLifecycle {
     ) -> Result<Outcome, PartitionError> {
         let schema_q = quote_ident(&self.schema);
         let mut tx = conn.begin().await?;
-        sqlx::query(&format!("LOCK TABLE {schema_q}.legal_holds IN SHARE MODE"))
-            .persistent(false)
-            .execute(&mut *tx)
-            .await?;
+        execute_ddl(
+            &mut tx,
+            &format!("LOCK TABLE {schema_q}.legal_holds IN SHARE MODE"),
+        )
+        .await?;
         sqlx::query(&format!(
             "SELECT 1 FROM {schema_q}.partition_lifecycle WHERE partition_name = $1 FOR UPDATE"
         ))
@@ -2020,12 +2029,13 @@ impl PartitionLifecycle {
             tx.commit().await?;
             return Ok(Outcome::Skipped { detail });
         }
-        sqlx::query(&format!(
-            "DROP TABLE {schema_q}.{}",
-            quote_ident(&spec.retired_name())
-        ))
-        .persistent(false)
-        .execute(&mut *tx)
+        execute_ddl(
+            &mut tx,
+            &format!(
+                "DROP TABLE {schema_q}.{}",
+                quote_ident(&spec.retired_name())
+            ),
+        )
         .await?;
         sqlx::query(&format!(
             "UPDATE {schema_q}.partition_lifecycle SET state = 'dropped', dropped_at = $2 \
