@@ -103,92 +103,97 @@ pub async fn run(mut config: Config, options: &BenchOptions) -> anyhow::Result<B
     }
     let ceiling_schema = format!("auditflow_bench_ceiling_{suffix:08x}");
     let pipeline_schema = format!("auditflow_bench_{suffix:08x}");
+    // The schemas go whatever happens, so a failed run leaves nothing behind.
+    let report: anyhow::Result<BenchReport> = async {
+        tracing::info!(events = options.events, "generating events");
+        let payloads = generate(options.events, u64::from(suffix));
+        let ceiling =
+            measure_ceiling(&config, database_url.expose(), &ceiling_schema, &payloads).await?;
+        tracing::info!(rows_per_s = ceiling, "ceiling measured");
 
-    tracing::info!(events = options.events, "generating events");
-    let payloads = generate(options.events, u64::from(suffix));
-    let ceiling =
-        measure_ceiling(&config, database_url.expose(), &ceiling_schema, &payloads).await?;
-    tracing::info!(rows_per_s = ceiling, "ceiling measured");
+        tracing::info!(%topic, "producing the benchmark events");
+        produce_payloads(&brokers, &config, &topic, options.partitions, &payloads).await?;
+        let retained = retained_messages(&brokers, &config, &topic)?;
+        anyhow::ensure!(
+            retained == options.events,
+            "the broker kept {retained} of {} events; use more --partitions",
+            options.events
+        );
+        drop(payloads);
 
-    tracing::info!(%topic, "producing the benchmark events");
-    produce_payloads(&brokers, &config, &topic, options.partitions, &payloads).await?;
-    let retained = retained_messages(&brokers, &config, &topic)?;
-    anyhow::ensure!(
-        retained == options.events,
-        "the broker kept {retained} of {} events; use more --partitions",
-        options.events
-    );
-    drop(payloads);
+        let env = SinkEnv {
+            brokers: brokers.clone(),
+            database_url: database_url.expose().to_owned(),
+            schema: pipeline_schema.clone(),
+            dlq_topic: dlq_topic.clone(),
+            redis_url: config.redis.redis_url.expose().to_owned(),
+        };
+        tracing::info!("running the sink over the backlog");
+        let pipeline = env
+            .run(&topic, &format!("bench-{suffix:08x}"), |_| async { Ok(()) })
+            .await?;
+        anyhow::ensure!(
+            pipeline.stored == options.events,
+            "the sink stored {} of {} events",
+            pipeline.stored,
+            options.events
+        );
+        let pipeline_rate = pipeline.stored as f64 / pipeline.active_s.max(1e-6);
 
-    let env = SinkEnv {
-        brokers: brokers.clone(),
-        database_url: database_url.expose().to_owned(),
-        schema: pipeline_schema.clone(),
-        dlq_topic: dlq_topic.clone(),
-        redis_url: config.redis.redis_url.expose().to_owned(),
-    };
-    tracing::info!("running the sink over the backlog");
-    let pipeline = env
-        .run(&topic, &format!("bench-{suffix:08x}"), |_| async { Ok(()) })
-        .await?;
-    anyhow::ensure!(
-        pipeline.stored == options.events,
-        "the sink stored {} of {} events",
-        pipeline.stored,
-        options.events
-    );
-    let pipeline_rate = pipeline.stored as f64 / pipeline.active_s.max(1e-6);
+        let latency_rate = pipeline_rate / 2.0;
+        let latency_events = (latency_rate * options.latency_duration.as_secs_f64()).ceil() as u64;
+        tracing::info!(
+            rate = latency_rate,
+            events = latency_events,
+            "measuring latency at half throughput"
+        );
+        let mut latency_config = config.clone();
+        latency_config.kafka.kafka_topic = latency_topic.clone();
+        let latency_run = env
+            .run(
+                &latency_topic,
+                &format!("bench-latency-{suffix:08x}"),
+                |pool| {
+                    let config = latency_config.clone();
+                    let brokers = brokers.clone();
+                    let schema = pipeline_schema.clone();
+                    async move {
+                        // A small warm-up proves the sink joined the group before the timed feed starts.
+                        let warm_up =
+                            feed(&brokers, &config, 100, None, u64::from(suffix) + 1).await?;
+                        wait_for_rows(&pool, &schema, options.events + warm_up).await?;
+                        feed(
+                            &brokers,
+                            &config,
+                            latency_events,
+                            Some(latency_rate),
+                            u64::from(suffix) + 2,
+                        )
+                        .await?;
+                        Ok(())
+                    }
+                },
+            )
+            .await?;
 
-    let latency_rate = pipeline_rate / 2.0;
-    let latency_events = (latency_rate * options.latency_duration.as_secs_f64()).ceil() as u64;
-    tracing::info!(
-        rate = latency_rate,
-        events = latency_events,
-        "measuring latency at half throughput"
-    );
-    let mut latency_config = config.clone();
-    latency_config.kafka.kafka_topic = latency_topic.clone();
-    let latency_run = env
-        .run(
-            &latency_topic,
-            &format!("bench-latency-{suffix:08x}"),
-            |pool| {
-                let config = latency_config.clone();
-                let brokers = brokers.clone();
-                let schema = pipeline_schema.clone();
-                async move {
-                    // A small warm-up proves the sink joined the group before the timed feed starts.
-                    let warm_up = feed(&brokers, &config, 100, None, u64::from(suffix) + 1).await?;
-                    wait_for_rows(&pool, &schema, options.events + warm_up).await?;
-                    feed(
-                        &brokers,
-                        &config,
-                        latency_events,
-                        Some(latency_rate),
-                        u64::from(suffix) + 2,
-                    )
-                    .await?;
-                    Ok(())
-                }
+        Ok(BenchReport {
+            events: options.events,
+            ceiling_rows_per_s: ceiling,
+            pipeline_events_per_s: pipeline_rate,
+            ratio: pipeline_rate / ceiling,
+            p99_latency_ms: latency_run.latency_p99_ms,
+            p50_latency_ms: latency_run.latency_p50_ms,
+            latency_rate_eps: latency_rate,
+            peak_rss_mb: match (pipeline.peak_rss_mb, latency_run.peak_rss_mb) {
+                (Some(a), Some(b)) => Some(a.max(b)),
+                (a, b) => a.or(b),
             },
-        )
-        .await?;
-
+            pipeline,
+        })
+    }
+    .await;
     drop_schemas(database_url.expose(), &[&ceiling_schema, &pipeline_schema]).await;
-    Ok(BenchReport {
-        events: options.events,
-        ceiling_rows_per_s: ceiling,
-        pipeline_events_per_s: pipeline_rate,
-        ratio: pipeline_rate / ceiling,
-        p99_latency_ms: latency_run.latency_p99_ms,
-        p50_latency_ms: latency_run.latency_p50_ms,
-        latency_rate_eps: latency_rate,
-        peak_rss_mb: match (pipeline.peak_rss_mb, latency_run.peak_rss_mb) {
-            (Some(a), Some(b)) => Some(a.max(b)),
-            (a, b) => a.or(b),
-        },
-        pipeline,
-    })
+    report
 }
 
 fn generate(count: u64, seed: u64) -> Vec<(Vec<u8>, Vec<u8>)> {
