@@ -380,3 +380,85 @@ async fn consumer_lag_of_every_assigned_partition_reaches_the_status_board() {
     running.await.unwrap().unwrap();
     assert!(!board.readiness().ready, "a stopped sink is not ready");
 }
+
+/// A plain HTTP/1.0 GET; returns the status code and the body.
+async fn http_get(port: u16, path: &str) -> Option<(u16, String)> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .ok()?;
+    stream
+        .write_all(format!("GET {path} HTTP/1.0\r\nHost: localhost\r\n\r\n").as_bytes())
+        .await
+        .ok()?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response).await.ok()?;
+    let status = response.split_whitespace().nth(1)?.parse().ok()?;
+    let body = response
+        .split_once("\r\n\r\n")
+        .map(|(_, body)| body.to_owned())?;
+    Some((status, body))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_running_service_serves_metrics_and_readiness_on_its_address() {
+    let env = TestEnv::new(2).await;
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let address = format!("127.0.0.1:{port}");
+    let mut sink = env.spawn_sink(&["run"], &[("AUDITFLOW_METRICS_ADDR", &address)]);
+    let produced = env.produce(500, 0.0, 0.02, 8).await;
+    assert_eq!(
+        env.wait_for_rows(produced.distinct_valid as i64, Duration::from_secs(60))
+            .await,
+        produced.distinct_valid as i64
+    );
+    assert_eq!(
+        http_get(port, "/healthz").await.map(|(status, _)| status),
+        Some(200)
+    );
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let (status, body) = http_get(port, "/readyz").await.expect("readyz answers");
+        if status == 200 {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "never ready: {body}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    // The counter moves just after the commit that made the rows visible.
+    let stored_line = format!("auditflow_events_stored_total {}", produced.distinct_valid);
+    let metrics = loop {
+        let (status, metrics) = http_get(port, "/metrics").await.expect("metrics answer");
+        assert_eq!(status, 200);
+        if metrics.contains(&stored_line) {
+            break metrics;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{stored_line} missing from:\n{metrics}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert!(
+        metrics.contains("auditflow_breaker_state{dependency=\"postgres\"} 0"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("auditflow_batch_flush_duration_seconds_bucket"),
+        "{metrics}"
+    );
+    let (status, page) = http_get(port, "/status").await.expect("status answers");
+    assert_eq!(status, 200);
+    assert!(page.contains("<html"), "the status page is HTML");
+    signal(&sink, "TERM");
+    assert!(wait_exit(&mut sink, Duration::from_secs(30))
+        .await
+        .success());
+}
