@@ -46,19 +46,12 @@ use crate::store::{self, Retry, Store, StoreError, WriteOutcome};
 /// How long a finished batch may wait for the store before the consumer pauses its partitions.
 pub const PAUSE_AFTER: Duration = Duration::from_secs(2);
 
-/// Running totals since start.
+/// What the run summary needs beyond the status board's totals (consumed, stored, duplicates,
+/// dead-lettered), which the sink counts only there.
 #[derive(Debug, Default)]
 pub struct SinkStats {
-    /// Messages received from Kafka.
-    pub consumed: AtomicU64,
-    /// Rows inserted into Postgres.
-    pub stored: AtomicU64,
-    /// Events skipped because they were already stored (within or across batches).
-    pub duplicates: AtomicU64,
-    /// Of the duplicates, those whose content differed from the stored event.
+    /// Events skipped as duplicates whose content differed from the stored event.
     pub conflicts: AtomicU64,
-    /// Records acknowledged by the dead-letter topic.
-    pub dead_lettered: AtomicU64,
     /// Batches completed.
     pub batches: AtomicU64,
     /// Partition revocations seen (rebalances that took partitions away).
@@ -318,7 +311,8 @@ impl Sink {
         Self::build_with_board(config, board).await
     }
 
-    /// Like [`Sink::build`], reporting to `board` (which the status endpoints serve).
+    /// Like [`Sink::build`], reporting to `board` (which the status endpoints serve). The board
+    /// must be this sink's alone: the run summary reads its totals.
     pub async fn build_with_board(config: Config, board: Arc<StatusBoard>) -> anyhow::Result<Self> {
         let brokers = config.require_brokers()?.to_owned();
         let database_url = config.require_database_url()?.clone();
@@ -416,9 +410,14 @@ impl Sink {
         })
     }
 
-    /// Totals so far.
+    /// Run statistics beyond the board's totals.
     pub fn stats(&self) -> Arc<SinkStats> {
         Arc::clone(&self.stats)
+    }
+
+    /// The status board: consumed, stored, duplicates and dead-lettered totals, readiness, lag.
+    pub fn board(&self) -> Arc<StatusBoard> {
+        Arc::clone(&self.board)
     }
 
     /// The store (shared with the running sink).
@@ -541,7 +540,6 @@ impl Sink {
                     match message {
                         Ok(message) => {
                             last_message = Instant::now();
-                            sink.stats.consumed.fetch_add(1, Ordering::Relaxed);
                             sink.stats.message_arrived();
                             sink.board.add_consumed(1);
                             sink.add_message(&mut open, &message);
@@ -634,11 +632,13 @@ impl Sink {
         sink.notifier_shutdown.cancel();
         let elapsed_s = started.elapsed().as_secs_f64();
         let stats = &sink.stats;
+        // One board per sink (see `build_with_board`), so its totals are this run's.
+        let totals = sink.board.snapshot().totals;
         let summary = RunSummary {
-            consumed: stats.consumed.load(Ordering::Relaxed),
-            stored: stats.stored.load(Ordering::Relaxed),
-            duplicates: stats.duplicates.load(Ordering::Relaxed),
-            dead_lettered: stats.dead_lettered.load(Ordering::Relaxed),
+            consumed: totals.consumed,
+            stored: totals.stored,
+            duplicates: totals.duplicates,
+            dead_lettered: totals.dead_lettered,
             conflicts: stats.conflicts.load(Ordering::Relaxed),
             elapsed_s,
             active_s: stats.active_s(),
@@ -744,12 +744,7 @@ impl Sink {
         let conflicts = outcome.conflicts + batch.num_conflicts;
         let dead_lettered = letters.len() as u64;
         let stats = &self.stats;
-        stats.stored.fetch_add(outcome.stored, Ordering::Relaxed);
-        stats.duplicates.fetch_add(duplicates, Ordering::Relaxed);
         stats.conflicts.fetch_add(conflicts, Ordering::Relaxed);
-        stats
-            .dead_lettered
-            .fetch_add(dead_lettered, Ordering::Relaxed);
         stats.batches.fetch_add(1, Ordering::Relaxed);
         stats.batch_completed();
         self.board.add_stored(outcome.stored);

@@ -204,6 +204,7 @@ async fn database_outage_pauses_consumption_dead_letters_nothing_and_recovers() 
     .await
     .unwrap();
     let stats = sink.stats();
+    let board = sink.board();
     let breaker = Arc::clone(sink.store().breaker());
     let mut states = breaker.subscribe();
     let running = tokio::spawn(
@@ -235,12 +236,7 @@ async fn database_outage_pauses_consumption_dead_letters_nothing_and_recovers() 
             stats.pauses.load(std::sync::atomic::Ordering::Relaxed) >= 1,
             "consumption paused"
         );
-        assert_eq!(
-            stats
-                .dead_lettered
-                .load(std::sync::atomic::Ordering::Relaxed),
-            0
-        );
+        assert_eq!(board.snapshot().totals.dead_lettered, 0);
         proxy.restore().await;
         tokio::time::Instant::now()
     };
@@ -345,7 +341,7 @@ async fn a_failing_dead_letter_topic_holds_the_offsets_and_drops_nothing() {
     ]))
     .await
     .unwrap();
-    let stats = sink.stats();
+    let board = sink.board();
     let dlq_breaker = Arc::clone(sink.dlq().breaker());
     let running = tokio::spawn(
         sink.run_until_stopped(CancellationToken::new(), Some(Duration::from_secs(2))),
@@ -362,12 +358,7 @@ async fn a_failing_dead_letter_topic_holds_the_offsets_and_drops_nothing() {
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    assert_eq!(
-        stats
-            .dead_lettered
-            .load(std::sync::atomic::Ordering::Relaxed),
-        0
-    );
+    assert_eq!(board.snapshot().totals.dead_lettered, 0);
     assert!(
         !running.is_finished(),
         "the sink cannot finish while dead letters are unacknowledged"
