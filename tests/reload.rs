@@ -57,7 +57,7 @@ async fn sighup_applies_live_settings_and_refuses_what_needs_a_restart() {
         .env("RUST_LOG", "info")
         .stdout(Stdio::null())
         .stderr(std::fs::File::create(&log_file).unwrap());
-    let mut sink = command.spawn().unwrap();
+    let mut sink = common::SinkProcess(command.spawn().unwrap());
 
     env.produce(200, 0.0, 0.0, 1).await;
     assert_eq!(env.wait_for_rows(200, Duration::from_secs(60)).await, 200);

@@ -285,7 +285,7 @@ impl TestEnv {
     }
 
     /// Starts the `auditflow` binary with this test's variables plus `extra`.
-    pub fn spawn_sink(&self, args: &[&str], extra: &[(&str, &str)]) -> Child {
+    pub fn spawn_sink(&self, args: &[&str], extra: &[(&str, &str)]) -> SinkProcess {
         let mut command = Command::new(env!("CARGO_BIN_EXE_auditflow"));
         command.args(args).env_clear();
         if let Ok(path) = std::env::var("PATH") {
@@ -305,6 +305,7 @@ impl TestEnv {
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
             .spawn()
+            .map(SinkProcess)
             .expect("spawn auditflow")
     }
 
@@ -350,6 +351,33 @@ pub fn drop_schema_blocking(schema: &str) {
         });
     })
     .join();
+}
+
+/// An `auditflow` child process that is killed when dropped, so a failing test leaves no sink
+/// running behind it.
+pub struct SinkProcess(pub Child);
+
+impl std::ops::Deref for SinkProcess {
+    type Target = Child;
+
+    fn deref(&self) -> &Child {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for SinkProcess {
+    fn deref_mut(&mut self) -> &mut Child {
+        &mut self.0
+    }
+}
+
+impl Drop for SinkProcess {
+    fn drop(&mut self) {
+        if let Ok(None) = self.0.try_wait() {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
 }
 
 /// Sends SIGTERM or SIGKILL to a child.
