@@ -1257,6 +1257,8 @@ impl ReplayRun<'_> {
     /// resumes from the last acknowledged record).
     async fn retry(&mut self, resend: &Resend) -> anyhow::Result<()> {
         let give_up_at = self.breaker.num_opened() + 2;
+        // Spaced retries give the producer time to refresh what it knows of the topic.
+        let mut pause = Duration::from_millis(100);
         loop {
             self.counts.retries += 1;
             let attempt = async {
@@ -1270,7 +1272,10 @@ impl ReplayRun<'_> {
                 Err(BreakerError::Inner(err)) if self.breaker.num_opened() >= give_up_at => {
                     return Err(err)
                 }
-                Err(BreakerError::Inner(_)) => {}
+                Err(BreakerError::Inner(_)) => {
+                    tokio::time::sleep(pause).await;
+                    pause = (pause * 2).min(Duration::from_secs(1));
+                }
                 Err(BreakerError::ProbeTimeout { dependency }) => {
                     if self.breaker.num_opened() >= give_up_at {
                         anyhow::bail!("{dependency} probe timed out");

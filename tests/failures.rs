@@ -337,6 +337,11 @@ async fn a_failing_dead_letter_topic_holds_the_offsets_and_drops_nothing() {
         .unwrap();
     let sink = Sink::build(env.config(&[
         ("AUDITFLOW_KAFKA_OPT_MESSAGE_TIMEOUT_MS", "1500"),
+        // The producer caches a topic's error until its next metadata refresh.
+        (
+            "AUDITFLOW_KAFKA_OPT_TOPIC_METADATA_REFRESH_INTERVAL_MS",
+            "200",
+        ),
         ("AUDITFLOW_BREAKER_OPEN_MS", "500"),
     ]))
     .await

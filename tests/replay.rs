@@ -980,6 +980,12 @@ async fn a_target_that_fails_for_a_while_is_retried_under_the_interactive_breake
         .unwrap();
     let overrides = [
         ("AUDITFLOW_KAFKA_OPT_MESSAGE_TIMEOUT_MS", "500"),
+        // The producer caches a topic's error until its next metadata refresh: refresh often,
+        // so the probe sees the cleared error.
+        (
+            "AUDITFLOW_KAFKA_OPT_TOPIC_METADATA_REFRESH_INTERVAL_MS",
+            "200",
+        ),
         ("AUDITFLOW_INTERACTIVE_BREAKER_OPEN_MS", "3000"),
     ];
     let options = ReplayOptions::default();
@@ -1009,7 +1015,7 @@ async fn a_target_that_fails_for_a_while_is_retried_under_the_interactive_breake
             replay::replay(&config, &options, CancellationToken::new())
         ),
         async {
-            tokio::time::sleep(Duration::from_millis(1500)).await;
+            tokio::time::sleep(Duration::from_millis(500)).await;
             cluster
                 .topic_error(&env.topic, RDKafkaRespErr::RD_KAFKA_RESP_ERR_NO_ERROR)
                 .unwrap();
