@@ -11,13 +11,12 @@ use std::time::{Duration as StdDuration, Instant};
 
 use auditflow::breaker::{Breaker, BreakerConfig};
 use auditflow::config::{Config, PartitionConfig};
-use auditflow::decode::content_hash;
 use auditflow::event::{Actor, ActorType, AuditEvent, Outcome as EventOutcome, Resource};
 use auditflow::partitions::{
     self, maintain_partitions_once, ActionKind, Creation, MaintenanceRound, Outcome,
     PartitionError, PartitionInterval, PartitionLifecycle, PartitionSpec, Plan,
 };
-use auditflow::store::{self, CopyRows, RowMeta, Store};
+use auditflow::store::{self, Store};
 use chrono::{DateTime, Duration, NaiveDate, Utc};
 use sqlx::PgPool;
 use uuid::Uuid;
@@ -183,24 +182,6 @@ fn event(id: u128, occurred_at: DateTime<Utc>) -> AuditEvent {
     }
 }
 
-fn rows(events: &[AuditEvent]) -> CopyRows {
-    let mut rows = CopyRows::new();
-    for (offset, event) in events.iter().enumerate() {
-        rows.push(
-            event,
-            RowMeta {
-                content_hash: content_hash(event),
-                schema_version: Some(2),
-                topic: "audit-events",
-                partition: 0,
-                offset: offset as i64,
-                kafka_timestamp: Some(Utc::now()),
-            },
-        );
-    }
-    rows
-}
-
 /// Writes `per_day` events on each day of `days` (ids from `first_id`), spread over the day.
 async fn write_days(store: &Store, days: &[NaiveDate], per_day: u128, first_id: u128) {
     let mut events = Vec::new();
@@ -211,7 +192,7 @@ async fn write_days(store: &Store, days: &[NaiveDate], per_day: u128, first_id: 
             events.push(event(id, midnight(*day) + offset));
         }
     }
-    let batch = rows(&events);
+    let batch = common::copy_rows(&events);
     store.write(&batch, 0..batch.len()).await.unwrap();
 }
 
@@ -324,7 +305,7 @@ async fn a_day_covered_by_a_partition_of_another_interval_already_exists() {
 
     // The ingest path follows the configured interval.
     let store = db.store().with_partition_interval(PartitionInterval::Week);
-    let batch = rows(&[event(1, at("2031-05-07T10:00:00Z"))]);
+    let batch = common::copy_rows(&[event(1, at("2031-05-07T10:00:00Z"))]);
     store.write(&batch, 0..1).await.unwrap();
     let placed: String = sqlx::query_scalar(&format!(
         "SELECT tableoid::regclass::text FROM \"{schema}\".events WHERE event_id = $1"
@@ -900,7 +881,7 @@ async fn maintenance_while_ingesting_at_full_speed_causes_no_ingest_errors() {
                         event(id, now - Duration::seconds((n * 7) as i64))
                     })
                     .collect();
-                let batch = rows(&events);
+                let batch = common::copy_rows(&events);
                 let started = Instant::now();
                 let outcome = store.write(&batch, 0..batch.len()).await?;
                 slowest_write_ms.fetch_max(started.elapsed().as_millis() as u64, Ordering::Relaxed);

@@ -6,10 +6,9 @@ use std::sync::Arc;
 
 use auditflow::breaker::{Breaker, BreakerConfig};
 use auditflow::config::Config;
-use auditflow::decode::content_hash;
 use auditflow::event::{Actor, ActorType, AuditEvent, Outcome, Resource};
 use auditflow::partitions::{self, Creation};
-use auditflow::store::{self, CopyRows, RowMeta, Store};
+use auditflow::store::{self, Store};
 use chrono::{DateTime, NaiveDate, Utc};
 use uuid::Uuid;
 
@@ -71,24 +70,6 @@ fn event(id: u128, tenant: &str) -> AuditEvent {
     }
 }
 
-fn rows(events: &[AuditEvent]) -> CopyRows {
-    let mut rows = CopyRows::new();
-    for (offset, event) in events.iter().enumerate() {
-        rows.push(
-            event,
-            RowMeta {
-                content_hash: content_hash(event),
-                schema_version: Some(2),
-                topic: "audit-events",
-                partition: 1,
-                offset: offset as i64,
-                kafka_timestamp: Some(Utc::now()),
-            },
-        );
-    }
-    rows
-}
-
 #[tokio::test]
 async fn eight_concurrent_creations_of_one_partition_report_one_created() {
     let db = TestDb::new().await;
@@ -115,7 +96,7 @@ async fn text_with_copy_separators_and_unicode_is_stored_exactly() {
     tricky.actor.user_agent = Some("\\N".into());
     let outcome = db
         .store
-        .write(&rows(std::slice::from_ref(&tricky)), 0..1)
+        .write(&common::copy_rows(std::slice::from_ref(&tricky)), 0..1)
         .await
         .unwrap();
     assert_eq!(outcome.stored, 1);
@@ -146,7 +127,10 @@ async fn rows_carry_their_kafka_coordinates_and_land_in_daily_partitions() {
     new.occurred_at = DateTime::parse_from_rfc3339("2030-01-03T00:00:00Z")
         .unwrap()
         .to_utc();
-    db.store.write(&rows(&[old, new]), 0..2).await.unwrap();
+    db.store
+        .write(&common::copy_rows(&[old, new]), 0..2)
+        .await
+        .unwrap();
     let placed: Vec<(String, String, i32, i64)> = sqlx::query_as(&format!(
         "SELECT tableoid::regclass::text, kafka_topic, kafka_partition, kafka_offset FROM \"{}\".events ORDER BY kafka_offset",
         db.schema
@@ -167,22 +151,38 @@ async fn rows_carry_their_kafka_coordinates_and_land_in_daily_partitions() {
 async fn repeated_batches_are_skipped_and_reused_ids_with_other_content_are_counted() {
     let db = TestDb::new().await;
     let events: Vec<AuditEvent> = (0..100).map(|i| event(i, "t")).collect();
-    let first = db.store.write(&rows(&events), 0..100).await.unwrap();
+    let first = db
+        .store
+        .write(&common::copy_rows(&events), 0..100)
+        .await
+        .unwrap();
     assert_eq!((first.stored, first.duplicates), (100, 0));
     // The same rows again, on the optimistic path too (after a clean batch).
-    let second = db.store.write(&rows(&events), 0..100).await.unwrap();
+    let second = db
+        .store
+        .write(&common::copy_rows(&events), 0..100)
+        .await
+        .unwrap();
     assert_eq!(
         (second.stored, second.duplicates, second.conflicts),
         (0, 100, 0)
     );
-    let third = db.store.write(&rows(&events), 0..100).await.unwrap();
+    let third = db
+        .store
+        .write(&common::copy_rows(&events), 0..100)
+        .await
+        .unwrap();
     assert_eq!((third.stored, third.duplicates), (0, 100));
 
     let mut mixed: Vec<AuditEvent> = (100..110).map(|i| event(i, "t")).collect();
     let mut reused = events[5].clone();
     reused.tenant_id = "someone-else".into();
     mixed.push(reused);
-    let fourth = db.store.write(&rows(&mixed), 0..11).await.unwrap();
+    let fourth = db
+        .store
+        .write(&common::copy_rows(&mixed), 0..11)
+        .await
+        .unwrap();
     assert_eq!(
         (fourth.stored, fourth.duplicates, fourth.conflicts),
         (10, 1, 1)

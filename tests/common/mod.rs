@@ -329,6 +329,25 @@ impl Drop for TestEnv {
     }
 }
 
+/// The events as COPY rows, as the sink would encode them: source partition 1, offsets from 0.
+pub fn copy_rows(events: &[auditflow::event::AuditEvent]) -> auditflow::store::CopyRows {
+    let mut rows = auditflow::store::CopyRows::new();
+    for (offset, event) in events.iter().enumerate() {
+        rows.push(
+            event,
+            auditflow::store::RowMeta {
+                content_hash: auditflow::decode::content_hash(event),
+                schema_version: Some(2),
+                topic: "audit-events",
+                partition: 1,
+                offset: offset as i64,
+                kafka_timestamp: Some(chrono::Utc::now()),
+            },
+        );
+    }
+    rows
+}
+
 /// Drops a test's schema from a `Drop` impl: on a thread of its own, since the test's runtime may
 /// be shutting down.
 pub fn drop_schema_blocking(schema: &str) {
