@@ -7,9 +7,7 @@ use std::time::Duration;
 use auditflow::dlq::header as dlq_header;
 use auditflow::Sink;
 use common::{header, signal, wait_exit, TestEnv};
-use rdkafka::message::{Header, Headers, Message, OwnedHeaders};
-use rdkafka::producer::{FutureProducer, FutureRecord};
-use rdkafka::ClientConfig;
+use rdkafka::message::{Headers, Message};
 use tokio_util::sync::CancellationToken;
 
 const IDLE: Duration = Duration::from_secs(2);
@@ -75,32 +73,7 @@ async fn a_committed_group_resumes_where_it_stopped() {
 async fn a_bad_record_reaches_the_dlq_with_its_headers_while_good_neighbours_are_stored() {
     let env = TestEnv::new(1).await;
     let before = env.produce(200, 0.0, 0.0, 11).await;
-    let producer: FutureProducer = ClientConfig::new()
-        .set("bootstrap.servers", env.kafka.brokers())
-        .create()
-        .unwrap();
-    let garbage = b"\x00\x00\x00\x00\x02not avro at all".to_vec();
-    let delivered = producer
-        .send(
-            FutureRecord::to(&env.topic)
-                .key("tenant-x")
-                .payload(&garbage)
-                .headers(
-                    OwnedHeaders::new()
-                        .insert(Header {
-                            key: "traceparent",
-                            value: Some("00-4bf92f-01"),
-                        })
-                        .insert(Header {
-                            key: "binary",
-                            value: Some(&[0u8, 255, 1][..]),
-                        }),
-                ),
-            Duration::from_secs(5),
-        )
-        .await
-        .expect("produce bad record");
-    let (partition, offset) = (delivered.partition, delivered.offset);
+    let (partition, offset) = env.produce_garbage_with_headers().await;
     let after = env.produce(200, 0.0, 0.1, 12).await;
 
     let summary = run_in_process(&env, &[]).await;
@@ -122,7 +95,7 @@ async fn a_bad_record_reaches_the_dlq_with_its_headers_while_good_neighbours_are
     assert_eq!(ours.key(), Some(&b"tenant-x"[..]));
     assert_eq!(
         ours.payload(),
-        Some(&garbage[..]),
+        Some(common::GARBAGE),
         "value kept byte for byte"
     );
     let headers = ours.headers().expect("headers");

@@ -393,31 +393,11 @@ async fn a_record_that_keeps_failing_ends_in_the_parking_topic_after_max_attempt
     let env = TestEnv::new(1).await;
     let parking_topic = format!("{}.parking", env.dlq_topic);
     env.kafka.create_topic(&parking_topic, 1).await;
-    let garbage = b"\x00\x00\x00\x00\x02not avro at all".to_vec();
     let original_headers = [
         ("traceparent".to_string(), Some(b"00-4bf92f-01".to_vec())),
         ("binary".to_string(), Some(vec![0u8, 255, 1])),
     ];
-    producer(&env)
-        .send(
-            FutureRecord::to(&env.topic)
-                .key("tenant-x")
-                .payload(&garbage)
-                .headers(
-                    OwnedHeaders::new()
-                        .insert(Header {
-                            key: "traceparent",
-                            value: Some("00-4bf92f-01"),
-                        })
-                        .insert(Header {
-                            key: "binary",
-                            value: Some(&[0u8, 255, 1][..]),
-                        }),
-                ),
-            KAFKA_TIMEOUT,
-        )
-        .await
-        .expect("produce garbage");
+    env.produce_garbage_with_headers().await;
     let options = ReplayOptions {
         filter: classes(&["decode"]),
         max_attempts: 2,
@@ -459,7 +439,7 @@ async fn a_record_that_keeps_failing_ends_in_the_parking_topic_after_max_attempt
     assert_eq!(parked.len(), 1, "exactly the one record is parked");
     let parked = &parked[0];
     assert_eq!(parked.key(), Some(&b"tenant-x"[..]));
-    assert_eq!(parked.payload(), Some(&garbage[..]));
+    assert_eq!(parked.payload(), Some(common::GARBAGE));
     assert_eq!(
         headers_of(parked),
         headers_of(&dead[2]),
@@ -476,7 +456,7 @@ async fn a_record_that_keeps_failing_ends_in_the_parking_topic_after_max_attempt
     let source = read_topic(&env, &env.topic).await;
     assert_eq!(source.len(), 3);
     for (message, attempt) in source.iter().zip([None, Some("2"), Some("3")]) {
-        assert_eq!(message.payload(), Some(&garbage[..]));
+        assert_eq!(message.payload(), Some(common::GARBAGE));
         assert_eq!(message.key(), Some(&b"tenant-x"[..]));
         assert_eq!(&headers_of(message)[..2], &original_headers[..]);
         assert_eq!(header(message, dlq_header::ATTEMPT).as_deref(), attempt);

@@ -112,6 +112,9 @@ impl TestKafka {
     }
 }
 
+/// Confluent-framed bytes that are not an Avro datum: the sink dead-letters them as `decode`.
+pub const GARBAGE: &[u8] = b"\x00\x00\x00\x00\x02not avro at all";
+
 /// Everything one test owns.
 pub struct TestEnv {
     /// The broker.
@@ -233,6 +236,37 @@ impl TestEnv {
         )
         .await
         .expect("produce")
+    }
+
+    /// Writes [`GARBAGE`] keyed `tenant-x` with a text and a binary header to the source topic;
+    /// returns its partition and offset.
+    pub async fn produce_garbage_with_headers(&self) -> (i32, i64) {
+        use rdkafka::message::{Header, OwnedHeaders};
+        let producer: rdkafka::producer::FutureProducer = ClientConfig::new()
+            .set("bootstrap.servers", self.kafka.brokers())
+            .create()
+            .expect("producer");
+        let delivered = producer
+            .send(
+                rdkafka::producer::FutureRecord::to(&self.topic)
+                    .key("tenant-x")
+                    .payload(GARBAGE)
+                    .headers(
+                        OwnedHeaders::new()
+                            .insert(Header {
+                                key: "traceparent",
+                                value: Some("00-4bf92f-01"),
+                            })
+                            .insert(Header {
+                                key: "binary",
+                                value: Some(&[0u8, 255, 1][..]),
+                            }),
+                    ),
+                Duration::from_secs(5),
+            )
+            .await
+            .expect("produce garbage");
+        (delivered.partition, delivered.offset)
     }
 
     /// Rows in the events table.
