@@ -15,8 +15,8 @@ use serde::de::DeserializeOwned;
 use serde::Deserialize;
 
 use crate::breaker::BreakerConfig;
-use crate::decode::AcceptWindow;
-use crate::partitions::PartitionInterval;
+use crate::ingest::decode::AcceptWindow;
+use crate::ops::partitions::PartitionInterval;
 
 /// Every variable auditflow reads starts with this.
 pub const ENV_PREFIX: &str = "AUDITFLOW_";

@@ -1,7 +1,7 @@
 //! The audit event as the rest of the pipeline sees it, once decoded and validated.
 //!
 //! The Avro schemas in `schemas/` are the wire contract; this module is the in-memory one. Decoding
-//! (`crate::decode`) turns a Kafka payload into an [`AuditEvent`]; storage (`crate::store`) writes it
+//! (`crate::ingest::decode`) turns a Kafka payload into an [`AuditEvent`]; storage (`crate::ingest::store`) writes it
 //! as one row of the partitioned `events` table.
 
 use chrono::{DateTime, Utc};

@@ -36,26 +36,16 @@
 //! - [`generate`] and [`produce`]: the load generator; [`demo`]: the self-contained demo;
 //!   [`bench`]: the end-to-end benchmark.
 
-pub mod batch;
-pub mod bench;
 pub mod breaker;
 pub mod config;
-pub mod decode;
-pub mod demo;
-pub mod dlq;
 pub mod event;
-pub mod generate;
+pub mod ingest;
 pub mod kafka;
-pub mod notify;
 pub mod observe;
-pub mod offsets;
-pub mod partitions;
-pub mod produce;
+pub mod ops;
 pub mod reload;
-pub mod replay;
-pub mod sink;
-pub mod store;
 pub mod telemetry;
+pub mod tools;
 
 pub use config::Config;
-pub use sink::{RunSummary, Sink};
+pub use ingest::{RunSummary, Sink};

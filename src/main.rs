@@ -7,12 +7,14 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use auditflow::breaker::Breaker;
+use auditflow::ingest::store;
 use auditflow::observe::{self, StatusBoard};
-use auditflow::partitions::{self, PartitionLifecycle};
-use auditflow::produce::ProduceOptions;
+use auditflow::ops::partitions::{self, PartitionLifecycle};
+use auditflow::ops::replay::{self, OffsetRange, ReplayFilter, ReplayOptions};
 use auditflow::reload::{ConfigSource, LiveConfig};
-use auditflow::replay::{self, OffsetRange, ReplayFilter, ReplayOptions};
-use auditflow::{bench, demo, produce, store, telemetry, Config, Sink};
+use auditflow::tools::produce::ProduceOptions;
+use auditflow::tools::{bench, demo, produce};
+use auditflow::{telemetry, Config, Sink};
 use chrono::{DateTime, Utc};
 use clap::{Parser, Subcommand};
 use tokio::sync::watch;

@@ -607,8 +607,8 @@ pub fn describe_metrics() {
         Unit::Count,
         "database pool connections, by state (in_use, idle)"
     );
-    crate::notify::describe_metrics();
-    crate::partitions::describe_metrics();
+    crate::ingest::notify::describe_metrics();
+    crate::ops::partitions::describe_metrics();
 }
 
 /// A running observability server.

@@ -9,10 +9,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use auditflow::breaker::State as BreakerState;
-use auditflow::decode::Decoder;
-use auditflow::dlq::header as dlq_header;
 use auditflow::event::{Actor, ActorType, AuditEvent, Outcome, Resource};
-use auditflow::{store, Sink};
+use auditflow::ingest::decode::Decoder;
+use auditflow::ingest::dlq::header as dlq_header;
+use auditflow::ingest::store;
+use auditflow::Sink;
 use chrono::Utc;
 use common::{header, TestEnv};
 use proxy::TcpProxy;

@@ -10,7 +10,7 @@ use std::time::Duration;
 mod proxy;
 
 use auditflow::breaker::BreakerConfig;
-use auditflow::notify::{
+use auditflow::ingest::notify::{
     spawn, Invalidation, NotifyConfig, NotifyStats, MAX_RESOURCES_PER_MESSAGE,
 };
 use futures::StreamExt;

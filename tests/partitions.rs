@@ -12,11 +12,11 @@ use std::time::{Duration as StdDuration, Instant};
 use auditflow::breaker::{Breaker, BreakerConfig};
 use auditflow::config::{Config, PartitionConfig};
 use auditflow::event::{Actor, ActorType, AuditEvent, Outcome as EventOutcome, Resource};
-use auditflow::partitions::{
+use auditflow::ingest::store::{self, Store};
+use auditflow::ops::partitions::{
     self, maintain_partitions_once, ActionKind, Creation, MaintenanceRound, Outcome,
     PartitionError, PartitionInterval, PartitionLifecycle, PartitionSpec, Plan,
 };
-use auditflow::store::{self, Store};
 use chrono::{DateTime, Duration, NaiveDate, Utc};
 use sqlx::PgPool;
 use uuid::Uuid;

@@ -4,7 +4,7 @@ mod common;
 
 use std::time::Duration;
 
-use auditflow::dlq::header as dlq_header;
+use auditflow::ingest::dlq::header as dlq_header;
 use auditflow::Sink;
 use common::{header, signal, wait_exit, TestEnv};
 use rdkafka::message::{Headers, Message};

@@ -6,10 +6,10 @@ mod common;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::time::Duration;
 
-use auditflow::decode::Decoder;
-use auditflow::dlq::{header as dlq_header, DeadLetter, Failure, SourceRecord};
 use auditflow::event::{Actor, ActorType, AuditEvent, Outcome, Resource};
-use auditflow::replay::{self, OffsetRange, ReplayFilter, ReplayOptions, ReplaySummary};
+use auditflow::ingest::decode::Decoder;
+use auditflow::ingest::dlq::{header as dlq_header, DeadLetter, Failure, SourceRecord};
+use auditflow::ops::replay::{self, OffsetRange, ReplayFilter, ReplayOptions, ReplaySummary};
 use auditflow::{RunSummary, Sink};
 use chrono::{DateTime, Utc};
 use common::{header, suffix, wait_exit, TestEnv};

@@ -7,8 +7,8 @@ use std::sync::Arc;
 use auditflow::breaker::{Breaker, BreakerConfig};
 use auditflow::config::Config;
 use auditflow::event::{Actor, ActorType, AuditEvent, Outcome, Resource};
-use auditflow::partitions::{self, Creation};
-use auditflow::store::{self, Store};
+use auditflow::ingest::store::{self, Store};
+use auditflow::ops::partitions::{self, Creation};
 use chrono::{DateTime, NaiveDate, Utc};
 use uuid::Uuid;
 

@@ -7,7 +7,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use auditflow::config::Config;
-use auditflow::produce::{self, ProduceOptions, ProduceSummary};
+use auditflow::tools::produce::{self, ProduceOptions, ProduceSummary};
 use rand::Rng;
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
@@ -364,13 +364,13 @@ impl Drop for TestEnv {
 }
 
 /// The events as COPY rows, as the sink would encode them: source partition 1, offsets from 0.
-pub fn copy_rows(events: &[auditflow::event::AuditEvent]) -> auditflow::store::CopyRows {
-    let mut rows = auditflow::store::CopyRows::new();
+pub fn copy_rows(events: &[auditflow::event::AuditEvent]) -> auditflow::ingest::store::CopyRows {
+    let mut rows = auditflow::ingest::store::CopyRows::new();
     for (offset, event) in events.iter().enumerate() {
         rows.push(
             event,
-            auditflow::store::RowMeta {
-                content_hash: auditflow::decode::content_hash(event),
+            auditflow::ingest::store::RowMeta {
+                content_hash: auditflow::ingest::decode::content_hash(event),
                 schema_version: Some(2),
                 topic: "audit-events",
                 partition: 1,

@@ -48,7 +48,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::breaker::{Breaker, BreakerError};
 use crate::config::Config;
-use crate::dlq::{header, SourceRecord};
+use crate::ingest::dlq::{header, SourceRecord};
 use crate::kafka;
 
 /// How many times a record may be replayed before it is parked, unless `--max-attempts` says.

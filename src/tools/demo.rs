@@ -13,8 +13,8 @@ use rdkafka::mocking::MockCluster;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{Config, Secret};
-use crate::produce::{self, ProduceOptions, ProduceSummary};
-use crate::sink::{RunSummary, Sink};
+use crate::ingest::sink::{RunSummary, Sink};
+use crate::tools::produce::{self, ProduceOptions, ProduceSummary};
 
 /// Default database for the demo when `AUDITFLOW_DATABASE_URL` is unset.
 pub const DEFAULT_DATABASE_URL: &str = "postgres://postgres@127.0.0.1:5432/postgres";

@@ -48,9 +48,18 @@ pub const READER_VERSION: u32 = 2;
 /// The longest tenant id, actor id, action, resource type or resource id accepted, in bytes.
 pub const MAX_KEY_FIELD_BYTES: usize = 512;
 
-const READER_SCHEMA: &str = include_str!("../schemas/audit_event.v2.avsc");
+const READER_SCHEMA: &str = include_str!(concat!(
+    env!("CARGO_MANIFEST_DIR"),
+    "/schemas/audit_event.v2.avsc"
+));
 const EMBEDDED_SCHEMAS: [(u32, &str); 2] = [
-    (1, include_str!("../schemas/audit_event.v1.avsc")),
+    (
+        1,
+        include_str!(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/schemas/audit_event.v1.avsc"
+        )),
+    ),
     (READER_VERSION, READER_SCHEMA),
 ];
 

@@ -31,17 +31,17 @@ use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use crate::batch::{Batch, BatchLimits};
 use crate::breaker::{Breaker, State as BreakerState};
 use crate::config::Config;
-use crate::decode::{self, AcceptWindow, Decoder};
-use crate::dlq::{DeadLetter, DlqError, DlqProducer, Failure, SourceRecord};
+use crate::ingest::batch::{Batch, BatchLimits};
+use crate::ingest::decode::{self, AcceptWindow, Decoder};
+use crate::ingest::dlq::{DeadLetter, DlqError, DlqProducer, Failure, SourceRecord};
+use crate::ingest::notify::{self, Notifier, NotifyConfig};
+use crate::ingest::offsets::OffsetTracker;
+use crate::ingest::store::{self, Retry, Store, StoreError, WriteOutcome};
 use crate::kafka;
-use crate::notify::{self, Notifier, NotifyConfig};
 use crate::observe::StatusBoard;
-use crate::offsets::OffsetTracker;
-use crate::partitions::{self, PartitionLifecycle};
-use crate::store::{self, Retry, Store, StoreError, WriteOutcome};
+use crate::ops::partitions::{self, PartitionLifecycle};
 
 /// How long a finished batch may wait for the store before the consumer pauses its partitions.
 pub const PAUSE_AFTER: Duration = Duration::from_secs(2);

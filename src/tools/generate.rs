@@ -21,8 +21,8 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use serde_json::json;
 
-use crate::decode::{Decoder, ErrorClass};
 use crate::event::{Actor, ActorType, AuditEvent, Outcome, Resource};
+use crate::ingest::decode::{Decoder, ErrorClass};
 
 /// How many of the most recent valid payloads a duplicate is drawn from.
 pub const DUPLICATE_WINDOW: usize = 1000;
@@ -562,7 +562,7 @@ fn note_text(rng: &mut StdRng, length: usize) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::decode::{validate, AcceptWindow};
+    use crate::ingest::decode::{validate, AcceptWindow};
     use chrono::TimeZone;
     use std::collections::HashSet;
 

@@ -62,7 +62,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::breaker::{Breaker, BreakerError};
 use crate::config::PartitionConfig;
-use crate::store::{classify, Retry};
+use crate::ingest::store::{classify, Retry};
 
 /// Prefix of a retired partition's name.
 pub const RETIRED_PREFIX: &str = "retired_";

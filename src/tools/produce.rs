@@ -11,8 +11,8 @@ use serde::Serialize;
 use tokio::time::Instant;
 
 use crate::config::Config;
-use crate::generate::{EventGenerator, GeneratorConfig};
 use crate::kafka;
+use crate::tools::generate::{EventGenerator, GeneratorConfig};
 
 /// What to produce.
 #[derive(Debug, Clone)]

@@ -25,13 +25,13 @@ use tokio::time::Instant;
 
 use crate::breaker::{Breaker, BreakerConfig};
 use crate::config::{Config, Secret, METRICS_OFF};
-use crate::decode::{content_hash, Decoder};
-use crate::generate::{EventGenerator, GeneratorConfig};
+use crate::ingest::decode::{content_hash, Decoder};
+use crate::ingest::sink::RunSummary;
+use crate::ingest::store::{self, CopyRows, RowMeta, Store};
 use crate::kafka;
-use crate::partitions::quote_ident;
-use crate::produce::{self, ProduceOptions};
-use crate::sink::RunSummary;
-use crate::store::{self, CopyRows, RowMeta, Store};
+use crate::ops::partitions::quote_ident;
+use crate::tools::generate::{EventGenerator, GeneratorConfig};
+use crate::tools::produce::{self, ProduceOptions};
 
 /// Benchmark parameters.
 #[derive(Debug, Clone)]
@@ -85,7 +85,7 @@ pub async fn run(mut config: Config, options: &BenchOptions) -> anyhow::Result<B
     let database_url = config
         .database
         .database_url
-        .get_or_insert_with(|| Secret::new(crate::demo::DEFAULT_DATABASE_URL))
+        .get_or_insert_with(|| Secret::new(crate::tools::demo::DEFAULT_DATABASE_URL))
         .clone();
     let topic = format!("auditflow-bench-{suffix:08x}");
     let latency_topic = format!("{topic}-latency");

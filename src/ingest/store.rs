@@ -26,7 +26,7 @@ use sqlx::{Connection, Executor, PgPool};
 use crate::breaker::{Breaker, BreakerError};
 use crate::config::DatabaseConfig;
 use crate::event::AuditEvent;
-use crate::partitions::{self, quote_ident, PartitionInterval};
+use crate::ops::partitions::{self, quote_ident, PartitionInterval};
 
 /// Migrations embedded in the binary.
 pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
@@ -129,7 +129,7 @@ pub struct CopyRows {
 /// Everything a row carries besides the event.
 #[derive(Debug, Clone, Copy)]
 pub struct RowMeta<'a> {
-    /// See [`crate::decode::content_hash`].
+    /// See [`crate::ingest::decode::content_hash`].
     pub content_hash: [u8; 16],
     /// The writer schema version, when known.
     pub schema_version: Option<u32>,

@@ -17,11 +17,11 @@ use tokio::time::Instant;
 use uuid::Uuid;
 
 use crate::config::BatchConfig;
-use crate::decode::Decoded;
-use crate::dlq::{DeadLetter, SourceRecord};
-use crate::notify::Invalidation;
-use crate::offsets::Delivery;
-use crate::store::{CopyRows, RowMeta};
+use crate::ingest::decode::Decoded;
+use crate::ingest::dlq::{DeadLetter, SourceRecord};
+use crate::ingest::notify::Invalidation;
+use crate::ingest::offsets::Delivery;
+use crate::ingest::store::{CopyRows, RowMeta};
 
 /// Flush limits.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -229,7 +229,7 @@ mod tests {
                 session_id: None,
             },
             writer_version: 2,
-            wire_format: crate::decode::WireFormat::Confluent,
+            wire_format: crate::ingest::decode::WireFormat::Confluent,
         }
     }
 
@@ -325,7 +325,7 @@ mod tests {
             delivery(0),
             DeadLetter {
                 source: source(0, 5),
-                failure: crate::dlq::Failure {
+                failure: crate::ingest::dlq::Failure {
                     class: "decode".into(),
                     message: "bad".into(),
                     sqlstate: None,

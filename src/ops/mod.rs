@@ -1,0 +1,4 @@
+//! Operator commands: partition upkeep and dead-letter replay.
+
+pub mod partitions;
+pub mod replay;
