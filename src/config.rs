@@ -15,7 +15,6 @@ use serde::de::DeserializeOwned;
 use serde::Deserialize;
 
 use crate::breaker::BreakerConfig;
-use crate::ingest::decode::AcceptWindow;
 use crate::ops::partitions::PartitionInterval;
 
 /// Every variable auditflow reads starts with this.
@@ -663,14 +662,6 @@ impl Config {
             .database_url
             .as_ref()
             .ok_or_else(|| ConfigError("AUDITFLOW_DATABASE_URL is required".into()))
-    }
-
-    /// The accepted `occurred_at` window.
-    pub fn accept_window(&self) -> AcceptWindow {
-        AcceptWindow {
-            past: chrono::Duration::days(i64::from(self.sink.accept_past_days)),
-            future: chrono::Duration::days(i64::from(self.sink.accept_future_days)),
-        }
     }
 
     /// The log filter: `AUDITFLOW_LOG_LEVEL`, else `RUST_LOG`, else `info`.

@@ -5,6 +5,7 @@
 //! as one row of the partitioned `events` table.
 
 use chrono::{DateTime, Utc};
+use sha2::{Digest, Sha256};
 use uuid::Uuid;
 
 /// Who performed the action.
@@ -118,4 +119,50 @@ pub struct AuditEvent {
     pub details: Option<String>,
     /// Session id (schema v2); `None` for events written with v1.
     pub session_id: Option<String>,
+}
+
+/// Returns a 16-byte fingerprint of every field of the event, independent of the wire format and
+/// writer schema: the same event written with v1 or v2 (with no session) hashes the same. Used to
+/// tell a redelivery (same id, same content) from an id reused for different content.
+///
+/// `details` is hashed as the text it arrived as, so re-serialised JSON with other spacing or key
+/// order hashes differently.
+pub fn content_hash(event: &AuditEvent) -> [u8; 16] {
+    let mut hasher = Sha256::new();
+    // Domain separation and a version, so the serialisation can change without silent collisions.
+    hasher.update(b"auditflow.content.v1\0");
+    hasher.update(event.event_id.as_bytes());
+    hasher.update(event.occurred_at.timestamp_micros().to_be_bytes());
+    hash_text(&mut hasher, &event.tenant_id);
+    hash_text(&mut hasher, &event.actor.id);
+    hash_text(&mut hasher, event.actor.actor_type.as_str());
+    hash_optional_text(&mut hasher, event.actor.ip.as_deref());
+    hash_optional_text(&mut hasher, event.actor.user_agent.as_deref());
+    hash_text(&mut hasher, &event.action);
+    hash_text(&mut hasher, &event.resource.resource_type);
+    hash_text(&mut hasher, &event.resource.id);
+    hash_text(&mut hasher, event.outcome.as_str());
+    hash_optional_text(&mut hasher, event.reason.as_deref());
+    hash_optional_text(&mut hasher, event.trace_id.as_deref());
+    hash_optional_text(&mut hasher, event.details.as_deref());
+    hash_optional_text(&mut hasher, event.session_id.as_deref());
+    let digest = hasher.finalize();
+    let mut hash = [0u8; 16];
+    hash.copy_from_slice(&digest[..16]);
+    hash
+}
+
+fn hash_text(hasher: &mut Sha256, text: &str) {
+    hasher.update((text.len() as u64).to_be_bytes());
+    hasher.update(text.as_bytes());
+}
+
+fn hash_optional_text(hasher: &mut Sha256, text: Option<&str>) {
+    match text {
+        None => hasher.update([0u8]),
+        Some(text) => {
+            hasher.update([1u8]);
+            hash_text(hasher, text);
+        }
+    }
 }

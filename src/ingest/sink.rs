@@ -34,7 +34,7 @@ use tokio_util::sync::CancellationToken;
 use crate::breaker::{Breaker, State as BreakerState};
 use crate::config::Config;
 use crate::ingest::batch::{Batch, BatchLimits};
-use crate::ingest::decode::{self, AcceptWindow, Decoder};
+use crate::ingest::decode::{AcceptWindow, Decoder};
 use crate::ingest::dlq::{DeadLetter, DlqError, DlqProducer, Failure, SourceRecord};
 use crate::ingest::notify::{self, Notifier, NotifyConfig};
 use crate::ingest::offsets::OffsetTracker;
@@ -394,7 +394,7 @@ impl Sink {
         board.register_pool(store.pool().clone());
         Ok(Sink {
             board,
-            window: config.accept_window(),
+            window: AcceptWindow::from_config(&config.sink),
             limits: watch::Sender::new(BatchLimits::from(&config.batch)),
             config,
             consumer: Arc::new(consumer),
@@ -696,7 +696,7 @@ impl Sink {
         match decoded {
             Ok(decoded) => {
                 let encode_started = std::time::Instant::now();
-                let hash = decode::content_hash(&decoded.event);
+                let hash = crate::event::content_hash(&decoded.event);
                 batch.add_event(delivery, &decoded, hash, source);
                 add_elapsed(&self.stats.encode_ns, encode_started);
             }

@@ -129,7 +129,7 @@ pub struct CopyRows {
 /// Everything a row carries besides the event.
 #[derive(Debug, Clone, Copy)]
 pub struct RowMeta<'a> {
-    /// See [`crate::ingest::decode::content_hash`].
+    /// See [`crate::event::content_hash`].
     pub content_hash: [u8; 16],
     /// The writer schema version, when known.
     pub schema_version: Option<u32>,

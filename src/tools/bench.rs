@@ -25,7 +25,8 @@ use tokio::time::Instant;
 
 use crate::breaker::{Breaker, BreakerConfig};
 use crate::config::{Config, Secret, METRICS_OFF};
-use crate::ingest::decode::{content_hash, Decoder};
+use crate::event::content_hash;
+use crate::ingest::decode::Decoder;
 use crate::ingest::sink::RunSummary;
 use crate::ingest::store::{self, CopyRows, RowMeta, Store};
 use crate::kafka;

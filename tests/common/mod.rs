@@ -370,7 +370,7 @@ pub fn copy_rows(events: &[auditflow::event::AuditEvent]) -> auditflow::ingest::
         rows.push(
             event,
             auditflow::ingest::store::RowMeta {
-                content_hash: auditflow::ingest::decode::content_hash(event),
+                content_hash: auditflow::event::content_hash(event),
                 schema_version: Some(2),
                 topic: "audit-events",
                 partition: 1,

@@ -14,6 +14,8 @@
 //! The iterator ends once [`GeneratorConfig::count`] valid events have been emitted; duplicates and
 //! invalid records come on top of that count.
 
+pub mod encode;
+
 use std::collections::VecDeque;
 
 use chrono::{DateTime, Duration, Utc};

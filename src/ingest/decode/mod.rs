@@ -1,0 +1,516 @@
+//! Turns a Kafka message payload into a validated [`AuditEvent`].
+//!
+//! Two wire formats are accepted, told apart per message by their first bytes:
+//!
+//! - Confluent framing: `0x00`, a 4-byte big-endian schema id, then the Avro binary datum. Without a
+//!   registry, schema id `N` means `schemas/audit_event.vN.avsc`.
+//! - Avro single-object encoding: `0xC3 0x01`, the 8-byte little-endian CRC-64-AVRO fingerprint of
+//!   the writer schema's Parsing Canonical Form, then the datum.
+//!
+//! Every writer schema is parsed, checked against the reader schema (v2) and compiled once, when the
+//! [`Decoder`] is built, into a plan: one step per writer field, in writer order, that either fills a
+//! field of [`AuditEvent`] or skips the bytes of a field the reader does not know. Decoding a message
+//! is then a single pass over its bytes with no per-message schema work. This is Avro schema
+//! resolution restricted to the one reader schema we have: fields are matched by name, writer-only
+//! fields are skipped, reader fields absent from the writer take their default (`null`), `int`
+//! promotes to `long`, `bytes` to `string`, and enum symbols are matched by name.
+//!
+//! Why not `apache_avro::from_avro_datum` with a reader schema: it rebuilds the schema's name table
+//! on every call, materialises a `Value` tree and then resolves it into a second one, and it fails
+//! the whole datum with an opaque error when a `uuid` string does not parse (we want that classed as
+//! `validation`). apache-avro is still used for what it does well: parsing schemas and the
+//! compatibility check at load time, and as an independent encoder in the tests.
+//!
+//! Fingerprints are computed here from the spec's Parsing Canonical Form rather than with
+//! `Schema::fingerprint`: apache-avro 0.21 keeps logical-typed primitives as `{"type":"string"}`
+//! instead of `"string"` (AVRO-4004), so its fingerprints differ from those of the Java, Python and
+//! Confluent implementations for any schema with a logical type, ours included. Payloads framed with
+//! apache-avro's own fingerprint are still recognised, so Rust producers using
+//! `GenericSingleObjectWriter` keep working.
+//!
+//! Parts: this file holds the [`Decoder`] (framing, the schema set, errors); [`schema`] parses
+//! and compiles writer schemas; `plan` maps writer fields onto the reader's; `wire` reads Avro
+//! binary; `fingerprint` computes canonical forms; `rules` holds the content rules
+//! ([`validate`]). The encoder the load generator uses lives in `tools::generate::encode`.
+
+mod fingerprint;
+pub(crate) mod plan;
+mod rules;
+pub(crate) mod schema;
+#[cfg(test)]
+mod tests;
+mod wire;
+
+pub use rules::validate;
+pub(crate) use schema::WriterSchema;
+
+use std::collections::{BTreeMap, HashMap};
+use std::fmt;
+use std::path::{Path, PathBuf};
+
+use apache_avro::Schema;
+use chrono::{DateTime, Duration, Utc};
+
+use crate::config::SinkConfig;
+use crate::event::AuditEvent;
+
+/// The schema version every payload is resolved into; its text is embedded in the binary.
+pub const READER_VERSION: u32 = 2;
+
+/// The longest tenant id, actor id, action, resource type or resource id accepted, in bytes.
+pub const MAX_KEY_FIELD_BYTES: usize = 512;
+
+const READER_SCHEMA: &str = include_str!(concat!(
+    env!("CARGO_MANIFEST_DIR"),
+    "/schemas/audit_event.v2.avsc"
+));
+const EMBEDDED_SCHEMAS: [(u32, &str); 2] = [
+    (
+        1,
+        include_str!(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/schemas/audit_event.v1.avsc"
+        )),
+    ),
+    (READER_VERSION, READER_SCHEMA),
+];
+
+pub(crate) const CONFLUENT_MAGIC: u8 = 0x00;
+pub(crate) const SINGLE_OBJECT_MAGIC: [u8; 2] = [0xC3, 0x01];
+const CONFLUENT_HEADER_LEN: usize = 5;
+const SINGLE_OBJECT_HEADER_LEN: usize = 10;
+
+/// Nesting depth past which a writer-only field is refused instead of skipped. Recursive schemas
+/// would otherwise let a crafted payload exhaust the stack.
+pub(crate) const MAX_SKIP_DEPTH: usize = 64;
+
+/// How much of a rejected value is quoted in an error message.
+const QUOTE_CHARS: usize = 64;
+
+/// The kind of failure, written to the dead-letter header `auditflow.error.class`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ErrorClass {
+    /// The bytes are not a decodable message: unknown magic byte, truncated header or datum.
+    Decode,
+    /// The writer schema is unknown, or its data cannot be resolved into the reader schema.
+    Schema,
+    /// The event decoded but breaks a content rule (ids, lengths, NUL characters, details JSON).
+    Validation,
+    /// The event's `occurred_at` is outside the accept window.
+    OutOfWindow,
+}
+
+impl ErrorClass {
+    /// Returns the stable name used in dead-letter headers and metric labels.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ErrorClass::Decode => "decode",
+            ErrorClass::Schema => "schema",
+            ErrorClass::Validation => "validation",
+            ErrorClass::OutOfWindow => "out_of_window",
+        }
+    }
+}
+
+impl fmt::Display for ErrorClass {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// The framing a payload arrived in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum WireFormat {
+    /// `0x00`, 4-byte big-endian schema id, datum.
+    Confluent,
+    /// `0xC3 0x01`, 8-byte little-endian schema fingerprint, datum.
+    SingleObject,
+}
+
+impl fmt::Display for WireFormat {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            WireFormat::Confluent => "confluent",
+            WireFormat::SingleObject => "single-object",
+        })
+    }
+}
+
+/// Why a payload was refused. Every variant is permanent for that payload: retrying it gives the
+/// same answer, so the caller dead-letters it under [`DecodeError::class`].
+#[derive(Debug, thiserror::Error)]
+pub enum DecodeError {
+    /// The payload has no bytes at all.
+    #[error("payload is empty")]
+    Empty,
+    /// The first bytes match neither framing.
+    #[error(
+        "unrecognised wire format: payload starts with {prefix}, expected 0x00 (confluent) or 0xc3 0x01 (avro single-object)"
+    )]
+    UnknownFormat {
+        /// The first bytes, in hex.
+        prefix: String,
+    },
+    /// The payload ends inside its framing header.
+    #[error("{format} header is truncated: payload has {len} bytes, the header needs {needed}")]
+    TruncatedHeader {
+        /// The framing recognised from the magic bytes.
+        format: WireFormat,
+        /// The payload length.
+        len: usize,
+        /// The header length.
+        needed: usize,
+    },
+    /// A Confluent schema id that names no loaded schema.
+    #[error("unknown schema id {0}: no audit_event.v{0}.avsc is loaded")]
+    UnknownSchemaId(u32),
+    /// A single-object fingerprint that matches no loaded schema.
+    #[error("unknown writer schema fingerprint {0:#018x}")]
+    UnknownFingerprint(u64),
+    /// The datum does not decode with its writer schema (truncated, bad varint, bad UTF-8, trailing
+    /// bytes, out-of-range union or enum index).
+    #[error("datum written with schema v{version} does not decode at {field}: {reason}")]
+    Datum {
+        /// The writer schema version.
+        version: u32,
+        /// The field being read, as a dotted path.
+        field: String,
+        /// What was wrong with the bytes.
+        reason: String,
+    },
+    /// The datum decoded, but its value has no place in the reader schema (a writer enum symbol the
+    /// reader lacks, a null for a required field).
+    #[error("datum written with schema v{version} cannot be resolved at {field}: {reason}")]
+    Unresolvable {
+        /// The writer schema version.
+        version: u32,
+        /// The reader field, as a dotted path.
+        field: &'static str,
+        /// Why the value cannot be resolved.
+        reason: String,
+    },
+    /// A field breaks a content rule.
+    #[error("{field} is invalid: {reason}")]
+    Invalid {
+        /// The field, as a dotted path.
+        field: &'static str,
+        /// Which rule it breaks.
+        reason: String,
+    },
+    /// `occurred_at` is outside `[now - past, now + future]`.
+    #[error("occurred_at {occurred_at} is outside the accept window {earliest} to {latest}")]
+    OutOfWindow {
+        /// The event time.
+        occurred_at: DateTime<Utc>,
+        /// The earliest time accepted.
+        earliest: DateTime<Utc>,
+        /// The latest time accepted.
+        latest: DateTime<Utc>,
+    },
+    /// `occurred_at` does not even fit a calendar date.
+    #[error("occurred_at of {micros} microseconds since the epoch is not a representable time")]
+    UnrepresentableTime {
+        /// The raw `timestamp-micros` value.
+        micros: i64,
+    },
+}
+
+impl DecodeError {
+    /// Returns the class written to the dead-letter header.
+    pub fn class(&self) -> ErrorClass {
+        match self {
+            DecodeError::Empty
+            | DecodeError::UnknownFormat { .. }
+            | DecodeError::TruncatedHeader { .. }
+            | DecodeError::Datum { .. } => ErrorClass::Decode,
+            DecodeError::UnknownSchemaId(_)
+            | DecodeError::UnknownFingerprint(_)
+            | DecodeError::Unresolvable { .. } => ErrorClass::Schema,
+            DecodeError::Invalid { .. } => ErrorClass::Validation,
+            DecodeError::OutOfWindow { .. } | DecodeError::UnrepresentableTime { .. } => {
+                ErrorClass::OutOfWindow
+            }
+        }
+    }
+}
+
+/// Why the schema set could not be built. Raised at start-up, never per message.
+#[derive(Debug, thiserror::Error)]
+pub enum SchemaLoadError {
+    /// The schema directory cannot be listed.
+    #[error("cannot list schema directory {path}")]
+    ListDir {
+        /// The directory.
+        path: PathBuf,
+        /// The underlying error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A schema file cannot be read.
+    #[error("cannot read schema file {path}")]
+    ReadFile {
+        /// The file.
+        path: PathBuf,
+        /// The underlying error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// Two files name the same version (e.g. `v2` and `v02`).
+    #[error("schema files {first} and {second} both define version {version}")]
+    DuplicateVersion {
+        /// The version.
+        version: u32,
+        /// One file.
+        first: PathBuf,
+        /// The other file.
+        second: PathBuf,
+    },
+    /// A file is not a valid Avro schema.
+    #[error("schema v{version} is not a valid avro schema: {reason}")]
+    Parse {
+        /// The version.
+        version: u32,
+        /// The parser's complaint.
+        reason: String,
+    },
+    /// Data written with this schema cannot be read with the reader schema.
+    #[error("writer schema v{version} cannot be read with reader schema v2: {reason}")]
+    Incompatible {
+        /// The version.
+        version: u32,
+        /// What does not resolve.
+        reason: String,
+    },
+}
+
+/// The time range an event's `occurred_at` must fall in, relative to the time of decoding.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AcceptWindow {
+    /// How far in the past an event may be.
+    pub past: Duration,
+    /// How far in the future an event may be (clock skew of producers).
+    pub future: Duration,
+}
+
+impl AcceptWindow {
+    /// The window `AUDITFLOW_ACCEPT_PAST_DAYS` and `AUDITFLOW_ACCEPT_FUTURE_DAYS` set.
+    pub fn from_config(sink: &SinkConfig) -> Self {
+        AcceptWindow {
+            past: Duration::days(i64::from(sink.accept_past_days)),
+            future: Duration::days(i64::from(sink.accept_future_days)),
+        }
+    }
+}
+
+impl Default for AcceptWindow {
+    fn default() -> Self {
+        AcceptWindow {
+            past: Duration::days(30),
+            future: Duration::days(1),
+        }
+    }
+}
+
+/// A decoded event and where it came from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Decoded {
+    /// The event, resolved into the reader schema.
+    pub event: AuditEvent,
+    /// The version of the schema the producer wrote with.
+    pub writer_version: u32,
+    /// The framing the payload arrived in.
+    pub wire_format: WireFormat,
+}
+
+/// The known writer schemas, compiled against the reader schema. Built once and shared; decoding
+/// takes `&self` and is safe from many threads.
+#[derive(Debug)]
+pub struct Decoder {
+    writers: Vec<WriterSchema>,
+    by_version: HashMap<u32, usize>,
+    by_fingerprint: HashMap<u64, usize>,
+}
+
+impl Decoder {
+    /// Builds a decoder for the schemas compiled into the binary (v1 and v2).
+    pub fn embedded() -> Self {
+        let sources = EMBEDDED_SCHEMAS
+            .iter()
+            .map(|&(version, text)| (version, text.to_owned()))
+            .collect();
+        // The embedded schemas are constants checked by this module's tests, not input.
+        Self::from_sources(sources).expect("embedded schemas are valid and readable by v2")
+    }
+
+    /// Builds a decoder from every `audit_event.v<N>.avsc` in `dir`, adding the embedded v1 and v2
+    /// where the directory lacks them. Fails if any schema does not parse or cannot be read with
+    /// the reader schema.
+    pub fn from_dir(dir: impl AsRef<Path>) -> Result<Self, SchemaLoadError> {
+        let dir = dir.as_ref();
+        let list_error = |source| SchemaLoadError::ListDir {
+            path: dir.to_path_buf(),
+            source,
+        };
+        let mut files: BTreeMap<u32, PathBuf> = BTreeMap::new();
+        for entry in std::fs::read_dir(dir).map_err(list_error)? {
+            let path = entry.map_err(list_error)?.path();
+            let Some(version) = path
+                .file_name()
+                .and_then(|name| name.to_str())
+                .and_then(version_from_file_name)
+            else {
+                continue;
+            };
+            if let Some(first) = files.insert(version, path.clone()) {
+                return Err(SchemaLoadError::DuplicateVersion {
+                    version,
+                    first,
+                    second: path,
+                });
+            }
+        }
+        let mut sources = BTreeMap::new();
+        for (version, path) in files {
+            let text = std::fs::read_to_string(&path)
+                .map_err(|source| SchemaLoadError::ReadFile { path, source })?;
+            sources.insert(version, text);
+        }
+        for (version, text) in EMBEDDED_SCHEMAS {
+            sources.entry(version).or_insert_with(|| text.to_owned());
+        }
+        Self::from_sources(sources)
+    }
+
+    fn from_sources(sources: BTreeMap<u32, String>) -> Result<Self, SchemaLoadError> {
+        let reader = Schema::parse_str(READER_SCHEMA).map_err(|err| SchemaLoadError::Parse {
+            version: READER_VERSION,
+            reason: err.to_string(),
+        })?;
+        let mut decoder = Decoder {
+            writers: Vec::with_capacity(sources.len()),
+            by_version: HashMap::new(),
+            by_fingerprint: HashMap::new(),
+        };
+        for (version, text) in sources {
+            let (writer, legacy_fingerprint) = WriterSchema::load(version, &text, &reader)?;
+            let index = decoder.writers.len();
+            decoder.by_version.insert(version, index);
+            // Identical canonical forms (schemas differing only in docs) share a fingerprint; the
+            // lowest version keeps it, which is harmless since they decode identically.
+            decoder
+                .by_fingerprint
+                .entry(writer.fingerprint)
+                .or_insert(index);
+            decoder
+                .by_fingerprint
+                .entry(legacy_fingerprint)
+                .or_insert(index);
+            decoder.writers.push(writer);
+        }
+        Ok(decoder)
+    }
+
+    /// Returns the loaded writer schema versions, ascending.
+    pub fn versions(&self) -> Vec<u32> {
+        let mut versions: Vec<u32> = self.by_version.keys().copied().collect();
+        versions.sort_unstable();
+        versions
+    }
+
+    /// Returns the CRC-64-AVRO fingerprint of a loaded schema's Parsing Canonical Form, as written
+    /// (little-endian) after `0xC3 0x01` in single-object payloads.
+    pub fn fingerprint(&self, version: u32) -> Option<u64> {
+        self.writer(version).map(|writer| writer.fingerprint)
+    }
+
+    /// Decodes a payload into an event resolved into the reader schema. Checks the framing, the
+    /// datum and the event id's syntax; the content rules and the time window are [`validate`]'s.
+    pub fn decode(&self, payload: &[u8]) -> Result<Decoded, DecodeError> {
+        let (writer, wire_format, datum) = self.frame(payload)?;
+        let event = writer.read_event(datum)?;
+        Ok(Decoded {
+            event,
+            writer_version: writer.version,
+            wire_format,
+        })
+    }
+
+    /// Decodes a payload and applies [`validate`]: the one call the consumer needs.
+    pub fn decode_validated(
+        &self,
+        payload: &[u8],
+        now: DateTime<Utc>,
+        window: &AcceptWindow,
+    ) -> Result<Decoded, DecodeError> {
+        let decoded = self.decode(payload)?;
+        validate(&decoded.event, now, window)?;
+        Ok(decoded)
+    }
+
+    pub(crate) fn writer(&self, version: u32) -> Option<&WriterSchema> {
+        self.by_version
+            .get(&version)
+            .map(|&index| &self.writers[index])
+    }
+
+    /// Splits a payload into its writer schema, framing and datum.
+    fn frame<'p>(
+        &self,
+        payload: &'p [u8],
+    ) -> Result<(&WriterSchema, WireFormat, &'p [u8]), DecodeError> {
+        match payload {
+            [] => Err(DecodeError::Empty),
+            [CONFLUENT_MAGIC, ..] => {
+                let (header, datum) =
+                    split_header(payload, WireFormat::Confluent, CONFLUENT_HEADER_LEN)?;
+                let id = u32::from_be_bytes([header[1], header[2], header[3], header[4]]);
+                let writer = self.writer(id).ok_or(DecodeError::UnknownSchemaId(id))?;
+                Ok((writer, WireFormat::Confluent, datum))
+            }
+            [0xC3] | [0xC3, 0x01, ..] => {
+                let (header, datum) =
+                    split_header(payload, WireFormat::SingleObject, SINGLE_OBJECT_HEADER_LEN)?;
+                let mut fingerprint_bytes = [0u8; 8];
+                fingerprint_bytes.copy_from_slice(&header[2..]);
+                let fingerprint = u64::from_le_bytes(fingerprint_bytes);
+                let index = self
+                    .by_fingerprint
+                    .get(&fingerprint)
+                    .ok_or(DecodeError::UnknownFingerprint(fingerprint))?;
+                Ok((&self.writers[*index], WireFormat::SingleObject, datum))
+            }
+            _ => Err(DecodeError::UnknownFormat {
+                prefix: payload
+                    .iter()
+                    .take(4)
+                    .map(|byte| format!("{byte:#04x}"))
+                    .collect::<Vec<_>>()
+                    .join(" "),
+            }),
+        }
+    }
+}
+
+fn split_header(
+    payload: &[u8],
+    format: WireFormat,
+    needed: usize,
+) -> Result<(&[u8], &[u8]), DecodeError> {
+    if payload.len() < needed {
+        return Err(DecodeError::TruncatedHeader {
+            format,
+            len: payload.len(),
+            needed,
+        });
+    }
+    Ok(payload.split_at(needed))
+}
+
+/// Parses `audit_event.v<N>.avsc` into `N`.
+fn version_from_file_name(name: &str) -> Option<u32> {
+    let digits = name.strip_prefix("audit_event.v")?.strip_suffix(".avsc")?;
+    if digits.is_empty() || !digits.bytes().all(|byte| byte.is_ascii_digit()) {
+        return None;
+    }
+    digits.parse().ok()
+}
