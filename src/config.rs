@@ -15,7 +15,8 @@ use serde::de::DeserializeOwned;
 use serde::Deserialize;
 
 use crate::breaker::BreakerConfig;
-use crate::ops::partitions::PartitionInterval;
+use crate::db::partition::PartitionInterval;
+use crate::db::PoolSettings;
 
 /// Every variable auditflow reads starts with this.
 pub const ENV_PREFIX: &str = "AUDITFLOW_";
@@ -695,6 +696,16 @@ impl DatabaseConfig {
     /// How long a batch waits for a pooled connection.
     pub fn acquire_timeout(&self) -> Duration {
         Duration::from_millis(self.db_acquire_timeout_ms)
+    }
+
+    /// The pool these settings describe, with no session set-up of its own.
+    pub fn pool_settings(&self) -> PoolSettings {
+        PoolSettings {
+            schema: self.db_schema.clone(),
+            max_connections: self.db_max_connections,
+            acquire_timeout: self.acquire_timeout(),
+            session_setup: &[],
+        }
     }
 }
 

@@ -38,6 +38,7 @@
 
 pub mod breaker;
 pub mod config;
+pub mod db;
 pub mod event;
 pub mod ingest;
 pub mod kafka;

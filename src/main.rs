@@ -168,7 +168,7 @@ async fn execute(command: Command, mut live: LiveConfig) -> anyhow::Result<()> {
         Command::Migrate => {
             let url = config.require_database_url()?;
             let pool = store::connect(&config.database, url.expose()).await?;
-            store::migrate(&pool, &config.database.db_schema)
+            auditflow::db::migrate(&pool, &config.database.db_schema)
                 .await
                 .context("migrating the database")?;
             tracing::info!(schema = %config.database.db_schema, "database schema is up to date");

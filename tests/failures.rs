@@ -80,7 +80,7 @@ async fn refuse_poison_in_database(env: &TestEnv) {
     let pool = store::connect(&config.database, &common::database_url())
         .await
         .unwrap();
-    store::migrate(&pool, &env.schema).await.unwrap();
+    auditflow::db::migrate(&pool, &env.schema).await.unwrap();
     sqlx::query(&format!(
         "ALTER TABLE \"{}\".events ADD CONSTRAINT no_poison CHECK (action <> '{POISON_ACTION}')",
         env.schema

@@ -11,11 +11,12 @@ use std::time::{Duration as StdDuration, Instant};
 
 use auditflow::breaker::{Breaker, BreakerConfig};
 use auditflow::config::{Config, PartitionConfig};
+use auditflow::db::partition::{self, Creation, PartitionInterval, PartitionSpec};
 use auditflow::event::{Actor, ActorType, AuditEvent, Outcome as EventOutcome, Resource};
 use auditflow::ingest::store::{self, Store};
 use auditflow::ops::partitions::{
-    self, maintain_partitions_once, ActionKind, Creation, MaintenanceRound, Outcome,
-    PartitionError, PartitionInterval, PartitionLifecycle, PartitionSpec, Plan,
+    self, maintain_partitions_once, ActionKind, MaintenanceRound, Outcome, PartitionError,
+    PartitionLifecycle, Plan,
 };
 use chrono::{DateTime, Duration, NaiveDate, Utc};
 use sqlx::PgPool;
@@ -34,7 +35,7 @@ impl TestDb {
     async fn with_connections(max_connections: u32) -> Self {
         let schema = format!("audit_parts_{}", common::suffix());
         let pool = Self::pool_for(&schema, max_connections).await;
-        store::migrate(&pool, &schema).await.unwrap();
+        auditflow::db::migrate(&pool, &schema).await.unwrap();
         TestDb { schema, pool }
     }
 
@@ -243,7 +244,7 @@ async fn eight_replicas_creating_one_partition_at_once_report_exactly_one_create
     for (interval, first_day, stride, span, name) in cases {
         let attempts = replicas.iter().enumerate().map(|(i, pool)| {
             let day = first_day + Duration::days((stride * i as i64) % span);
-            partitions::ensure_partition(pool, &db.schema, interval, day)
+            partition::ensure_partition(pool, &db.schema, interval, day)
         });
         let results = futures::future::join_all(attempts).await;
         let created = results
@@ -268,7 +269,7 @@ async fn a_day_covered_by_a_partition_of_another_interval_already_exists() {
     // A weekly partition covers every day of its week, whatever interval is asked for.
     let wednesday = day(2031, 3, 5);
     assert_eq!(
-        partitions::ensure_partition(pool, schema, PartitionInterval::Week, wednesday)
+        partition::ensure_partition(pool, schema, PartitionInterval::Week, wednesday)
             .await
             .unwrap(),
         Creation::Created
@@ -280,7 +281,7 @@ async fn a_day_covered_by_a_partition_of_another_interval_already_exists() {
         (PartitionInterval::Week, day(2031, 3, 8)),
     ] {
         assert_eq!(
-            partitions::ensure_partition(pool, schema, interval, day)
+            partition::ensure_partition(pool, schema, interval, day)
                 .await
                 .unwrap(),
             Creation::AlreadyExisted,
@@ -289,13 +290,13 @@ async fn a_day_covered_by_a_partition_of_another_interval_already_exists() {
     }
     // The week is covered but the rest of March is not: monthly gets daily partitions there.
     assert_eq!(
-        partitions::ensure_partition(pool, schema, PartitionInterval::Month, day(2031, 3, 20))
+        partition::ensure_partition(pool, schema, PartitionInterval::Month, day(2031, 3, 20))
             .await
             .unwrap(),
         Creation::Created
     );
     // April is free: a whole monthly partition.
-    partitions::ensure_partition(pool, schema, PartitionInterval::Month, day(2031, 4, 20))
+    partition::ensure_partition(pool, schema, PartitionInterval::Month, day(2031, 4, 20))
         .await
         .unwrap();
     assert_eq!(

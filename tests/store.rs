@@ -6,9 +6,9 @@ use std::sync::Arc;
 
 use auditflow::breaker::{Breaker, BreakerConfig};
 use auditflow::config::Config;
+use auditflow::db::partition::{self, Creation};
 use auditflow::event::{Actor, ActorType, AuditEvent, Outcome, Resource};
 use auditflow::ingest::store::{self, Store};
-use auditflow::ops::partitions::{self, Creation};
 use chrono::{DateTime, NaiveDate, Utc};
 use uuid::Uuid;
 
@@ -28,7 +28,7 @@ impl TestDb {
         let pool = store::connect(&config.database, &common::database_url())
             .await
             .unwrap();
-        store::migrate(&pool, &schema).await.unwrap();
+        auditflow::db::migrate(&pool, &schema).await.unwrap();
         TestDb {
             store: Store::new(
                 pool,
@@ -74,7 +74,7 @@ fn event(id: u128, tenant: &str) -> AuditEvent {
 async fn eight_concurrent_creations_of_one_partition_report_one_created() {
     let db = TestDb::new().await;
     let day = NaiveDate::from_ymd_opt(2031, 5, 17).unwrap();
-    let attempts = (0..8).map(|_| partitions::ensure_day(db.store.pool(), &db.schema, day));
+    let attempts = (0..8).map(|_| partition::ensure_day(db.store.pool(), &db.schema, day));
     let results = futures::future::join_all(attempts).await;
     let created = results
         .iter()
@@ -206,7 +206,9 @@ async fn repeated_batches_are_skipped_and_reused_ids_with_other_content_are_coun
 #[tokio::test]
 async fn migrating_twice_is_harmless() {
     let db = TestDb::new().await;
-    store::migrate(db.store.pool(), &db.schema).await.unwrap();
+    auditflow::db::migrate(db.store.pool(), &db.schema)
+        .await
+        .unwrap();
     let tables: i64 = sqlx::query_scalar(
         "SELECT count(*) FROM pg_tables WHERE schemaname = $1 AND tablename = 'events'",
     )

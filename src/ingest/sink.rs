@@ -33,12 +33,13 @@ use tokio_util::sync::CancellationToken;
 
 use crate::breaker::{Breaker, State as BreakerState};
 use crate::config::Config;
+use crate::db::retry::Retry;
 use crate::ingest::batch::{Batch, BatchLimits};
 use crate::ingest::decode::{AcceptWindow, Decoder};
 use crate::ingest::dlq::{DeadLetter, DlqError, DlqProducer, Failure, SourceRecord};
 use crate::ingest::notify::{self, Notifier, NotifyConfig};
 use crate::ingest::offsets::OffsetTracker;
-use crate::ingest::store::{self, Retry, Store, StoreError, WriteOutcome};
+use crate::ingest::store::{self, Store, StoreError, WriteOutcome};
 use crate::kafka;
 use crate::observe::StatusBoard;
 use crate::ops::partitions::{self, PartitionLifecycle};
@@ -324,7 +325,7 @@ impl Sink {
             Decoder::embedded()
         };
         let pool = store::connect(&config.database, database_url.expose()).await?;
-        store::migrate(&pool, &config.database.db_schema)
+        crate::db::migrate(&pool, &config.database.db_schema)
             .await
             .context("migrating the database")?;
         let breaker_config = config.breakers.ingest();

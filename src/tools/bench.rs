@@ -25,12 +25,12 @@ use tokio::time::Instant;
 
 use crate::breaker::{Breaker, BreakerConfig};
 use crate::config::{Config, Secret, METRICS_OFF};
+use crate::db::quote_ident;
 use crate::event::content_hash;
 use crate::ingest::decode::Decoder;
 use crate::ingest::sink::RunSummary;
 use crate::ingest::store::{self, CopyRows, RowMeta, Store};
 use crate::kafka;
-use crate::ops::partitions::quote_ident;
 use crate::tools::generate::{EventGenerator, GeneratorConfig};
 use crate::tools::produce::{self, ProduceOptions};
 
@@ -219,7 +219,7 @@ async fn measure_ceiling(
     let mut database = config.database.clone();
     database.db_schema = schema.to_owned();
     let pool = store::connect(&database, database_url).await?;
-    store::migrate(&pool, schema).await?;
+    crate::db::migrate(&pool, schema).await?;
     let decoder = Decoder::embedded();
     let batch_size = config.batch.batch_max_events;
     let mut batches = Vec::new();

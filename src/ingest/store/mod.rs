@@ -13,23 +13,22 @@
 //! Skipped rows whose content differs from the stored row (same id, different event) are counted
 //! and logged, never merged.
 
+mod copy;
+
+pub use copy::{CopyRows, RowMeta};
+
 use std::collections::BTreeSet;
-use std::io::Write as _;
-use std::str::FromStr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use chrono::{DateTime, NaiveDate, Utc};
-use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
-use sqlx::{Connection, Executor, PgPool};
+use sqlx::{Connection, PgPool};
 
 use crate::breaker::{Breaker, BreakerError};
 use crate::config::DatabaseConfig;
-use crate::event::AuditEvent;
-use crate::ops::partitions::{self, quote_ident, PartitionInterval};
-
-/// Migrations embedded in the binary.
-pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
+use crate::db::partition::{self, PartitionInterval};
+use crate::db::quote_ident;
+use crate::db::retry::{classify, Retry};
 
 /// Columns in COPY order. The staging table has the same ones.
 const COLUMNS: &str = "event_id, occurred_at, tenant_id, actor_id, actor_type, actor_ip, \
@@ -61,15 +60,6 @@ pub enum StoreError {
     Unavailable(String),
 }
 
-/// Whether an error is worth retrying.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Retry {
-    /// The database is unavailable, slow or overloaded: retry the same batch later.
-    Transient,
-    /// Something in the data is wrong: retrying the same rows fails again.
-    Permanent,
-}
-
 impl StoreError {
     /// Classifies the error from its type and SQLSTATE, never from its message.
     pub fn retry(&self) -> Retry {
@@ -85,172 +75,6 @@ impl StoreError {
         match self {
             StoreError::Database(sqlx::Error::Database(db)) => db.code().map(|c| c.into_owned()),
             _ => None,
-        }
-    }
-}
-
-/// Classifies a sqlx error as transient or permanent.
-pub fn classify(err: &sqlx::Error) -> Retry {
-    match err {
-        sqlx::Error::Database(db) => classify_sqlstate(db.code().as_deref().unwrap_or("")),
-        sqlx::Error::Io(_)
-        | sqlx::Error::Tls(_)
-        | sqlx::Error::PoolTimedOut
-        | sqlx::Error::PoolClosed
-        | sqlx::Error::WorkerCrashed
-        | sqlx::Error::Protocol(_) => Retry::Transient,
-        _ => Retry::Permanent,
-    }
-}
-
-/// Classifies a SQLSTATE: connection trouble, shutdown, overload, lock and serialization
-/// conflicts are transient; data exceptions and integrity violations are permanent.
-pub fn classify_sqlstate(code: &str) -> Retry {
-    match code {
-        "57P01" | "57P02" | "57P03" | "53300" | "53200" | "53100" | "40001" | "40P01" | "55P03"
-        | "57014" => Retry::Transient,
-        _ if code.starts_with("08") => Retry::Transient,
-        _ if code.starts_with("22") || code.starts_with("23") => Retry::Permanent,
-        // Unknown classes (syntax, privileges, missing objects) will not fix themselves by
-        // retrying the same statement, but they are not the record's fault either; treat as
-        // transient so nothing is dead-lettered for an operator's mistake.
-        _ => Retry::Transient,
-    }
-}
-
-/// Rows of one batch, already encoded as COPY text.
-#[derive(Debug, Default)]
-pub struct CopyRows {
-    data: Vec<u8>,
-    row_ends: Vec<usize>,
-    days: BTreeSet<NaiveDate>,
-}
-
-/// Everything a row carries besides the event.
-#[derive(Debug, Clone, Copy)]
-pub struct RowMeta<'a> {
-    /// See [`crate::event::content_hash`].
-    pub content_hash: [u8; 16],
-    /// The writer schema version, when known.
-    pub schema_version: Option<u32>,
-    /// Source topic.
-    pub topic: &'a str,
-    /// Source partition.
-    pub partition: i32,
-    /// Source offset.
-    pub offset: i64,
-    /// The Kafka message timestamp.
-    pub kafka_timestamp: Option<DateTime<Utc>>,
-}
-
-impl CopyRows {
-    /// Creates an empty set.
-    pub fn new() -> Self {
-        Self::default()
-    }
-
-    /// Appends one row.
-    pub fn push(&mut self, event: &AuditEvent, meta: RowMeta<'_>) {
-        let buf = &mut self.data;
-        write_text(buf, &event.event_id.to_string());
-        buf.push(b'\t');
-        write_timestamp(buf, event.occurred_at);
-        for value in [
-            Some(event.tenant_id.as_str()),
-            Some(event.actor.id.as_str()),
-            Some(event.actor.actor_type.as_str()),
-            event.actor.ip.as_deref(),
-            event.actor.user_agent.as_deref(),
-            Some(event.action.as_str()),
-            Some(event.resource.resource_type.as_str()),
-            Some(event.resource.id.as_str()),
-            Some(event.outcome.as_str()),
-            event.reason.as_deref(),
-            event.trace_id.as_deref(),
-            event.details.as_deref(),
-            event.session_id.as_deref(),
-        ] {
-            buf.push(b'\t');
-            write_nullable(buf, value);
-        }
-        buf.extend_from_slice(b"\t\\\\x");
-        for byte in meta.content_hash {
-            // Writing into a Vec cannot fail.
-            let _ = write!(buf, "{byte:02x}");
-        }
-        buf.push(b'\t');
-        match meta.schema_version {
-            Some(version) => {
-                let _ = write!(buf, "{version}");
-            }
-            None => buf.extend_from_slice(b"\\N"),
-        }
-        buf.push(b'\t');
-        write_text(buf, meta.topic);
-        let _ = write!(buf, "\t{}\t{}\t", meta.partition, meta.offset);
-        match meta.kafka_timestamp {
-            Some(ts) => write_timestamp(buf, ts),
-            None => buf.extend_from_slice(b"\\N"),
-        }
-        buf.push(b'\n');
-        self.row_ends.push(buf.len());
-        self.days.insert(event.occurred_at.date_naive());
-    }
-
-    /// Number of rows.
-    pub fn len(&self) -> usize {
-        self.row_ends.len()
-    }
-
-    /// True when there are no rows.
-    pub fn is_empty(&self) -> bool {
-        self.row_ends.is_empty()
-    }
-
-    /// Encoded size in bytes.
-    pub fn num_bytes(&self) -> usize {
-        self.data.len()
-    }
-
-    /// The days (UTC) the rows fall on, i.e. the partitions they need.
-    pub fn days(&self) -> &BTreeSet<NaiveDate> {
-        &self.days
-    }
-
-    /// The encoded bytes of rows `range`.
-    pub fn bytes_of(&self, range: std::ops::Range<usize>) -> &[u8] {
-        if range.is_empty() {
-            return &[];
-        }
-        let start = if range.start == 0 {
-            0
-        } else {
-            self.row_ends[range.start - 1]
-        };
-        &self.data[start..self.row_ends[range.end - 1]]
-    }
-}
-
-fn write_timestamp(buf: &mut Vec<u8>, ts: DateTime<Utc>) {
-    let _ = write!(buf, "{}", ts.format("%Y-%m-%d %H:%M:%S%.6f+00"));
-}
-
-fn write_nullable(buf: &mut Vec<u8>, value: Option<&str>) {
-    match value {
-        Some(text) => write_text(buf, text),
-        None => buf.extend_from_slice(b"\\N"),
-    }
-}
-
-/// Escapes a value for COPY text format. NUL never gets here: the decoder rejects it.
-fn write_text(buf: &mut Vec<u8>, text: &str) {
-    for &byte in text.as_bytes() {
-        match byte {
-            b'\\' => buf.extend_from_slice(b"\\\\"),
-            b'\t' => buf.extend_from_slice(b"\\t"),
-            b'\n' => buf.extend_from_slice(b"\\n"),
-            b'\r' => buf.extend_from_slice(b"\\r"),
-            _ => buf.push(byte),
         }
     }
 }
@@ -278,53 +102,12 @@ pub struct Store {
     partition_interval: PartitionInterval,
 }
 
-/// Opens a pool whose connections use `schema` as search path and have the staging table.
+/// Opens the ingest pool: the database settings, plus the per-connection staging table the
+/// duplicate-tolerant path writes through.
 pub async fn connect(config: &DatabaseConfig, url: &str) -> Result<PgPool, StoreError> {
-    let options = PgConnectOptions::from_str(url)?
-        .application_name("auditflow")
-        .options([("search_path", config.db_schema.as_str())]);
-    let pool = PgPoolOptions::new()
-        .max_connections(config.db_max_connections)
-        .min_connections(0)
-        .acquire_timeout(config.acquire_timeout())
-        .after_connect(|conn, _meta| {
-            Box::pin(async move {
-                conn.execute("SET client_min_messages = warning").await?;
-                conn.execute(CREATE_STAGING).await?;
-                Ok(())
-            })
-        })
-        .connect_lazy_with(options);
-    Ok(pool)
-}
-
-/// Creates the schema if needed and runs the embedded migrations in it.
-///
-/// Replicas starting together all migrate: a session advisory lock per schema serializes them
-/// (`CREATE SCHEMA IF NOT EXISTS` alone races on the catalog's unique index).
-pub async fn migrate(pool: &PgPool, schema: &str) -> Result<(), StoreError> {
-    let mut conn = pool.acquire().await?;
-    let key = format!("auditflow.migrate.{schema}");
-    sqlx::query("SELECT pg_advisory_lock(hashtextextended($1, 0))")
-        .bind(&key)
-        .execute(&mut *conn)
-        .await?;
-    let result = async {
-        sqlx::query(&format!(
-            "CREATE SCHEMA IF NOT EXISTS {}",
-            quote_ident(schema)
-        ))
-        .execute(&mut *conn)
-        .await?;
-        MIGRATOR.run(&mut *conn).await?;
-        Ok::<(), StoreError>(())
-    }
-    .await;
-    sqlx::query("SELECT pg_advisory_unlock(hashtextextended($1, 0))")
-        .bind(&key)
-        .execute(&mut *conn)
-        .await?;
-    result
+    let mut settings = config.pool_settings();
+    settings.session_setup = &[CREATE_STAGING];
+    Ok(crate::db::connect(url, &settings).await?)
 }
 
 impl Store {
@@ -382,7 +165,7 @@ impl Store {
                 .collect()
         };
         for day in missing {
-            partitions::ensure_partition(&self.pool, &self.schema, self.partition_interval, day)
+            partition::ensure_partition(&self.pool, &self.schema, self.partition_interval, day)
                 .await?;
             self.known_days
                 .lock()
@@ -504,46 +287,4 @@ pub async fn copy_into(
         }
     }
     copy.finish().await
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn sqlstates_classify_by_class_not_text() {
-        for transient in [
-            "08000", "08006", "08P01", "57P01", "53300", "40001", "40P01", "55P03",
-        ] {
-            assert_eq!(
-                classify_sqlstate(transient),
-                Retry::Transient,
-                "{transient}"
-            );
-        }
-        for permanent in [
-            "22001", "22P02", "22P05", "23502", "23514", "23503", "23505",
-        ] {
-            assert_eq!(
-                classify_sqlstate(permanent),
-                Retry::Permanent,
-                "{permanent}"
-            );
-        }
-    }
-
-    #[test]
-    fn pool_and_io_errors_are_transient() {
-        assert_eq!(classify(&sqlx::Error::PoolTimedOut), Retry::Transient);
-        let io = std::io::Error::new(std::io::ErrorKind::ConnectionReset, "reset");
-        assert_eq!(classify(&sqlx::Error::Io(io)), Retry::Transient);
-        assert_eq!(classify(&sqlx::Error::RowNotFound), Retry::Permanent);
-    }
-
-    #[test]
-    fn copy_text_escapes_separators() {
-        let mut buf = Vec::new();
-        write_text(&mut buf, "a\tb\nc\\d\re");
-        assert_eq!(buf, b"a\\tb\\nc\\\\d\\re");
-    }
 }

@@ -1,0 +1,126 @@
+//! What maintenance plans from: the attached partitions in the catalog, the bookkeeping of
+//! retired ones in `partition_lifecycle`, and the active `legal_holds`.
+
+use std::fmt;
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use sqlx::PgConnection;
+
+use super::plan::Range;
+use super::PartitionError;
+use crate::db::partition::{attached_partitions, Attached};
+use crate::db::quote_ident;
+use std::collections::{BTreeMap, BTreeSet};
+
+/// A row of `partition_lifecycle`.
+#[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]
+pub(super) struct LifecycleRow {
+    pub(super) partition_name: String,
+    pub(super) state: String,
+    pub(super) range_from: DateTime<Utc>,
+    pub(super) range_to: DateTime<Utc>,
+    pub(super) retired_at: DateTime<Utc>,
+    pub(super) restored_at: Option<DateTime<Utc>>,
+    pub(super) dropped_at: Option<DateTime<Utc>>,
+}
+
+pub(super) const LIFECYCLE_COLUMNS: &str =
+    "partition_name, state, range_from, range_to, retired_at, restored_at, dropped_at";
+
+/// An active legal hold.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, sqlx::FromRow)]
+pub struct Hold {
+    /// The id `release` takes.
+    pub id: i64,
+    /// Start of the held range (inclusive).
+    pub range_from: DateTime<Utc>,
+    /// End of the held range (exclusive).
+    pub range_to: DateTime<Utc>,
+    /// Why (case number, request).
+    pub reason: String,
+    /// When it was placed (database time).
+    pub created_at: DateTime<Utc>,
+    /// The database role that placed it.
+    pub created_by: String,
+}
+
+impl Hold {
+    pub(super) fn overlaps(&self, from: Option<DateTime<Utc>>, to: Option<DateTime<Utc>>) -> bool {
+        from.is_none_or(|f| f < self.range_to) && to.is_none_or(|t| self.range_from < t)
+    }
+}
+
+impl fmt::Display for Hold {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "hold {}  {}  {:?}  (placed {} by {})",
+            self.id,
+            Range(Some(self.range_from), Some(self.range_to)),
+            self.reason,
+            self.created_at
+                .to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
+            self.created_by
+        )
+    }
+}
+
+/// What the planner reads.
+#[derive(Debug, Clone, Default)]
+pub(super) struct Inventory {
+    pub(super) attached: Vec<Attached>,
+    /// Every table in the schema (attached or not).
+    pub(super) tables: BTreeSet<String>,
+    /// Lifecycle rows not yet dropped, by partition name.
+    pub(super) lifecycle: BTreeMap<String, LifecycleRow>,
+    pub(super) holds: Vec<Hold>,
+}
+
+async fn events_exists(conn: &mut PgConnection, schema: &str) -> Result<bool, sqlx::Error> {
+    sqlx::query_scalar("SELECT to_regclass(format('%I.events', $1::text)) IS NOT NULL")
+        .bind(schema)
+        .fetch_one(conn)
+        .await
+}
+
+pub(super) async fn read_inventory(
+    conn: &mut PgConnection,
+    schema: &str,
+) -> Result<Inventory, PartitionError> {
+    if !events_exists(&mut *conn, schema).await? {
+        return Err(PartitionError::Invalid(format!(
+            "schema {schema:?} has no events table; run `auditflow migrate` first"
+        )));
+    }
+    let attached = attached_partitions(&mut *conn, schema).await?;
+    let tables: Vec<String> = sqlx::query_scalar(
+        "SELECT c.relname::text FROM pg_catalog.pg_class c \
+         JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace \
+         WHERE n.nspname = $1 AND c.relkind IN ('r', 'p', 'f')",
+    )
+    .bind(schema)
+    .fetch_all(&mut *conn)
+    .await?;
+    let schema_q = quote_ident(schema);
+    let lifecycle: Vec<LifecycleRow> = sqlx::query_as(&format!(
+        "SELECT {LIFECYCLE_COLUMNS} FROM {schema_q}.partition_lifecycle WHERE state <> 'dropped'"
+    ))
+    .fetch_all(&mut *conn)
+    .await?;
+    let holds: Vec<Hold> = sqlx::query_as(&format!(
+        "SELECT id, range_from, range_to, reason, created_at, created_by \
+         FROM {schema_q}.legal_holds WHERE released_at IS NULL ORDER BY id"
+    ))
+    .fetch_all(&mut *conn)
+    .await?;
+    Ok(Inventory {
+        attached,
+        tables: tables.into_iter().collect(),
+        lifecycle: lifecycle
+            .into_iter()
+            .map(|row| (row.partition_name.clone(), row))
+            .collect(),
+        holds,
+    })
+}

@@ -1,0 +1,477 @@
+//! Partitions of the `events` table: created on demand by the ingest path, and kept through
+//! their lifecycle by maintenance (premake, retention as a soft delete, legal holds, a grace
+//! period before drop, restore).
+//!
+//! ```text
+//!            premake                retention                  grace
+//!  (absent) ────────▶ attached ───────────────▶ retired ───────────────▶ dropped
+//!                     events_p…   DETACH        retired_events_p…  DROP
+//!                        ▲        CONCURRENTLY  (detached, same
+//!                        │        + rename       schema, queryable)
+//!                        └──────── restore ◀──────────┘
+//!  a legal hold covering a partition's range blocks retire and drop
+//! ```
+//!
+//! Names, ranges and creation are [`crate::db::partition`]'s; this module plans and applies the
+//! lifecycle: `inventory` reads the catalog and bookkeeping, `plan` decides (pure), `apply`
+//! carries a plan out.
+//!
+//! Lifecycle: [`PartitionLifecycle::plan`] reads the catalog, the `partition_lifecycle`
+//! bookkeeping table and the active `legal_holds` and decides, for a given `now`, what to create,
+//! retire and drop, and why other partitions are kept. [`PartitionLifecycle::apply`] executes a
+//! plan's actions in order and re-checks each one at the moment it runs (by planning again for
+//! that partition under the relevant locks): an action whose precondition no longer holds is
+//! skipped with the reason. [`maintain_partitions_once`] does both under a session advisory lock,
+//! so one replica at a time maintains, and [`run_maintenance`] repeats it on an interval.
+//! Maintenance DDL runs with a short `lock_timeout`: a statement that would queue behind
+//! application traffic is cancelled (SQLSTATE 55P03), reported as skipped and retried next
+//! round.
+//!
+//! Retiring a partition: (1) in one transaction, with `legal_holds` locked against new holds,
+//! re-check and record it in `partition_lifecycle` as `retiring`; (2) `DETACH PARTITION ...
+//! CONCURRENTLY` (outside any transaction; `FINALIZE` when an earlier detach was interrupted;
+//! plain `DETACH` only when Postgres refuses `CONCURRENTLY` because a default partition exists);
+//! (3) rename to `retired_<name>` and mark it `retired`. A crash or lock timeout between the
+//! steps leaves a `retiring` row that the next plan finishes. Holds block starting a retirement,
+//! not finishing one: a retired partition keeps every row and can be restored.
+
+mod apply;
+mod inventory;
+mod plan;
+#[cfg(test)]
+mod tests;
+
+pub use apply::{ActionResult, ApplyReport, Outcome, Restored};
+pub use inventory::Hold;
+pub use plan::{Action, ActionKind, Kept, Plan};
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration as StdDuration;
+
+use chrono::{DateTime, NaiveDate, Utc};
+use rand::Rng;
+use sqlx::pool::PoolConnection;
+use sqlx::{PgPool, Postgres};
+use tokio_util::sync::CancellationToken;
+
+use crate::breaker::{Breaker, BreakerError};
+use crate::config::PartitionConfig;
+use crate::db::partition::execute_ddl;
+use crate::db::partition::{midnight, PartitionSpec};
+use crate::db::quote_ident;
+use crate::db::retry::{classify, sqlstate, Retry};
+use inventory::read_inventory;
+use plan::{plan_from, timestamp};
+
+/// Describes the partition metrics for the Prometheus exposition (call once at start-up).
+pub fn describe_metrics() {
+    metrics::describe_gauge!(
+        "auditflow_partitions",
+        "partitions of events by state: attached, retired (detached, not dropped yet)"
+    );
+    metrics::describe_counter!(
+        "auditflow_partitions_created_total",
+        "partitions created, by maintenance or on demand by the sink"
+    );
+    metrics::describe_counter!(
+        "auditflow_partitions_retired_total",
+        "partitions detached and renamed after retention"
+    );
+    metrics::describe_counter!(
+        "auditflow_partitions_dropped_total",
+        "retired partitions dropped after the grace period"
+    );
+    metrics::describe_gauge!(
+        "auditflow_partition_premake_ahead_seconds",
+        "upper bound of the newest attached partition minus now; alert when below premake"
+    );
+}
+
+/// Parses a time given on the command line: RFC 3339, or a date meaning midnight UTC.
+pub fn parse_time(value: &str) -> Result<DateTime<Utc>, String> {
+    if let Ok(time) = DateTime::parse_from_rfc3339(value) {
+        return Ok(time.to_utc());
+    }
+    NaiveDate::parse_from_str(value, "%Y-%m-%d")
+        .map(midnight)
+        .map_err(|_| format!("expected an RFC 3339 time or a YYYY-MM-DD date, got {value:?}"))
+}
+
+/// After a round with skipped or failed actions, the next round comes at most this much later.
+const RETRY_SOON: StdDuration = StdDuration::from_secs(30);
+
+/// The session advisory lock key that lets one replica at a time maintain `schema`'s partitions
+/// (`pg_try_advisory_lock(hashtextextended(key, 0))`). Public for operators' tooling and tests.
+pub fn maintenance_lock_key(schema: &str) -> String {
+    format!("auditflow.partition-maintenance.{schema}")
+}
+
+/// True when the connection or the server is the problem (not this statement): such errors end a
+/// maintenance round instead of being reported per action.
+pub(super) fn is_connection_problem(err: &sqlx::Error) -> bool {
+    match err {
+        sqlx::Error::Database(_) => sqlstate(err).is_some_and(|code| {
+            code.starts_with("08") || code.starts_with("57P") || code.starts_with("53")
+        }),
+        other => classify(other) == Retry::Transient,
+    }
+}
+
+/// Errors of the partition lifecycle.
+#[derive(Debug, thiserror::Error)]
+pub enum PartitionError {
+    /// The database failed.
+    #[error("database error: {0}")]
+    Database(#[from] sqlx::Error),
+    /// Another replica holds the maintenance lock; nothing was changed.
+    #[error("partition maintenance is running elsewhere (advisory lock held); retry later")]
+    Busy,
+    /// The Postgres circuit breaker is open or its probe timed out.
+    #[error("database unavailable: {0}")]
+    Unavailable(String),
+    /// The request cannot be carried out as asked (unknown name, empty reason, bad range, ...).
+    #[error("{0}")]
+    Invalid(String),
+}
+
+impl PartitionError {
+    /// True for failures that say the database is unavailable (they count against a breaker);
+    /// lock timeouts, deadlocks and refusals do not.
+    pub fn is_unavailability(&self) -> bool {
+        match self {
+            PartitionError::Database(err) => is_connection_problem(err),
+            PartitionError::Unavailable(_) => true,
+            PartitionError::Busy | PartitionError::Invalid(_) => false,
+        }
+    }
+}
+
+/// True for errors that mean "the table is busy": retry later.
+pub(super) fn is_lock_conflict(err: &PartitionError) -> bool {
+    matches!(err, PartitionError::Database(db)
+        if matches!(sqlstate(db).as_deref(), Some("55P03" | "40P01")))
+}
+
+/// What one maintenance round did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum MaintenanceRound {
+    /// Another replica holds the maintenance lock: nothing was read or changed.
+    Skipped,
+    /// This replica planned and applied.
+    Done {
+        /// The plan (with what is kept and why).
+        plan: Plan,
+        /// What became of its actions.
+        report: ApplyReport,
+    },
+}
+
+/// The partition lifecycle of one schema's `events` table: planning, applying, legal holds and
+/// restore. Cheap to clone.
+#[derive(Debug, Clone)]
+pub struct PartitionLifecycle {
+    pub(super) pool: PgPool,
+    pub(super) schema: String,
+    pub(super) config: PartitionConfig,
+    pub(super) breaker: Option<Arc<Breaker>>,
+}
+
+/// A pooled connection holding the maintenance lock, with the maintenance `lock_timeout` set for
+/// the session. It is closed rather than returned to the pool, so neither the lock nor the
+/// setting can leak to another user of the pool, even if the holder is dropped mid-way.
+struct MaintenanceLock {
+    pub(super) conn: PoolConnection<Postgres>,
+    pub(super) key: String,
+}
+
+impl MaintenanceLock {
+    pub(super) async fn try_acquire(
+        pool: &PgPool,
+        schema: &str,
+        lock_timeout: StdDuration,
+    ) -> Result<Option<Self>, sqlx::Error> {
+        let mut conn = pool.acquire().await?;
+        conn.close_on_drop();
+        execute_ddl(
+            &mut conn,
+            &format!("SET lock_timeout = {}", lock_timeout.as_millis()),
+        )
+        .await?;
+        let key = maintenance_lock_key(schema);
+        let locked: bool =
+            sqlx::query_scalar("SELECT pg_try_advisory_lock(hashtextextended($1, 0))")
+                .bind(&key)
+                .fetch_one(&mut *conn)
+                .await?;
+        Ok(locked.then_some(MaintenanceLock { conn, key }))
+    }
+
+    pub(super) async fn release(mut self) {
+        // Closing the connection (on drop) releases the lock anyway; unlocking first is tidier
+        // for whoever watches pg_locks.
+        if let Err(err) = sqlx::query("SELECT pg_advisory_unlock(hashtextextended($1, 0))")
+            .bind(&self.key)
+            .execute(&mut *self.conn)
+            .await
+        {
+            tracing::debug!(error = %err, "could not unlock the maintenance lock; closing the connection");
+        }
+    }
+}
+
+/// One maintenance round at `now`: if this replica gets the maintenance lock (without waiting),
+/// plans, applies the plan and updates the gauges; otherwise [`MaintenanceRound::Skipped`].
+/// Returns an error only when the database could not be used at all; refused or timed-out DDL
+/// is reported per action.
+pub async fn maintain_partitions_once(
+    lifecycle: &PartitionLifecycle,
+    now: DateTime<Utc>,
+) -> Result<MaintenanceRound, PartitionError> {
+    lifecycle
+        .guarded(async {
+            let Some(mut lock) = MaintenanceLock::try_acquire(
+                &lifecycle.pool,
+                &lifecycle.schema,
+                lifecycle.config.lock_timeout(),
+            )
+            .await?
+            else {
+                tracing::debug!(schema = %lifecycle.schema, "partition maintenance is running on another replica; skipped");
+                return Ok(MaintenanceRound::Skipped);
+            };
+            let round = async {
+                let inventory = read_inventory(&mut lock.conn, &lifecycle.schema).await?;
+                let plan = plan_from(&inventory, &lifecycle.schema, &lifecycle.config, now);
+                let report = lifecycle.apply_on(&mut lock.conn, &plan).await?;
+                lifecycle.record_gauges(&mut lock.conn, now).await?;
+                Ok(MaintenanceRound::Done { plan, report })
+            }
+            .await;
+            lock.release().await;
+            round
+        })
+        .await
+}
+
+/// Runs [`maintain_partitions_once`] now and then every
+/// `AUDITFLOW_PARTITION_MAINTENANCE_INTERVAL_MS` (±10%), sooner (within 30 s) after a round with
+/// skipped or failed actions, until `shutdown`. A round in progress is finished, not abandoned:
+/// each of its statements is bounded by the lock timeout.
+pub async fn run_maintenance(lifecycle: PartitionLifecycle, shutdown: CancellationToken) {
+    let interval = lifecycle.config.maintenance_interval();
+    while !shutdown.is_cancelled() {
+        let retry_soon = match maintain_partitions_once(&lifecycle, Utc::now()).await {
+            Ok(MaintenanceRound::Skipped) => false,
+            Ok(MaintenanceRound::Done { report, .. }) => {
+                report.results.iter().any(|r| !r.outcome.is_done())
+            }
+            Err(err) => {
+                tracing::warn!(schema = %lifecycle.schema, error = %err, "partition maintenance failed; retrying");
+                true
+            }
+        };
+        let delay = if retry_soon {
+            interval.min(RETRY_SOON)
+        } else {
+            interval
+        };
+        let delay = delay.mul_f64(rand::rng().random_range(0.9..1.1));
+        tokio::select! {
+            biased;
+            _ = shutdown.cancelled() => break,
+            _ = tokio::time::sleep(delay) => {}
+        }
+    }
+}
+
+impl PartitionLifecycle {
+    /// The lifecycle of `schema`'s `events` table (migrated), using `pool`.
+    pub fn new(pool: PgPool, schema: impl Into<String>, config: PartitionConfig) -> Self {
+        PartitionLifecycle {
+            pool,
+            schema: schema.into(),
+            config,
+            breaker: None,
+        }
+    }
+
+    /// Sends every database call of the public methods through `breaker` (interactive commands
+    /// use the interactive thresholds). Lock timeouts and refusals do not count as failures.
+    pub fn with_breaker(mut self, breaker: Arc<Breaker>) -> Self {
+        self.breaker = Some(breaker);
+        self
+    }
+
+    /// The schema.
+    pub fn schema(&self) -> &str {
+        &self.schema
+    }
+
+    /// The settings.
+    pub fn config(&self) -> &PartitionConfig {
+        &self.config
+    }
+
+    pub(super) async fn guarded<T>(
+        &self,
+        call: impl Future<Output = Result<T, PartitionError>>,
+    ) -> Result<T, PartitionError> {
+        match &self.breaker {
+            None => call.await,
+            Some(breaker) => breaker
+                .call(call, PartitionError::is_unavailability)
+                .await
+                .map_err(|err| match err {
+                    BreakerError::Inner(err) => err,
+                    other => PartitionError::Unavailable(other.to_string()),
+                }),
+        }
+    }
+
+    /// Reads the catalog, the lifecycle bookkeeping and the holds, and says what maintenance
+    /// would do at `now`. Changes nothing.
+    pub async fn plan(&self, now: DateTime<Utc>) -> Result<Plan, PartitionError> {
+        self.guarded(async {
+            let mut conn = self.pool.acquire().await?;
+            let inventory = read_inventory(&mut conn, &self.schema).await?;
+            Ok(plan_from(&inventory, &self.schema, &self.config, now))
+        })
+        .await
+    }
+
+    /// Carries out `plan`'s actions in order, under the maintenance lock
+    /// ([`PartitionError::Busy`] if another replica holds it), each re-checked when it runs.
+    pub async fn apply(&self, plan: &Plan) -> Result<ApplyReport, PartitionError> {
+        if plan.schema != self.schema {
+            return Err(PartitionError::Invalid(format!(
+                "the plan is for schema {:?}, not {:?}",
+                plan.schema, self.schema
+            )));
+        }
+        self.guarded(async {
+            let Some(mut lock) =
+                MaintenanceLock::try_acquire(&self.pool, &self.schema, self.config.lock_timeout())
+                    .await?
+            else {
+                return Err(PartitionError::Busy);
+            };
+            let report = self.apply_on(&mut lock.conn, plan).await;
+            lock.release().await;
+            report
+        })
+        .await
+    }
+
+    /// Places a legal hold on `[from, to)`: no partition overlapping it is retired or dropped
+    /// until it is released. Returns the hold's id.
+    pub async fn hold(
+        &self,
+        from: DateTime<Utc>,
+        to: DateTime<Utc>,
+        reason: &str,
+    ) -> Result<i64, PartitionError> {
+        if from >= to {
+            return Err(PartitionError::Invalid(format!(
+                "a hold needs from < to, got {} and {}",
+                timestamp(from),
+                timestamp(to)
+            )));
+        }
+        if reason.trim().is_empty() {
+            return Err(PartitionError::Invalid(
+                "a hold needs a reason (--reason)".into(),
+            ));
+        }
+        self.guarded(async {
+            let id: i64 = sqlx::query_scalar(&format!(
+                "INSERT INTO {}.legal_holds (range_from, range_to, reason) VALUES ($1, $2, $3) \
+                 RETURNING id",
+                quote_ident(&self.schema)
+            ))
+            .bind(from)
+            .bind(to)
+            .bind(reason.trim())
+            .fetch_one(&self.pool)
+            .await?;
+            tracing::info!(schema = %self.schema, id, %from, %to, reason, "legal hold placed");
+            Ok(id)
+        })
+        .await
+    }
+
+    /// Releases hold `id`; the partitions it kept follow the normal lifecycle again.
+    pub async fn release(&self, id: i64) -> Result<(), PartitionError> {
+        self.guarded(async {
+            let schema_q = quote_ident(&self.schema);
+            let released = sqlx::query(&format!(
+                "UPDATE {schema_q}.legal_holds SET released_at = now(), released_by = current_user \
+                 WHERE id = $1 AND released_at IS NULL"
+            ))
+            .bind(id)
+            .execute(&self.pool)
+            .await?
+            .rows_affected();
+            if released == 0 {
+                let exists: bool = sqlx::query_scalar(&format!(
+                    "SELECT EXISTS (SELECT 1 FROM {schema_q}.legal_holds WHERE id = $1)"
+                ))
+                .bind(id)
+                .fetch_one(&self.pool)
+                .await?;
+                return Err(PartitionError::Invalid(if exists {
+                    format!("hold {id} is already released")
+                } else {
+                    format!("there is no hold {id}")
+                }));
+            }
+            tracing::info!(schema = %self.schema, id, "legal hold released");
+            Ok(())
+        })
+        .await
+    }
+
+    /// The active legal holds.
+    pub async fn holds(&self) -> Result<Vec<Hold>, PartitionError> {
+        self.guarded(async {
+            let holds = sqlx::query_as(&format!(
+                "SELECT id, range_from, range_to, reason, created_at, created_by \
+                 FROM {}.legal_holds WHERE released_at IS NULL ORDER BY id",
+                quote_ident(&self.schema)
+            ))
+            .fetch_all(&self.pool)
+            .await?;
+            Ok(holds)
+        })
+        .await
+    }
+
+    /// Re-attaches the retired partition `name` (its retired or its original name) under its
+    /// original name. Maintenance leaves it attached for the retired grace period after `now`;
+    /// past that it is retired again if it is past retention and no hold covers it.
+    pub async fn restore(
+        &self,
+        name: &str,
+        now: DateTime<Utc>,
+    ) -> Result<Restored, PartitionError> {
+        let spec = PartitionSpec::from_retired_name(name)
+            .or_else(|| PartitionSpec::from_name(name))
+            .ok_or_else(|| {
+                PartitionError::Invalid(format!(
+                    "{name:?} is not the name of an auditflow partition (events_p… or retired_events_p…)"
+                ))
+            })?;
+        self.guarded(async {
+            let Some(mut lock) =
+                MaintenanceLock::try_acquire(&self.pool, &self.schema, self.config.lock_timeout())
+                    .await?
+            else {
+                return Err(PartitionError::Busy);
+            };
+            let restored = self.restore_on(&mut lock.conn, &spec, now).await;
+            lock.release().await;
+            restored
+        })
+        .await
+    }
+}
