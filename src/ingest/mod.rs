@@ -1,11 +1,44 @@
 //! The running pipeline: Kafka in, Postgres out, dead letters and invalidations on the side.
+//!
+//! ```text
+//!  consume ──▶ decode ──▶ batch ──▶ store ──────────▶ offsets ──▶ notify
+//!  (rebalance,  (schema     (limits,  (COPY, dedup,    (stored only  (Redis pub/sub,
+//!   pausing)     plan)       dedup)    isolate refused  when durable)  best effort)
+//!                  │                   rows)
+//!                  └─ undecodable ──▶ dlq ◀── refused rows
+//! ```
+//!
+//! [`sink::Sink`] wires the steps: [`consume`] owns the consumer and its rebalance hooks,
+//! [`decode`] turns payloads into events, [`batch`] collects them, [`store`] writes a batch in one
+//! transaction, [`isolate`] finds the rows the database refuses, [`dlq`] produces dead letters,
+//! [`offsets`] decides which offsets may be committed, [`notify`] publishes invalidations, and
+//! [`stats`] measures the run.
+//!
+//! May touch: Kafka (its own consumer and the dead-letter producer), the `events` table through
+//! [`store`] (DDL only through [`crate::db::partition`]), Redis through [`notify`]. Never runs
+//! operator commands; partition upkeep runs beside it ([`crate::ops::partitions`]).
 
 pub mod batch;
+pub mod consume;
 pub mod decode;
 pub mod dlq;
+pub mod isolate;
 pub mod notify;
 pub mod offsets;
 pub mod sink;
+pub mod stats;
 pub mod store;
 
-pub use sink::{RunSummary, Sink};
+pub use sink::Sink;
+pub use stats::RunSummary;
+
+use std::sync::{Mutex, MutexGuard};
+
+/// Locks a mutex, recovering it if a panic poisoned it: every critical section in the pipeline
+/// leaves its data consistent (counters, sets, flags), so one panicking thread must not stop
+/// the others.
+pub(crate) fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}

@@ -131,6 +131,63 @@ impl OffsetTracker {
     }
 }
 
+/// Where committable positions go: the consumer's offset store, which the consumer commits on
+/// its own schedule, on revoke and at shutdown. A trait so storing is tested without a broker.
+pub trait OffsetStore {
+    /// Stores `next` (the next offset to read) as the partition's position.
+    fn store(&self, partition: Partition, next: i64) -> Result<(), StoreOffsetError>;
+}
+
+/// Why a position was not stored.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreOffsetError {
+    /// The partition is no longer assigned to this consumer (revoked while the batch was in
+    /// flight): its new owner re-reads the messages and deduplication absorbs them.
+    #[error("partition no longer assigned")]
+    Unassigned,
+    /// Anything else the client reported.
+    #[error("{0}")]
+    Other(String),
+}
+
+/// Marks `deliveries` done and stores, per partition they touch, every position that became
+/// committable. A partition found unassigned is forgotten. Returns the positions stored.
+pub fn complete_and_store(
+    tracker: &mut OffsetTracker,
+    deliveries: &[Delivery],
+    store: &impl OffsetStore,
+) -> Vec<(Partition, i64)> {
+    let mut partitions: Vec<Partition> = Vec::new();
+    for delivery in deliveries {
+        tracker.complete(*delivery);
+        if !partitions.contains(&delivery.partition) {
+            partitions.push(delivery.partition);
+        }
+    }
+    let mut stored = Vec::with_capacity(partitions.len());
+    for partition in partitions {
+        let Some(next) = tracker.take_committable(partition) else {
+            continue;
+        };
+        match store.store(partition, next) {
+            Ok(()) => stored.push((partition, next)),
+            Err(StoreOffsetError::Unassigned) => {
+                tracing::info!(
+                    partition,
+                    offset = next,
+                    "partition no longer assigned; offset not stored"
+                );
+                metrics::counter!("auditflow_offsets_unassigned_total").increment(1);
+                tracker.revoke(partition);
+            }
+            Err(err) => {
+                tracing::error!(error = %err, partition, offset = next, "storing offset failed");
+            }
+        }
+    }
+    stored
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -211,5 +268,81 @@ mod tests {
         assert_eq!(tracker.take_committable(0), None);
         tracker.complete(again);
         assert_eq!(tracker.take_committable(0), None);
+    }
+
+    /// Records what was stored; answers `Unassigned` for the partitions in `unassigned`.
+    #[derive(Default)]
+    struct RecordingStore {
+        stored: std::cell::RefCell<Vec<(Partition, i64)>>,
+        unassigned: Vec<Partition>,
+    }
+
+    impl OffsetStore for RecordingStore {
+        fn store(&self, partition: Partition, next: i64) -> Result<(), StoreOffsetError> {
+            if self.unassigned.contains(&partition) {
+                return Err(StoreOffsetError::Unassigned);
+            }
+            self.stored.borrow_mut().push((partition, next));
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn a_completed_batch_stores_one_position_per_partition_it_touched() {
+        let mut tracker = OffsetTracker::new();
+        tracker.assign(0);
+        tracker.assign(1);
+        tracker.assign(2);
+        let batch: Vec<Delivery> = [(0, 10), (1, 20), (0, 11), (1, 21), (0, 12)]
+            .iter()
+            .map(|&(p, o)| tracker.begin(p, o).unwrap())
+            .collect();
+        let _untouched = tracker.begin(2, 5).unwrap();
+        let store = RecordingStore::default();
+        let stored = complete_and_store(&mut tracker, &batch, &store);
+        assert_eq!(stored, vec![(0, 13), (1, 22)]);
+        assert_eq!(*store.stored.borrow(), vec![(0, 13), (1, 22)]);
+        assert_eq!(
+            tracker.num_pending(),
+            1,
+            "partition 2's message is still in flight"
+        );
+    }
+
+    #[test]
+    fn a_batch_finishing_before_an_earlier_one_stores_nothing_past_the_gap() {
+        let mut tracker = OffsetTracker::new();
+        tracker.assign(0);
+        let first: Vec<Delivery> = (0..5).map(|o| tracker.begin(0, o).unwrap()).collect();
+        let second: Vec<Delivery> = (5..10).map(|o| tracker.begin(0, o).unwrap()).collect();
+        let store = RecordingStore::default();
+        // The second batch completes first (its dead letters were acknowledged sooner): the
+        // position stays at the first batch's first offset, which is already where it is.
+        let stored = complete_and_store(&mut tracker, &second, &store);
+        assert_eq!(stored, vec![(0, 0)], "nothing past the pending offset 0");
+        let stored = complete_and_store(&mut tracker, &first, &store);
+        assert_eq!(stored, vec![(0, 10)]);
+    }
+
+    #[test]
+    fn a_partition_revoked_in_flight_is_forgotten_not_stored() {
+        let mut tracker = OffsetTracker::new();
+        tracker.assign(0);
+        tracker.assign(1);
+        let batch: Vec<Delivery> = [(0, 1), (1, 1)]
+            .iter()
+            .map(|&(p, o)| tracker.begin(p, o).unwrap())
+            .collect();
+        let store = RecordingStore {
+            unassigned: vec![1],
+            ..RecordingStore::default()
+        };
+        let stored = complete_and_store(&mut tracker, &batch, &store);
+        assert_eq!(stored, vec![(0, 2)]);
+        assert!(
+            !tracker.is_assigned(1),
+            "the unassigned partition is dropped"
+        );
+        assert!(tracker.is_assigned(0));
     }
 }

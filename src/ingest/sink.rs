@@ -7,151 +7,43 @@
 //! while the store writes the previous one.
 //!
 //! While the Postgres circuit breaker is not closed, or when the store falls behind for longer
-//! than [`PAUSE_AFTER`], the consumer pauses its partitions but keeps polling, so it stays in the
+//! than [`PAUSE_AFTER`](super::consume::PAUSE_AFTER), the consumer pauses its partitions but keeps polling, so it stays in the
 //! group and serves rebalances; it resumes once the breaker closes and the store takes the
 //! waiting batch. Nothing is dead-lettered because a dependency is down: transient failures are
 //! retried, only records refused for their content go to the dead-letter topic.
 
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::Context as _;
 use backon::{ExponentialBuilder, Retryable};
 use chrono::Utc;
-use rdkafka::consumer::{
-    BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance, StreamConsumer,
-};
-use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::consumer::Consumer;
 use rdkafka::message::{BorrowedMessage, Message};
 use rdkafka::producer::FutureProducer;
-use rdkafka::{ClientContext, Statistics, TopicPartitionList};
-use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
+use super::batch::{Batch, BatchLimits};
+use super::consume::{
+    commit_sync, set_paused, Membership, SinkConsumer, SinkContext, TopicOffsets, PAUSE_AFTER,
+};
+use super::decode::{AcceptWindow, Decoder};
+use super::dlq::{DeadLetter, DlqError, DlqProducer, Failure, SourceRecord};
+use super::isolate::isolate;
+use super::lock;
+use super::notify::{self, Notifier, NotifyConfig};
+use super::offsets::{complete_and_store, OffsetTracker};
+use super::stats::{add_elapsed, nanos_to_s, peak_rss_mb, BatchReport, RunSummary, SinkStats};
+use super::store::{self, Store, StoreError, WriteOutcome};
 use crate::breaker::{Breaker, State as BreakerState};
 use crate::config::Config;
 use crate::db::retry::Retry;
-use crate::ingest::batch::{Batch, BatchLimits};
-use crate::ingest::decode::{AcceptWindow, Decoder};
-use crate::ingest::dlq::{DeadLetter, DlqError, DlqProducer, Failure, SourceRecord};
-use crate::ingest::notify::{self, Notifier, NotifyConfig};
-use crate::ingest::offsets::OffsetTracker;
-use crate::ingest::store::{self, Store, StoreError, WriteOutcome};
 use crate::kafka;
 use crate::observe::StatusBoard;
 use crate::ops::partitions::{self, PartitionLifecycle};
-
-/// How long a finished batch may wait for the store before the consumer pauses its partitions.
-pub const PAUSE_AFTER: Duration = Duration::from_secs(2);
-
-/// What the run summary needs beyond the status board's totals (consumed, stored, duplicates,
-/// dead-lettered), which the sink counts only there.
-#[derive(Debug, Default)]
-pub struct SinkStats {
-    /// Events skipped as duplicates whose content differed from the stored event.
-    pub conflicts: AtomicU64,
-    /// Batches completed.
-    pub batches: AtomicU64,
-    /// Partition revocations seen (rebalances that took partitions away).
-    pub revokes: AtomicU64,
-    /// Times the consumer paused its partitions (database unavailable or store behind).
-    pub pauses: AtomicU64,
-    /// When the first message arrived and when the last batch completed.
-    active: Mutex<Option<(Instant, Instant)>>,
-    /// End-to-end latency (Kafka timestamp to commit) of every stored event, milliseconds.
-    latency_ms: Mutex<Option<hdrhistogram::Histogram<u64>>>,
-    /// Time spent decoding and validating, nanoseconds.
-    pub decode_ns: AtomicU64,
-    /// Time spent encoding rows for COPY (batch building), nanoseconds.
-    pub encode_ns: AtomicU64,
-    /// Time spent making batches durable (database writes, dead letters, offsets), nanoseconds.
-    pub store_ns: AtomicU64,
-}
-
-impl SinkStats {
-    fn message_arrived(&self) {
-        let mut active = lock(&self.active);
-        if active.is_none() {
-            let now = Instant::now();
-            *active = Some((now, now));
-        }
-    }
-
-    fn batch_completed(&self) {
-        if let Some((_, last)) = lock(&self.active).as_mut() {
-            *last = Instant::now();
-        }
-    }
-
-    fn record_latencies(&self, kafka_timestamps_ms: &[i64], now_ms: i64) {
-        let mut histogram = lock(&self.latency_ms);
-        let histogram = histogram.get_or_insert_with(|| {
-            // One hour at three significant digits: a few tens of KiB, whatever the traffic.
-            hdrhistogram::Histogram::new_with_bounds(1, 3_600_000, 3).unwrap_or_else(|_| {
-                hdrhistogram::Histogram::new(3).expect("3 significant digits is valid")
-            })
-        });
-        for ts in kafka_timestamps_ms {
-            histogram.saturating_record(u64::try_from(now_ms - ts).unwrap_or(0).max(1));
-        }
-    }
-
-    /// The end-to-end latency at quantile `q` (0..=1) in milliseconds, if any event was stored.
-    pub fn latency_ms(&self, q: f64) -> Option<u64> {
-        lock(&self.latency_ms)
-            .as_ref()
-            .filter(|h| !h.is_empty())
-            .map(|h| h.value_at_quantile(q))
-    }
-
-    /// Seconds from the first message received to the last batch completed.
-    pub fn active_s(&self) -> f64 {
-        lock(&self.active).map_or(0.0, |(first, last)| (last - first).as_secs_f64())
-    }
-}
-
-/// The line `auditflow run --until-idle` prints.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-pub struct RunSummary {
-    /// Messages received from Kafka.
-    pub consumed: u64,
-    /// Rows inserted into Postgres.
-    pub stored: u64,
-    /// Events skipped as already stored.
-    pub duplicates: u64,
-    /// Records sent to the dead-letter topic.
-    pub dead_lettered: u64,
-    /// Of the duplicates, ids repeated with different content.
-    pub conflicts: u64,
-    /// Wall time of the run.
-    pub elapsed_s: f64,
-    /// From the first message received to the last batch completed: the time spent working.
-    pub active_s: f64,
-    /// Median end-to-end latency, Kafka timestamp to commit, milliseconds.
-    pub latency_p50_ms: Option<u64>,
-    /// 99th percentile of the same.
-    pub latency_p99_ms: Option<u64>,
-    /// Peak resident set size of this process, MiB (Linux; `None` elsewhere).
-    pub peak_rss_mb: Option<f64>,
-    /// Where the time went: decoding and validating.
-    pub decode_s: f64,
-    /// Encoding rows for COPY.
-    pub encode_s: f64,
-    /// Making batches durable (COPY, commit, dead letters, offsets), on the store task.
-    pub store_s: f64,
-}
-
-/// What one batch did.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct BatchReport {
-    /// Database outcome (duplicates include those dropped inside the batch).
-    pub outcome: WriteOutcome,
-    /// Records dead-lettered.
-    pub dead_lettered: u64,
-}
 
 /// Why a batch did not complete.
 #[derive(Debug, thiserror::Error)]
@@ -160,114 +52,6 @@ pub enum BatchError {
     #[error("interrupted by shutdown before the batch was durable")]
     Interrupted,
 }
-
-/// Rebalance hooks: commit what is done before partitions go, track assignments.
-pub struct SinkContext {
-    tracker: Arc<Mutex<OffsetTracker>>,
-    topic: String,
-    /// The group membership as idleness sees it.
-    membership: Arc<Mutex<Membership>>,
-    stats: Arc<SinkStats>,
-    board: Arc<StatusBoard>,
-}
-
-/// Whether the consumer holds an assignment, and since when. Between a revoke and the next
-/// assignment the consumer cannot receive anything, so it is never idle then; after an
-/// assignment, idleness counts from the assignment.
-#[derive(Debug, Default, Clone, Copy)]
-struct Membership {
-    assigned: bool,
-    changed_at: Option<Instant>,
-    /// Counts assignments; a pause must be re-applied to partitions assigned after it.
-    generation: u64,
-}
-
-impl ClientContext for SinkContext {
-    /// Publishes consumer lag per assigned partition (`statistics.interval.ms`).
-    fn stats(&self, statistics: Statistics) {
-        let tracker = lock(&self.tracker);
-        if let Some(topic) = statistics.topics.get(&self.topic) {
-            for (partition, stats) in &topic.partitions {
-                if *partition >= 0 && tracker.is_assigned(*partition) {
-                    self.board
-                        .set_partition_lag(&self.topic, *partition, stats.consumer_lag);
-                }
-            }
-        }
-    }
-}
-
-impl ConsumerContext for SinkContext {
-    fn pre_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
-        if let Rebalance::Revoke(partitions) = rebalance {
-            // Offsets stored so far are everything that is durable; commit them before another
-            // replica takes over. Messages still in flight here are redelivered there and
-            // deduplicated by the primary key.
-            commit_sync(consumer, "revoke");
-            {
-                let mut membership = lock(&self.membership);
-                membership.assigned = false;
-                membership.changed_at = Some(Instant::now());
-            }
-            self.stats.revokes.fetch_add(1, Ordering::Relaxed);
-            self.board.set_joined(false);
-            let mut tracker = lock(&self.tracker);
-            for element in partitions.elements_for_topic(&self.topic) {
-                tracker.revoke(element.partition());
-                self.board
-                    .remove_partition(&self.topic, element.partition());
-            }
-            tracing::info!(partitions = ?partition_ids(partitions), "partitions revoked");
-        }
-    }
-
-    fn post_rebalance(&self, _consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
-        match rebalance {
-            Rebalance::Assign(partitions) => {
-                let mut tracker = lock(&self.tracker);
-                for element in partitions.elements_for_topic(&self.topic) {
-                    tracker.assign(element.partition());
-                }
-                {
-                    let mut membership = lock(&self.membership);
-                    membership.assigned = true;
-                    membership.changed_at = Some(Instant::now());
-                    membership.generation += 1;
-                }
-                self.board.set_joined(true);
-                tracing::info!(partitions = ?partition_ids(partitions), "partitions assigned");
-            }
-            Rebalance::Error(err) => tracing::warn!(error = %err, "rebalance error"),
-            Rebalance::Revoke(_) => {}
-        }
-    }
-}
-
-fn partition_ids(partitions: &TopicPartitionList) -> Vec<i32> {
-    partitions
-        .elements()
-        .iter()
-        .map(|e| e.partition())
-        .collect()
-}
-
-fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    mutex
-        .lock()
-        .unwrap_or_else(|poisoned| poisoned.into_inner())
-}
-
-/// Commits stored offsets synchronously; "nothing to commit" is not an error.
-fn commit_sync<C: Consumer<SinkContext>>(consumer: &C, when: &str) {
-    match consumer.commit_consumer_state(CommitMode::Sync) {
-        Ok(()) => tracing::debug!(when, "offsets committed"),
-        Err(KafkaError::ConsumerCommit(RDKafkaErrorCode::NoOffset)) => {}
-        Err(err) => tracing::warn!(error = %err, when, "offset commit failed"),
-    }
-}
-
-/// The consumer type of the sink.
-pub type SinkConsumer = StreamConsumer<SinkContext>;
 
 /// The sink, built and ready to run.
 pub struct Sink {
@@ -587,11 +371,11 @@ impl Sink {
                     tracing::warn!(store_stalled, database_unavailable, "pausing consumption");
                     sink.stats.pauses.fetch_add(1, Ordering::Relaxed);
                 }
-                sink.set_paused(true);
+                set_paused(&sink.consumer, true);
                 paused_generation = Some(generation);
             } else if !want_paused && paused_generation.is_some() {
                 tracing::info!("resuming consumption");
-                sink.set_paused(false);
+                set_paused(&sink.consumer, false);
                 paused_generation = None;
                 resumed_at = Instant::now();
             }
@@ -659,24 +443,6 @@ impl Sink {
             Err(_) => tracing::warn!("sink still referenced at shutdown"),
         }
         Ok(summary)
-    }
-
-    fn set_paused(&self, pause: bool) {
-        let assignment = match self.consumer.assignment() {
-            Ok(assignment) => assignment,
-            Err(err) => {
-                tracing::warn!(error = %err, "cannot read assignment");
-                return;
-            }
-        };
-        let result = if pause {
-            self.consumer.pause(&assignment)
-        } else {
-            self.consumer.resume(&assignment)
-        };
-        if let Err(err) = result {
-            tracing::warn!(error = %err, pause, "pause/resume failed");
-        }
     }
 
     /// Decodes one message into the open batch, or queues it for the dead-letter topic.
@@ -779,57 +545,43 @@ impl Sink {
         })
     }
 
-    /// Writes the batch's rows; a permanently refused range is split in halves until the
-    /// refused rows are found, which come back as dead letters while the rest is stored.
+    /// Writes the batch's rows; rows the database refuses for their content are isolated
+    /// ([`isolate`]) and come back as dead letters while the rest is stored.
     async fn write_isolating(
         &self,
         batch: &Batch,
         abort: &CancellationToken,
     ) -> Result<(WriteOutcome, Vec<DeadLetter>), BatchError> {
-        let mut total = WriteOutcome::default();
-        let mut refused = Vec::new();
-        let mut ranges: Vec<std::ops::Range<usize>> = Vec::new();
-        ranges.push(0..batch.rows.len());
-        while let Some(range) = ranges.pop() {
-            if range.is_empty() {
-                continue;
-            }
-            match self.write_retrying(batch, range.clone(), abort).await? {
-                Ok(outcome) => {
-                    total.stored += outcome.stored;
-                    total.duplicates += outcome.duplicates;
-                    total.conflicts += outcome.conflicts;
+        let isolated = isolate(batch.rows.len(), |range| {
+            self.write_retrying(batch, range, abort)
+        })
+        .await?;
+        let refused = isolated
+            .refused
+            .into_iter()
+            .map(|(row, err)| {
+                let source = batch.row_sources[row].clone();
+                let sqlstate = err.sqlstate();
+                let class = match sqlstate.as_deref() {
+                    Some(code) if code.starts_with("22") => "data",
+                    _ => "constraint",
+                };
+                tracing::warn!(
+                    error = %err, partition = source.partition, offset = source.offset,
+                    "database refused record; dead-lettering"
+                );
+                DeadLetter {
+                    source,
+                    failure: Failure {
+                        class: class.to_owned(),
+                        message: err.to_string(),
+                        sqlstate,
+                    },
+                    failed_at: Utc::now(),
                 }
-                Err(err) if range.len() == 1 => {
-                    let source = batch.row_sources[range.start].clone();
-                    let sqlstate = err.sqlstate();
-                    let class = match sqlstate.as_deref() {
-                        Some(code) if code.starts_with("22") => "data",
-                        _ => "constraint",
-                    };
-                    tracing::warn!(
-                        error = %err, partition = source.partition, offset = source.offset,
-                        "database refused record; dead-lettering"
-                    );
-                    refused.push(DeadLetter {
-                        source,
-                        failure: Failure {
-                            class: class.to_owned(),
-                            message: err.to_string(),
-                            sqlstate,
-                        },
-                        failed_at: Utc::now(),
-                    });
-                }
-                Err(_) => {
-                    let middle = range.start + range.len() / 2;
-                    // Pop order: left half first.
-                    ranges.push(middle..range.end);
-                    ranges.push(range.start..middle);
-                }
-            }
-        }
-        Ok((total, refused))
+            })
+            .collect();
+        Ok((isolated.outcome, refused))
     }
 
     /// Writes one range, retrying transient failures with jittered backoff until `abort`.
@@ -861,58 +613,12 @@ impl Sink {
 
     /// Marks the batch's messages done and stores every offset that became committable.
     fn store_offsets(&self, batch: &Batch) {
-        let mut tracker = lock(&self.tracker);
-        let mut partitions: Vec<i32> = Vec::new();
-        for delivery in &batch.deliveries {
-            tracker.complete(*delivery);
-            if !partitions.contains(&delivery.partition) {
-                partitions.push(delivery.partition);
-            }
-        }
-        for partition in partitions {
-            let Some(next) = tracker.take_committable(partition) else {
-                continue;
-            };
-            // store_offset takes the last processed offset and commits it + 1.
-            match self
-                .consumer
-                .store_offset(&self.config.kafka.kafka_topic, partition, next - 1)
-            {
-                Ok(()) => {}
-                Err(KafkaError::StoreOffset(RDKafkaErrorCode::State)) => {
-                    // The partition was revoked while the batch was in flight: its new owner
-                    // re-reads these messages and deduplication absorbs them.
-                    tracing::info!(
-                        partition,
-                        offset = next,
-                        "partition no longer assigned; offset not stored"
-                    );
-                    metrics::counter!("auditflow_offsets_unassigned_total").increment(1);
-                    tracker.revoke(partition);
-                }
-                Err(err) => {
-                    tracing::error!(error = %err, partition, offset = next, "storing offset failed");
-                }
-            }
-        }
+        let offsets = TopicOffsets {
+            consumer: &self.consumer,
+            topic: &self.config.kafka.kafka_topic,
+        };
+        complete_and_store(&mut lock(&self.tracker), &batch.deliveries, &offsets);
     }
-}
-
-fn add_elapsed(counter: &AtomicU64, since: std::time::Instant) {
-    let nanos = u64::try_from(since.elapsed().as_nanos()).unwrap_or(u64::MAX);
-    counter.fetch_add(nanos, Ordering::Relaxed);
-}
-
-fn nanos_to_s(counter: &AtomicU64) -> f64 {
-    counter.load(Ordering::Relaxed) as f64 / 1e9
-}
-
-/// The process's peak resident set size (VmHWM), MiB.
-fn peak_rss_mb() -> Option<f64> {
-    let status = std::fs::read_to_string("/proc/self/status").ok()?;
-    let line = status.lines().find(|line| line.starts_with("VmHWM:"))?;
-    let kib: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
-    Some(kib / 1024.0)
 }
 
 async fn sleep_until_opt(deadline: Option<Instant>) {

@@ -13,7 +13,7 @@ use rdkafka::mocking::MockCluster;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{Config, Secret};
-use crate::ingest::sink::{RunSummary, Sink};
+use crate::ingest::{RunSummary, Sink};
 use crate::tools::produce::{self, ProduceOptions, ProduceSummary};
 
 /// Default database for the demo when `AUDITFLOW_DATABASE_URL` is unset.

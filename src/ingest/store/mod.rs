@@ -90,6 +90,14 @@ pub struct WriteOutcome {
     pub conflicts: u64,
 }
 
+impl std::ops::AddAssign for WriteOutcome {
+    fn add_assign(&mut self, other: Self) {
+        self.stored += other.stored;
+        self.duplicates += other.duplicates;
+        self.conflicts += other.conflicts;
+    }
+}
+
 /// The database side of the sink: a pool, the schema, and which partitions are known to exist.
 #[derive(Debug)]
 pub struct Store {

@@ -1,0 +1,135 @@
+//! What the sink measures about itself for `auditflow run --until-idle` and the benchmark: the run
+//! summary, end-to-end latency and where the time went. The status board's totals (consumed,
+//! stored, duplicates, dead-lettered) are the board's, not repeated here.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Mutex;
+
+use serde::{Deserialize, Serialize};
+use tokio::time::Instant;
+
+use super::lock;
+use super::store::WriteOutcome;
+
+/// What the run summary needs beyond the status board's totals (consumed, stored, duplicates,
+/// dead-lettered), which the sink counts only there.
+#[derive(Debug, Default)]
+pub struct SinkStats {
+    /// Events skipped as duplicates whose content differed from the stored event.
+    pub conflicts: AtomicU64,
+    /// Batches completed.
+    pub batches: AtomicU64,
+    /// Partition revocations seen (rebalances that took partitions away).
+    pub revokes: AtomicU64,
+    /// Times the consumer paused its partitions (database unavailable or store behind).
+    pub pauses: AtomicU64,
+    /// When the first message arrived and when the last batch completed.
+    active: Mutex<Option<(Instant, Instant)>>,
+    /// End-to-end latency (Kafka timestamp to commit) of every stored event, milliseconds.
+    latency_ms: Mutex<Option<hdrhistogram::Histogram<u64>>>,
+    /// Time spent decoding and validating, nanoseconds.
+    pub decode_ns: AtomicU64,
+    /// Time spent encoding rows for COPY (batch building), nanoseconds.
+    pub encode_ns: AtomicU64,
+    /// Time spent making batches durable (database writes, dead letters, offsets), nanoseconds.
+    pub store_ns: AtomicU64,
+}
+
+impl SinkStats {
+    pub(crate) fn message_arrived(&self) {
+        let mut active = lock(&self.active);
+        if active.is_none() {
+            let now = Instant::now();
+            *active = Some((now, now));
+        }
+    }
+
+    pub(crate) fn batch_completed(&self) {
+        if let Some((_, last)) = lock(&self.active).as_mut() {
+            *last = Instant::now();
+        }
+    }
+
+    pub(crate) fn record_latencies(&self, kafka_timestamps_ms: &[i64], now_ms: i64) {
+        let mut histogram = lock(&self.latency_ms);
+        let histogram = histogram.get_or_insert_with(|| {
+            // One hour at three significant digits: a few tens of KiB, whatever the traffic.
+            hdrhistogram::Histogram::new_with_bounds(1, 3_600_000, 3).unwrap_or_else(|_| {
+                hdrhistogram::Histogram::new(3).expect("3 significant digits is valid")
+            })
+        });
+        for ts in kafka_timestamps_ms {
+            histogram.saturating_record(u64::try_from(now_ms - ts).unwrap_or(0).max(1));
+        }
+    }
+
+    /// The end-to-end latency at quantile `q` (0..=1) in milliseconds, if any event was stored.
+    pub fn latency_ms(&self, q: f64) -> Option<u64> {
+        lock(&self.latency_ms)
+            .as_ref()
+            .filter(|h| !h.is_empty())
+            .map(|h| h.value_at_quantile(q))
+    }
+
+    /// Seconds from the first message received to the last batch completed.
+    pub fn active_s(&self) -> f64 {
+        lock(&self.active).map_or(0.0, |(first, last)| (last - first).as_secs_f64())
+    }
+}
+
+/// The line `auditflow run --until-idle` prints.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct RunSummary {
+    /// Messages received from Kafka.
+    pub consumed: u64,
+    /// Rows inserted into Postgres.
+    pub stored: u64,
+    /// Events skipped as already stored.
+    pub duplicates: u64,
+    /// Records sent to the dead-letter topic.
+    pub dead_lettered: u64,
+    /// Of the duplicates, ids repeated with different content.
+    pub conflicts: u64,
+    /// Wall time of the run.
+    pub elapsed_s: f64,
+    /// From the first message received to the last batch completed: the time spent working.
+    pub active_s: f64,
+    /// Median end-to-end latency, Kafka timestamp to commit, milliseconds.
+    pub latency_p50_ms: Option<u64>,
+    /// 99th percentile of the same.
+    pub latency_p99_ms: Option<u64>,
+    /// Peak resident set size of this process, MiB (Linux; `None` elsewhere).
+    pub peak_rss_mb: Option<f64>,
+    /// Where the time went: decoding and validating.
+    pub decode_s: f64,
+    /// Encoding rows for COPY.
+    pub encode_s: f64,
+    /// Making batches durable (COPY, commit, dead letters, offsets), on the store task.
+    pub store_s: f64,
+}
+
+/// What one batch did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct BatchReport {
+    /// Database outcome (duplicates include those dropped inside the batch).
+    pub outcome: WriteOutcome,
+    /// Records dead-lettered.
+    pub dead_lettered: u64,
+}
+
+pub(crate) fn add_elapsed(counter: &AtomicU64, since: std::time::Instant) {
+    let nanos = u64::try_from(since.elapsed().as_nanos()).unwrap_or(u64::MAX);
+    counter.fetch_add(nanos, Ordering::Relaxed);
+}
+
+pub(crate) fn nanos_to_s(counter: &AtomicU64) -> f64 {
+    counter.load(Ordering::Relaxed) as f64 / 1e9
+}
+
+/// The process's peak resident set size (VmHWM), MiB.
+pub(crate) fn peak_rss_mb() -> Option<f64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|line| line.starts_with("VmHWM:"))?;
+    let kib: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib / 1024.0)
+}
