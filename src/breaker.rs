@@ -14,10 +14,10 @@
 //! 1 half-open, 2 open), `auditflow_breaker_transitions_total{dependency,to}` and
 //! `auditflow_breaker_rejected_total{dependency}`.
 
+use parking_lot::Mutex;
 use std::collections::VecDeque;
 use std::future::Future;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Mutex;
 use std::time::Duration;
 
 use rand::Rng;
@@ -171,18 +171,12 @@ impl Breaker {
 
     /// The thresholds in force.
     pub fn config(&self) -> BreakerConfig {
-        *self
-            .config
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
+        *self.config.lock()
     }
 
     /// Replaces the thresholds; the state and its history are kept.
     pub fn reconfigure(&self, config: BreakerConfig) {
-        *self
-            .config
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner()) = config;
+        *self.config.lock() = config;
     }
 
     /// The current state.
@@ -210,10 +204,8 @@ impl Breaker {
         self.num_rejected.load(Ordering::Relaxed)
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
-        self.inner
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    fn lock(&self) -> parking_lot::MutexGuard<'_, Inner> {
+        self.inner.lock()
     }
 
     fn transition(&self, inner: &mut Inner, to: State) {

@@ -3,7 +3,9 @@
 //! resuming the assignment, and storing offsets into the consumer.
 
 use std::sync::atomic::Ordering;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
+
+use parking_lot::Mutex;
 use std::time::Duration;
 
 use rdkafka::consumer::{
@@ -13,7 +15,6 @@ use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::{ClientContext, Statistics, TopicPartitionList};
 use tokio::time::Instant;
 
-use super::lock;
 use super::offsets::{OffsetStore, OffsetTracker, Partition, StoreOffsetError};
 use super::stats::SinkStats;
 use crate::observe::StatusBoard;
@@ -45,7 +46,7 @@ pub(crate) struct Membership {
 impl ClientContext for SinkContext {
     /// Publishes consumer lag per assigned partition (`statistics.interval.ms`).
     fn stats(&self, statistics: Statistics) {
-        let tracker = lock(&self.tracker);
+        let tracker = self.tracker.lock();
         if let Some(topic) = statistics.topics.get(&self.topic) {
             for (partition, stats) in &topic.partitions {
                 if *partition >= 0 && tracker.is_assigned(*partition) {
@@ -65,13 +66,13 @@ impl ConsumerContext for SinkContext {
             // deduplicated by the primary key.
             commit_sync(consumer, "revoke");
             {
-                let mut membership = lock(&self.membership);
+                let mut membership = self.membership.lock();
                 membership.assigned = false;
                 membership.changed_at = Some(Instant::now());
             }
             self.stats.revokes.fetch_add(1, Ordering::Relaxed);
             self.board.set_joined(false);
-            let mut tracker = lock(&self.tracker);
+            let mut tracker = self.tracker.lock();
             for element in partitions.elements_for_topic(&self.topic) {
                 tracker.revoke(element.partition());
                 self.board
@@ -84,12 +85,12 @@ impl ConsumerContext for SinkContext {
     fn post_rebalance(&self, _consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
         match rebalance {
             Rebalance::Assign(partitions) => {
-                let mut tracker = lock(&self.tracker);
+                let mut tracker = self.tracker.lock();
                 for element in partitions.elements_for_topic(&self.topic) {
                     tracker.assign(element.partition());
                 }
                 {
-                    let mut membership = lock(&self.membership);
+                    let mut membership = self.membership.lock();
                     membership.assigned = true;
                     membership.changed_at = Some(Instant::now());
                     membership.generation += 1;

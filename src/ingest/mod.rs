@@ -31,14 +31,3 @@ pub mod store;
 
 pub use sink::Sink;
 pub use stats::RunSummary;
-
-use std::sync::{Mutex, MutexGuard};
-
-/// Locks a mutex, recovering it if a panic poisoned it: every critical section in the pipeline
-/// leaves its data consistent (counters, sets, flags), so one panicking thread must not stop
-/// the others.
-pub(crate) fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
-    mutex
-        .lock()
-        .unwrap_or_else(|poisoned| poisoned.into_inner())
-}

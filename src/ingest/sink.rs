@@ -13,7 +13,9 @@
 //! retried, only records refused for their content go to the dead-letter topic.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
+
+use parking_lot::Mutex;
 use std::time::Duration;
 
 use anyhow::Context as _;
@@ -33,7 +35,6 @@ use super::consume::{
 use super::decode::{AcceptWindow, Decoder};
 use super::dlq::{DeadLetter, DlqError, DlqProducer, Failure, SourceRecord};
 use super::isolate::isolate;
-use super::lock;
 use super::notify::{self, Notifier, NotifyConfig};
 use super::offsets::{complete_and_store, OffsetTracker};
 use super::stats::{add_elapsed, nanos_to_s, peak_rss_mb, BatchReport, RunSummary, SinkStats};
@@ -339,7 +340,7 @@ impl Sink {
                     if let Some(idle_for) = until_idle {
                         // Idle only counts while the group has assigned partitions: joining and
                         // rebalancing can take longer than the idle period.
-                        let membership = *lock(&sink.membership);
+                        let membership = *sink.membership.lock();
                         // Nor while paused: nothing can arrive then.
                         let quiet_since = membership
                             .changed_at
@@ -349,7 +350,7 @@ impl Sink {
                             && ready.is_none()
                             && in_flight.load(Ordering::SeqCst) == 0
                             && quiet_since.is_some_and(|since| since.elapsed() >= idle_for)
-                            && lock(&sink.tracker).num_pending() == 0
+                            && sink.tracker.lock().num_pending() == 0
                         {
                             tracing::info!(idle_s = idle_for.as_secs_f64(), "idle; stopping");
                             break;
@@ -364,7 +365,7 @@ impl Sink {
                 waiting_since = Some(Instant::now());
             }
             let want_paused = store_stalled || database_unavailable;
-            let generation = lock(&sink.membership).generation;
+            let generation = sink.membership.lock().generation;
             // Partitions assigned after a pause start fetching: pause them too.
             if want_paused && paused_generation != Some(generation) {
                 if paused_generation.is_none() {
@@ -447,7 +448,10 @@ impl Sink {
 
     /// Decodes one message into the open batch, or queues it for the dead-letter topic.
     fn add_message(&self, batch: &mut Batch, message: &BorrowedMessage<'_>) {
-        let Some(delivery) = lock(&self.tracker).begin(message.partition(), message.offset())
+        let Some(delivery) = self
+            .tracker
+            .lock()
+            .begin(message.partition(), message.offset())
         else {
             // Fetched before a revoke was processed: the new owner reads it again.
             return;
@@ -617,7 +621,7 @@ impl Sink {
             consumer: &self.consumer,
             topic: &self.config.kafka.kafka_topic,
         };
-        complete_and_store(&mut lock(&self.tracker), &batch.deliveries, &offsets);
+        complete_and_store(&mut self.tracker.lock(), &batch.deliveries, &offsets);
     }
 }
 

@@ -2,13 +2,12 @@
 //! summary, end-to-end latency and where the time went. The status board's totals (consumed,
 //! stored, duplicates, dead-lettered) are the board's, not repeated here.
 
+use parking_lot::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Mutex;
 
 use serde::{Deserialize, Serialize};
 use tokio::time::Instant;
 
-use super::lock;
 use super::store::WriteOutcome;
 
 /// What the run summary needs beyond the status board's totals (consumed, stored, duplicates,
@@ -37,7 +36,7 @@ pub struct SinkStats {
 
 impl SinkStats {
     pub(crate) fn message_arrived(&self) {
-        let mut active = lock(&self.active);
+        let mut active = self.active.lock();
         if active.is_none() {
             let now = Instant::now();
             *active = Some((now, now));
@@ -45,13 +44,13 @@ impl SinkStats {
     }
 
     pub(crate) fn batch_completed(&self) {
-        if let Some((_, last)) = lock(&self.active).as_mut() {
+        if let Some((_, last)) = self.active.lock().as_mut() {
             *last = Instant::now();
         }
     }
 
     pub(crate) fn record_latencies(&self, kafka_timestamps_ms: &[i64], now_ms: i64) {
-        let mut histogram = lock(&self.latency_ms);
+        let mut histogram = self.latency_ms.lock();
         let histogram = histogram.get_or_insert_with(|| {
             // One hour at three significant digits: a few tens of KiB, whatever the traffic.
             hdrhistogram::Histogram::new_with_bounds(1, 3_600_000, 3).unwrap_or_else(|_| {
@@ -65,7 +64,8 @@ impl SinkStats {
 
     /// The end-to-end latency at quantile `q` (0..=1) in milliseconds, if any event was stored.
     pub fn latency_ms(&self, q: f64) -> Option<u64> {
-        lock(&self.latency_ms)
+        self.latency_ms
+            .lock()
             .as_ref()
             .filter(|h| !h.is_empty())
             .map(|h| h.value_at_quantile(q))
@@ -73,7 +73,9 @@ impl SinkStats {
 
     /// Seconds from the first message received to the last batch completed.
     pub fn active_s(&self) -> f64 {
-        lock(&self.active).map_or(0.0, |(first, last)| (last - first).as_secs_f64())
+        self.active
+            .lock()
+            .map_or(0.0, |(first, last)| (last - first).as_secs_f64())
     }
 }
 

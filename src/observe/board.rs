@@ -3,7 +3,9 @@
 
 use std::collections::{BTreeMap, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::Arc;
+
+use parking_lot::Mutex;
 use std::time::{Duration, Instant};
 
 use serde::Serialize;
@@ -105,7 +107,7 @@ impl StatusBoard {
     /// Shows `breaker` on the page; the one named [`DATABASE_DEPENDENCY`] also decides
     /// readiness. Its state is read when asked, so later transitions need no call.
     pub fn register_breaker(&self, breaker: Arc<Breaker>) {
-        let mut breakers = lock(&self.breakers);
+        let mut breakers = self.breakers.lock();
         breakers.retain(|known| known.dependency() != breaker.dependency());
         breakers.push(breaker);
     }
@@ -113,7 +115,7 @@ impl StatusBoard {
     /// Samples `pool` (connections in use and idle) every [`SAMPLE_EVERY`] while the server
     /// runs, instead of [`StatusBoard::set_pool`] calls.
     pub fn register_pool(&self, pool: sqlx::PgPool) {
-        *lock(&self.pool) = Some(pool);
+        *self.pool.lock() = Some(pool);
     }
 
     /// Adds `n` messages received from Kafka (`auditflow_events_consumed_total`).
@@ -152,7 +154,7 @@ impl StatusBoard {
     fn record_dead_letters_at(&self, class: &str, n: u64, now: Instant) {
         self.dead_lettered.fetch_add(n, Ordering::Relaxed);
         let minute = self.minute_of(now);
-        let mut classes = lock(&self.dead_letters);
+        let mut classes = self.dead_letters.lock();
         let log = match classes.get_mut(class) {
             Some(log) => log,
             None => classes.entry(class.to_owned()).or_default(),
@@ -172,7 +174,7 @@ impl StatusBoard {
     pub fn set_partition_lag(&self, topic: &str, partition: i32, lag: i64) {
         let lag = (lag >= 0).then_some(lag);
         {
-            let mut lags = lock(&self.lags);
+            let mut lags = self.lags.lock();
             let partitions = match lags.get_mut(topic) {
                 Some(partitions) => partitions,
                 None => lags.entry(topic.to_owned()).or_default(),
@@ -189,7 +191,7 @@ impl StatusBoard {
     /// the new owner reports the real lag, and a sum over replicas stays right.
     pub fn remove_partition(&self, topic: &str, partition: i32) {
         let removed = {
-            let mut lags = lock(&self.lags);
+            let mut lags = self.lags.lock();
             let removed = lags
                 .get_mut(topic)
                 .and_then(|partitions| partitions.remove(&partition));
@@ -216,7 +218,7 @@ impl StatusBoard {
     /// Takes one throughput sample of the counters and reads the registered pool. The server
     /// calls it every [`SAMPLE_EVERY`]; tests call it directly.
     pub fn sample(&self) {
-        let pool = lock(&self.pool).clone();
+        let pool = self.pool.lock().clone();
         if let Some(pool) = pool {
             let idle = u32::try_from(pool.num_idle()).unwrap_or(u32::MAX);
             self.set_pool(pool.size().saturating_sub(idle), idle);
@@ -230,7 +232,7 @@ impl StatusBoard {
             consumed: self.consumed.load(Ordering::Relaxed),
             stored: self.stored.load(Ordering::Relaxed),
         };
-        let mut samples = lock(&self.samples);
+        let mut samples = self.samples.lock();
         samples.push_back(sample);
         // Keep the newest sample at or beyond the window's start, and everything after it.
         while samples
@@ -244,7 +246,9 @@ impl StatusBoard {
     /// Whether orchestrators may route work here, and what is missing if not.
     pub fn readiness(&self) -> Readiness {
         let joined_group = self.joined.load(Ordering::Relaxed);
-        let database_breaker = lock(&self.breakers)
+        let database_breaker = self
+            .breakers
+            .lock()
             .iter()
             .find(|breaker| breaker.dependency() == DATABASE_DEPENDENCY)
             .map(|breaker| breaker.state().as_str());
@@ -276,7 +280,7 @@ impl StatusBoard {
             dead_lettered: self.dead_lettered.load(Ordering::Relaxed),
         };
         let throughput = {
-            let samples = lock(&self.samples);
+            let samples = self.samples.lock();
             let oldest = samples.front().copied();
             let span = oldest.map_or(Duration::ZERO, |oldest| now.duration_since(oldest.at));
             // Under half a second the rate is mostly noise: report none rather than a spike.
@@ -290,7 +294,9 @@ impl StatusBoard {
                 stored_per_s: oldest.and_then(|oldest| rate(totals.stored, oldest.stored)),
             }
         };
-        let partitions = lock(&self.lags)
+        let partitions = self
+            .lags
+            .lock()
             .iter()
             .flat_map(|(topic, partitions)| {
                 partitions.iter().map(|(partition, lag)| PartitionLag {
@@ -300,7 +306,9 @@ impl StatusBoard {
                 })
             })
             .collect();
-        let mut breakers: Vec<BreakerStatus> = lock(&self.breakers)
+        let mut breakers: Vec<BreakerStatus> = self
+            .breakers
+            .lock()
             .iter()
             .map(|breaker| BreakerStatus {
                 dependency: breaker.dependency(),
@@ -309,7 +317,9 @@ impl StatusBoard {
             .collect();
         breakers.sort_by_key(|breaker| breaker.dependency);
         let minute = self.minute_of(now);
-        let dead_letters = lock(&self.dead_letters)
+        let dead_letters = self
+            .dead_letters
+            .lock()
             .iter_mut()
             .map(|(class, log)| {
                 prune_minutes(&mut log.per_minute, minute);
@@ -357,12 +367,6 @@ fn prune_minutes(per_minute: &mut VecDeque<(u64, u64)>, minute: u64) {
     {
         per_minute.pop_front();
     }
-}
-
-pub(super) fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
-    mutex
-        .lock()
-        .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 /// The `/readyz` body.
@@ -503,7 +507,7 @@ mod tests {
         assert_eq!(throughput.window_s, 10.0);
         assert_eq!(throughput.consumed_per_s, Some(100.0));
         assert_eq!(throughput.stored_per_s, Some(50.0));
-        assert!(lock(&board.samples).len() <= 11, "samples are pruned");
+        assert!(board.samples.lock().len() <= 11, "samples are pruned");
     }
 
     #[test]

@@ -25,12 +25,14 @@ pub use board::{
 };
 
 use board::{
-    lock, CONSUMED_METRIC, DEAD_LETTERED_METRIC, DUPLICATES_METRIC, LAG_METRIC, POOL_METRIC,
+    CONSUMED_METRIC, DEAD_LETTERED_METRIC, DUPLICATES_METRIC, LAG_METRIC, POOL_METRIC,
     STORED_METRIC,
 };
 
 use std::net::SocketAddr;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
+
+use parking_lot::Mutex;
 use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
@@ -56,7 +58,7 @@ static RECORDER: Mutex<Option<PrometheusHandle>> = Mutex::new(None);
 /// buckets) and describes every metric, once; later calls return the same handle. Fails if
 /// another recorder was installed first.
 pub fn install_recorder() -> anyhow::Result<PrometheusHandle> {
-    let mut installed = lock(&RECORDER);
+    let mut installed = RECORDER.lock();
     if let Some(handle) = installed.as_ref() {
         return Ok(handle.clone());
     }

@@ -19,7 +19,9 @@ pub use copy::{CopyRows, RowMeta};
 
 use std::collections::BTreeSet;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
+
+use parking_lot::Mutex;
 
 use chrono::{DateTime, NaiveDate, Utc};
 use sqlx::{Connection, PgPool};
@@ -167,7 +169,7 @@ impl Store {
         days: impl IntoIterator<Item = NaiveDate>,
     ) -> Result<(), StoreError> {
         let missing: Vec<NaiveDate> = {
-            let known = self.known_days.lock().unwrap_or_else(|e| e.into_inner());
+            let known = self.known_days.lock();
             days.into_iter()
                 .filter(|day| !known.contains(day))
                 .collect()
@@ -175,10 +177,7 @@ impl Store {
         for day in missing {
             partition::ensure_partition(&self.pool, &self.schema, self.partition_interval, day)
                 .await?;
-            self.known_days
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .insert(day);
+            self.known_days.lock().insert(day);
         }
         Ok(())
     }
