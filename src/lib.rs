@@ -2,39 +2,40 @@
 //! once over at-least-once delivery.
 //!
 //! ```text
-//!                    ┌──────────── sink (one consumer task, one store task) ─────────────┐
+//!                    ┌───────────── ingest (one consumer task, one store task) ──────────────┐
 //!  Kafka topic ──▶ consume ──▶ decode ──▶ batch ──▶ store ──▶ offsets ──▶ notify ──▶ Redis
 //!  (consumer group)   │          │                    │   (stored only     (pub/sub,
 //!                     │          └─ undecodable ──┐   │    when durable)    best effort)
 //!                     │                           ▼   ▼
-//!                     │                        dlq ◀── refused rows (bisected)
+//!                     │                        dlq ◀── refused rows (isolate: bisected)
 //!                     │                         │
-//!                     └── rebalance: commit ──  └──▶ dead-letter topic ──▶ (replay, later)
+//!                     └── rebalance: commit ──  └──▶ dead-letter topic ──▶ ops::replay
+//!
+//!  ops::partitions: premake, retire, hold, restore the `events` partitions (db::partition)
+//!  observe: /metrics, /healthz, /readyz, /status of a running replica
+//!  tools: generate, produce, demo, bench
 //! ```
 //!
-//! Which module owns each step:
+//! Where each part lives, bottom to top (a module only uses those above it in this list):
 //! - [`config`]: `AUDITFLOW_*` variables, validated at start-up; [`reload`]: live changes on
-//!   SIGHUP.
-//! - [`sink`]: the consumer loop and the store loop; pausing when the store falls behind,
-//!   draining on shutdown. Start here.
-//! - [`decode`]: Confluent-framed and single-object Avro, schema resolution into the v2 reader
-//!   schema, validation (ids, JSON details, accepted time window).
-//! - [`event`]: the decoded event.
-//! - [`batch`]: flush limits (events, bytes, wait) and deduplication within a batch.
-//! - [`store`]: COPY into the `events` table, deduplicated by primary key; error classification.
-//! - [`partitions`]: the time partitions: created on demand by many replicas at once, premade,
-//!   retired after retention (soft delete), held, restored.
-//! - [`offsets`]: which offsets may be committed (every earlier message durable).
-//! - [`dlq`]: the dead-letter record contract and its acknowledged producer.
-//! - [`notify`]: the cache-invalidation publisher on Redis pub/sub, off the hot path.
-//! - [`breaker`]: circuit breakers in front of Postgres, Redis and the dead-letter producer.
-//! - [`kafka`]: Kafka client settings shared by consumer and producers.
-//! - [`observe`]: `/metrics`, `/healthz`, `/readyz` and the live `/status` page, fed by a
-//!   [`observe::StatusBoard`]; [`telemetry`]: logging and the metrics recorder's buckets.
-//! - [`replay`]: `auditflow replay`, redriving dead letters to their source topic (filtered,
-//!   resumable, parked after too many attempts).
-//! - [`generate`] and [`produce`]: the load generator; [`demo`]: the self-contained demo;
-//!   [`bench`]: the end-to-end benchmark.
+//!   SIGHUP. [`breaker`]: circuit breakers; [`kafka`]: client settings; [`telemetry`]: logging
+//!   and the metrics recorder's buckets.
+//! - [`db`]: what every part shares with PostgreSQL: the pool, migrations, error
+//!   classification ([`db::retry`]) and the partitions of `events` as the database sees them
+//!   ([`db::partition`]).
+//! - [`event`]: the decoded audit event and its identity digest.
+//! - [`observe`]: the status board a running replica reports into, and the HTTP server that
+//!   serves it.
+//! - [`ingest`]: the running pipeline ([`ingest::Sink`]; start there): [`ingest::consume`],
+//!   [`ingest::decode`], [`ingest::batch`], [`ingest::store`], [`ingest::isolate`],
+//!   [`ingest::dlq`], [`ingest::offsets`], [`ingest::notify`], [`ingest::stats`].
+//! - [`ops`]: operator commands: [`ops::partitions`] (plan, apply, holds, restore, and the
+//!   maintenance loop `run` starts) and [`ops::replay`] (redriving dead letters).
+//! - [`tools`]: the load generator ([`tools::generate`], with the Avro encoder), `produce`,
+//!   `demo` and `bench`.
+//! - `main.rs`: the command line, which only parses, sets up telemetry and calls the library.
+
+#![deny(missing_docs)]
 
 pub mod breaker;
 pub mod config;

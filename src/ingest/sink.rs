@@ -7,8 +7,8 @@
 //! while the store writes the previous one.
 //!
 //! While the Postgres circuit breaker is not closed, or when the store falls behind for longer
-//! than [`PAUSE_AFTER`](super::consume::PAUSE_AFTER), the consumer pauses its partitions but keeps polling, so it stays in the
-//! group and serves rebalances; it resumes once the breaker closes and the store takes the
+//! than [`PAUSE_AFTER`], the consumer pauses its partitions but keeps polling, so it stays in
+//! the group and serves rebalances; it resumes once the breaker closes and the store takes the
 //! waiting batch. Nothing is dead-lettered because a dependency is down: transient failures are
 //! retried, only records refused for their content go to the dead-letter topic.
 

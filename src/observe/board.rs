@@ -112,7 +112,7 @@ impl StatusBoard {
         breakers.push(breaker);
     }
 
-    /// Samples `pool` (connections in use and idle) every [`SAMPLE_EVERY`] while the server
+    /// Samples `pool` (connections in use and idle) every [`SAMPLE_EVERY`](super::SAMPLE_EVERY) while the server
     /// runs, instead of [`StatusBoard::set_pool`] calls.
     pub fn register_pool(&self, pool: sqlx::PgPool) {
         *self.pool.lock() = Some(pool);
@@ -216,7 +216,7 @@ impl StatusBoard {
     }
 
     /// Takes one throughput sample of the counters and reads the registered pool. The server
-    /// calls it every [`SAMPLE_EVERY`]; tests call it directly.
+    /// calls it every [`SAMPLE_EVERY`](super::SAMPLE_EVERY); tests call it directly.
     pub fn sample(&self) {
         let pool = self.pool.lock().clone();
         if let Some(pool) = pool {

@@ -13,7 +13,7 @@
 //! Updates are atomics or a short uncontended lock, never an await, so the hot path may call
 //! them per message.
 //!
-//! [`board`] holds the live state; this module serves it. The page is `status.html`, next to
+//! `board` holds the live state; this module serves it. The page is `status.html`, next to
 //! this file, compiled into the binary.
 
 mod board;

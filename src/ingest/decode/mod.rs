@@ -28,7 +28,7 @@
 //! apache-avro's own fingerprint are still recognised, so Rust producers using
 //! `GenericSingleObjectWriter` keep working.
 //!
-//! Parts: this file holds the [`Decoder`] (framing, the schema set, errors); [`schema`] parses
+//! Parts: this file holds the [`Decoder`] (framing, the schema set, errors); `schema` parses
 //! and compiles writer schemas; `plan` maps writer fields onto the reader's; `wire` reads Avro
 //! binary; `fingerprint` computes canonical forms; `rules` holds the content rules
 //! ([`validate`]). The encoder the load generator uses lives in `tools::generate::encode`.
