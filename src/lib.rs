@@ -33,6 +33,8 @@
 //!   maintenance loop `run` starts) and [`ops::replay`] (redriving dead letters).
 //! - [`tools`]: the load generator ([`tools::generate`], with the Avro encoder), `produce`,
 //!   `demo` and `bench`.
+//! - [`service`]: `auditflow run`, one replica: the sink, partition upkeep beside it and the
+//!   observability endpoints, built and stopped together.
 //! - `main.rs`: the command line, which only parses, sets up telemetry and calls the library.
 
 #![deny(missing_docs)]
@@ -46,6 +48,7 @@ pub mod kafka;
 pub mod observe;
 pub mod ops;
 pub mod reload;
+pub mod service;
 pub mod telemetry;
 pub mod tools;
 

@@ -8,13 +8,13 @@ use std::time::Duration;
 use anyhow::Context as _;
 use auditflow::breaker::Breaker;
 use auditflow::ingest::store;
-use auditflow::observe::{self, StatusBoard};
 use auditflow::ops::partitions::{self, PartitionLifecycle};
 use auditflow::ops::replay::{self, OffsetRange, ReplayFilter, ReplayOptions};
 use auditflow::reload::{ConfigSource, LiveConfig};
+use auditflow::service::Service;
 use auditflow::tools::produce::ProduceOptions;
 use auditflow::tools::{bench, demo, produce};
-use auditflow::{telemetry, Config, Sink};
+use auditflow::{telemetry, Config};
 use chrono::{DateTime, Utc};
 use clap::{Parser, Subcommand};
 use tokio::sync::watch;
@@ -175,30 +175,13 @@ async fn execute(command: Command, mut live: LiveConfig) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Run { until_idle } => {
-            config.require_brokers()?;
-            config.require_database_url()?;
             let shutdown = shutdown_on_signal();
-            // The endpoints outlive the sink's drain, so /metrics and /readyz tell the truth
-            // until the process exits.
-            let server_shutdown = CancellationToken::new();
-            let board = Arc::new(StatusBoard::new(config.instance_id()));
-            let server = observe::start(
-                &config.sink.metrics_addr,
-                Arc::clone(&board),
-                server_shutdown.clone(),
-            )
-            .await
-            .context("AUDITFLOW_METRICS_ADDR")?;
-            let sink = Sink::build_with_board(config, board).await?;
-            let tuning = sink.tuning();
+            let service = Service::build(config).await?;
+            let tuning = service.tuning();
             live.on_reload(move |config| tuning.apply(config));
             let _reloader = live.spawn_on_sighup(shutdown.clone());
             let idle = until_idle.map(Duration::from_secs_f64);
-            let summary = sink.run_until_stopped(shutdown, idle).await?;
-            server_shutdown.cancel();
-            if let Some(server) = server {
-                server.stopped().await?;
-            }
+            let summary = service.run_until_stopped(shutdown, idle).await?;
             if idle.is_some() {
                 println!("{}", serde_json::to_string(&summary)?);
             }

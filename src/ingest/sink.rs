@@ -44,7 +44,6 @@ use crate::config::Config;
 use crate::db::retry::Retry;
 use crate::kafka;
 use crate::observe::StatusBoard;
-use crate::ops::partitions::{self, PartitionLifecycle};
 
 /// Why a batch did not complete.
 #[derive(Debug, thiserror::Error)]
@@ -243,16 +242,6 @@ impl Sink {
     ) -> anyhow::Result<RunSummary> {
         let started = Instant::now();
         let sink = Arc::new(self);
-        // Partition upkeep runs beside ingestion; the advisory lock makes one replica do it.
-        let maintenance_shutdown = CancellationToken::new();
-        let maintenance = tokio::spawn(partitions::run_maintenance(
-            PartitionLifecycle::new(
-                sink.store.pool().clone(),
-                sink.store.schema(),
-                sink.config.partitions.clone(),
-            ),
-            maintenance_shutdown.clone(),
-        ));
         let (batch_tx, mut batch_rx) = mpsc::channel::<Batch>(1);
         let in_flight = Arc::new(AtomicUsize::new(0));
         // Fires when the drain timeout is over: retries stop, offsets of unfinished work stay
@@ -407,10 +396,6 @@ impl Sink {
             tracing::warn!("drain timeout reached; unfinished batches will be redelivered");
             abort.cancel();
             let _ = store_task.await;
-        }
-        maintenance_shutdown.cancel();
-        if let Err(err) = maintenance.await {
-            tracing::warn!(error = %err, "partition maintenance task failed");
         }
         commit_sync(sink.consumer.as_ref(), "shutdown");
         sink.board.set_joined(false);

@@ -152,8 +152,6 @@ pub fn describe_metrics() {
         Unit::Count,
         "database pool connections, by state (in_use, idle)"
     );
-    crate::ingest::notify::describe_metrics();
-    crate::ops::partitions::describe_metrics();
 }
 
 /// A running observability server.

@@ -5,7 +5,7 @@ use std::collections::HashSet;
 
 use serde_json::Value as Json;
 
-use super::schema::{full_name, json_size, resolve_reference};
+use super::types::{full_name, json_size, resolve_reference};
 
 const PRIMITIVES: [&str; 8] = [
     "null", "boolean", "int", "long", "float", "double", "bytes", "string",

@@ -28,8 +28,8 @@
 //! apache-avro's own fingerprint are still recognised, so Rust producers using
 //! `GenericSingleObjectWriter` keep working.
 //!
-//! Parts: this file holds the [`Decoder`] (framing, the schema set, errors); `schema` parses
-//! and compiles writer schemas; `plan` maps writer fields onto the reader's; `wire` reads Avro
+//! Parts: this file holds the [`Decoder`] (framing, the schema set, errors); `types` compiles
+//! schema JSON into Avro types, `schema` checks and compiles a writer schema; `plan` maps writer fields onto the reader's; `wire` reads Avro
 //! binary; `fingerprint` computes canonical forms; `rules` holds the content rules
 //! ([`validate`]). The encoder the load generator uses lives in `tools::generate::encode`.
 
@@ -39,6 +39,7 @@ mod rules;
 pub(crate) mod schema;
 #[cfg(test)]
 mod tests;
+pub(crate) mod types;
 mod wire;
 
 pub use rules::validate;

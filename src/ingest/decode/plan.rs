@@ -6,7 +6,7 @@ use serde_json::Value as Json;
 use uuid::Uuid;
 
 use super::rules::invalid;
-use super::schema::{RecordDef, WireType};
+use super::types::{RecordDef, WireType};
 use super::{DecodeError, QUOTE_CHARS};
 use crate::event::{Actor, ActorType, AuditEvent, Outcome, Resource};
 

@@ -4,7 +4,7 @@
 use std::fmt;
 
 use super::plan::{Conv, EnumValue, SlotValue};
-use super::schema::{RecordDef, WireType};
+use super::types::{RecordDef, WireType};
 use super::MAX_SKIP_DEPTH;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

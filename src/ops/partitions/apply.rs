@@ -8,9 +8,10 @@ use serde::{Deserialize, Serialize};
 use sqlx::{Connection, PgConnection};
 
 use super::inventory::read_inventory;
+use super::inventory::Range;
 use super::inventory::{LifecycleRow, LIFECYCLE_COLUMNS};
+use super::plan::timestamp;
 use super::plan::{plan_from, Action, ActionKind, Plan};
-use super::plan::{timestamp, Range};
 use super::{is_connection_problem, is_lock_conflict, PartitionError, PartitionLifecycle};
 use crate::db::partition::PartitionSpec;
 use crate::db::partition::{

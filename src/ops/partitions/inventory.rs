@@ -3,11 +3,10 @@
 
 use std::fmt;
 
-use chrono::{DateTime, Utc};
+use chrono::{DateTime, NaiveTime, Utc};
 use serde::{Deserialize, Serialize};
 use sqlx::PgConnection;
 
-use super::plan::Range;
 use super::PartitionError;
 use crate::db::partition::{attached_partitions, Attached};
 use crate::db::quote_ident;
@@ -123,4 +122,30 @@ pub(super) async fn read_inventory(
             .collect(),
         holds,
     })
+}
+
+/// Formats `[from, to)`, as dates when both are midnight UTC.
+pub(super) struct Range(
+    pub(super) Option<DateTime<Utc>>,
+    pub(super) Option<DateTime<Utc>>,
+);
+
+impl fmt::Display for Range {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let whole_days = [self.0, self.1]
+            .iter()
+            .flatten()
+            .all(|t| t.time() == NaiveTime::MIN);
+        let show = |t: Option<DateTime<Utc>>, unbounded: &str| match t {
+            None => unbounded.to_string(),
+            Some(t) if whole_days => t.format("%Y-%m-%d").to_string(),
+            Some(t) => t.to_rfc3339_opts(chrono::SecondsFormat::AutoSi, true),
+        };
+        write!(
+            f,
+            "[{}, {})",
+            show(self.0, "MINVALUE"),
+            show(self.1, "MAXVALUE")
+        )
+    }
 }

@@ -5,10 +5,10 @@
 use std::collections::BTreeSet;
 use std::fmt;
 
-use chrono::{DateTime, Duration, NaiveTime, Utc};
+use chrono::{DateTime, Duration, Utc};
 use serde::{Deserialize, Serialize};
 
-use super::inventory::{Hold, Inventory};
+use super::inventory::{Hold, Inventory, Range};
 use crate::config::PartitionConfig;
 use crate::db::partition::Attached;
 use crate::db::partition::{Bounds, PartitionInterval, PartitionSpec, RETIRED_PREFIX};
@@ -195,32 +195,6 @@ impl fmt::Display for Plan {
             count(ActionKind::Retire),
             count(ActionKind::Drop),
             self.kept.len()
-        )
-    }
-}
-
-/// Formats `[from, to)`, as dates when both are midnight UTC.
-pub(super) struct Range(
-    pub(super) Option<DateTime<Utc>>,
-    pub(super) Option<DateTime<Utc>>,
-);
-
-impl fmt::Display for Range {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let whole_days = [self.0, self.1]
-            .iter()
-            .flatten()
-            .all(|t| t.time() == NaiveTime::MIN);
-        let show = |t: Option<DateTime<Utc>>, unbounded: &str| match t {
-            None => unbounded.to_string(),
-            Some(t) if whole_days => t.format("%Y-%m-%d").to_string(),
-            Some(t) => t.to_rfc3339_opts(chrono::SecondsFormat::AutoSi, true),
-        };
-        write!(
-            f,
-            "[{}, {})",
-            show(self.0, "MINVALUE"),
-            show(self.1, "MAXVALUE")
         )
     }
 }

@@ -6,7 +6,8 @@ use serde_json::Value as Json;
 
 use crate::event::AuditEvent;
 use crate::ingest::decode::plan::{SlotValue, Step};
-use crate::ingest::decode::schema::{RecordDef, WireType, WriterSchema};
+use crate::ingest::decode::schema::WriterSchema;
+use crate::ingest::decode::types::{RecordDef, WireType};
 use crate::ingest::decode::{Decoder, CONFLUENT_MAGIC, MAX_SKIP_DEPTH, SINGLE_OBJECT_MAGIC};
 
 /// Why an event could not be encoded with a given writer schema.

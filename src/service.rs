@@ -1,0 +1,89 @@
+//! `auditflow run`: one replica. The sink ([`crate::ingest`]), partition upkeep beside it
+//! ([`crate::ops::partitions`]) and the observability endpoints ([`crate::observe`]), built
+//! together and stopped together.
+//!
+//! The endpoints outlive the sink's drain, so `/metrics` and `/readyz` tell the truth until the
+//! process exits. Upkeep runs on the sink's pool; the maintenance advisory lock makes one
+//! replica do each round.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::Config;
+use crate::ingest::sink::SinkTuning;
+use crate::ingest::{notify, RunSummary, Sink};
+use crate::observe::{self, ObserveServer, StatusBoard};
+use crate::ops::partitions::{self, PartitionLifecycle};
+
+/// A replica, built and ready to run.
+pub struct Service {
+    sink: Sink,
+    server: Option<ObserveServer>,
+    server_shutdown: CancellationToken,
+    lifecycle: PartitionLifecycle,
+}
+
+impl Service {
+    /// Starts the endpoints on `AUDITFLOW_METRICS_ADDR`, then builds the sink (which connects,
+    /// migrates and subscribes).
+    pub async fn build(config: Config) -> anyhow::Result<Self> {
+        config.require_brokers()?;
+        config.require_database_url()?;
+        let server_shutdown = CancellationToken::new();
+        let board = Arc::new(StatusBoard::new(config.instance_id()));
+        let server = observe::start(
+            &config.sink.metrics_addr,
+            Arc::clone(&board),
+            server_shutdown.clone(),
+        )
+        .await
+        .context("AUDITFLOW_METRICS_ADDR")?;
+        if server.is_some() {
+            notify::describe_metrics();
+            partitions::describe_metrics();
+        }
+        let partition_config = config.partitions.clone();
+        let sink = Sink::build_with_board(config, board).await?;
+        let store = sink.store();
+        let lifecycle =
+            PartitionLifecycle::new(store.pool().clone(), store.schema(), partition_config);
+        Ok(Service {
+            sink,
+            server,
+            server_shutdown,
+            lifecycle,
+        })
+    }
+
+    /// The handle a live reload uses to retune the sink.
+    pub fn tuning(&self) -> SinkTuning {
+        self.sink.tuning()
+    }
+
+    /// Runs the sink and partition upkeep until `shutdown` (or idleness, see
+    /// [`Sink::run_until_stopped`]), then stops upkeep and the endpoints.
+    pub async fn run_until_stopped(
+        self,
+        shutdown: CancellationToken,
+        until_idle: Option<Duration>,
+    ) -> anyhow::Result<RunSummary> {
+        let maintenance_shutdown = CancellationToken::new();
+        let maintenance = tokio::spawn(partitions::run_maintenance(
+            self.lifecycle,
+            maintenance_shutdown.clone(),
+        ));
+        let summary = self.sink.run_until_stopped(shutdown, until_idle).await;
+        maintenance_shutdown.cancel();
+        if let Err(err) = maintenance.await {
+            tracing::warn!(error = %err, "partition maintenance task failed");
+        }
+        self.server_shutdown.cancel();
+        if let Some(server) = self.server {
+            server.stopped().await?;
+        }
+        summary
+    }
+}
