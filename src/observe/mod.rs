@@ -14,7 +14,8 @@
 //! them per message.
 //!
 //! `board` holds the live state; this module serves it. The page is `status.html`, next to
-//! this file, compiled into the binary.
+//! this file, compiled into the binary. Owns the metrics recorder and the HTTP listener; reads
+//! what others report and never calls into the pipeline.
 
 mod board;
 

@@ -32,6 +32,8 @@
 //! schema JSON into Avro types, `schema` checks and compiles a writer schema; `plan` maps writer fields onto the reader's; `wire` reads Avro
 //! binary; `fingerprint` computes canonical forms; `rules` holds the content rules
 //! ([`validate`]). The encoder the load generator uses lives in `tools::generate::encode`.
+//!
+//! Pure: decoding touches no network and no file after the [`Decoder`] is built.
 
 mod fingerprint;
 pub(crate) mod plan;

@@ -12,6 +12,9 @@
 //! clean, so a redelivery burst after a restart costs one wasted COPY, not one per batch.
 //! Skipped rows whose content differs from the stored row (same id, different event) are counted
 //! and logged, never merged.
+//!
+//! May touch: rows of `events` (COPY and INSERT only), its own temporary staging table, and
+//! partitions only through [`crate::db::partition::ensure_partition`].
 
 mod copy;
 
