@@ -345,18 +345,23 @@ impl ReplayRun<'_> {
             }
             Route::Skip => return Ok(false),
         };
-        let delivery = self.send(&topic, &record, &headers).await?;
+        // A refusal at enqueue time (the producer already knows the topic is failing) is retried
+        // like a failed acknowledgement: in order, under the breaker.
+        let (delivery, first_failure) = match self.send(&topic, &record, &headers).await {
+            Ok(delivery) => (Some(delivery), None),
+            Err(err) => (None, Some(err)),
+        };
         self.in_flight.push_back(InFlight {
             partition,
             offset,
             action,
-            delivery: Some(delivery),
+            delivery,
             resend: Some(Resend {
                 topic,
                 record,
                 headers,
             }),
-            first_failure: None,
+            first_failure,
         });
         if self.in_flight.len() >= MAX_IN_FLIGHT {
             self.settle_front().await?;
