@@ -125,9 +125,24 @@ struct Inner {
 }
 
 /// A permit to call the dependency; `probe` permits come with a timeout.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Permit {
+///
+/// Hand it back with [`Breaker::record`]. A probe permit dropped without an outcome (its call was
+/// cancelled: shutdown, a `select!` that took another branch) puts the breaker back to open with
+/// the probe due at once, so a cancelled probe can never leave it half-open for ever.
+#[derive(Debug)]
+#[must_use = "a permit must be handed back with Breaker::record"]
+pub struct Permit<'a> {
+    breaker: &'a Breaker,
     probe: bool,
+    recorded: bool,
+}
+
+impl Drop for Permit<'_> {
+    fn drop(&mut self) {
+        if self.probe && !self.recorded {
+            self.breaker.release_cancelled_probe();
+        }
+    }
 }
 
 /// One dependency's circuit breaker.
@@ -247,13 +262,18 @@ impl Breaker {
     }
 
     /// Asks to call the dependency. `None` means rejected: do not call it.
-    pub fn try_acquire(&self) -> Option<Permit> {
+    pub fn try_acquire(&self) -> Option<Permit<'_>> {
         let mut inner = self.lock();
+        let permit = |probe| Permit {
+            breaker: self,
+            probe,
+            recorded: false,
+        };
         match inner.state {
-            State::Closed => Some(Permit { probe: false }),
+            State::Closed => Some(permit(false)),
             State::Open if Instant::now() >= inner.open_until => {
                 self.transition(&mut inner, State::HalfOpen);
-                Some(Permit { probe: true })
+                Some(permit(true))
             }
             State::Open | State::HalfOpen => {
                 drop(inner);
@@ -276,7 +296,8 @@ impl Breaker {
 
     /// Records the outcome of a permitted call; `failed` only for failures that are the
     /// dependency's (transient).
-    pub fn record(&self, permit: Permit, failed: bool) {
+    pub fn record(&self, mut permit: Permit<'_>, failed: bool) {
+        permit.recorded = true;
         let mut inner = self.lock();
         let now = Instant::now();
         if permit.probe || inner.state == State::HalfOpen {
@@ -307,6 +328,23 @@ impl Breaker {
             calls >= config.min_calls && failures / f64::from(calls) > config.failure_rate;
         if inner.consecutive_failures >= config.consecutive_failures || rate_exceeded {
             self.transition(&mut inner, State::Open);
+        }
+    }
+
+    /// A probe was cancelled before it had an outcome: it says nothing about the dependency, so
+    /// the breaker goes back to open with the next probe due at once.
+    fn release_cancelled_probe(&self) {
+        let mut inner = self.lock();
+        if inner.state == State::HalfOpen {
+            inner.state = State::Open;
+            inner.open_until = Instant::now();
+            self.state_tx.send_replace(State::Open);
+            metrics::gauge!("auditflow_breaker_state", "dependency" => self.dependency)
+                .set(State::Open.gauge());
+            tracing::info!(
+                dependency = self.dependency,
+                "circuit breaker probe cancelled; probing again on the next call"
+            );
         }
     }
 
@@ -507,5 +545,37 @@ mod tests {
         }
         rx.changed().await.unwrap();
         assert_eq!(*rx.borrow(), State::Open);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_cancelled_probe_does_not_leave_the_breaker_half_open() {
+        let breaker = Breaker::new("test", config());
+        for _ in 0..3 {
+            let _ = fail(&breaker).await;
+        }
+        tokio::time::advance(Duration::from_secs(7)).await;
+        // The probe's caller gives up first (shutdown, another select! branch).
+        let cancelled = tokio::time::timeout(
+            Duration::from_millis(10),
+            breaker.call(std::future::pending::<Result<(), &str>>(), |_| true),
+        )
+        .await;
+        assert!(cancelled.is_err(), "the call was cancelled");
+        assert_eq!(breaker.state(), State::Open, "not stuck half-open");
+        assert_eq!(breaker.num_opened(), 1, "a cancellation is not a failure");
+        let probe = breaker
+            .try_acquire()
+            .expect("the next caller probes at once");
+        assert_eq!(breaker.state(), State::HalfOpen);
+        breaker.record(probe, false);
+        assert_eq!(breaker.state(), State::Closed);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_dropped_closed_permit_changes_nothing() {
+        let breaker = Breaker::new("test", config());
+        drop(breaker.try_acquire().expect("closed"));
+        assert_eq!(breaker.state(), State::Closed);
+        assert_eq!(breaker.num_transitions(), 0);
     }
 }
