@@ -218,3 +218,44 @@ async fn migrating_twice_is_harmless() {
     .unwrap();
     assert_eq!(tables, 1);
 }
+
+#[tokio::test]
+async fn a_partition_dropped_out_of_band_is_recreated_and_nothing_is_refused() {
+    let db = TestDb::new().await;
+    let mut first = event(1, "t");
+    first.occurred_at = DateTime::parse_from_rfc3339("2030-02-01T10:00:00Z")
+        .unwrap()
+        .to_utc();
+    db.store
+        .write(&common::copy_rows(&[first]), 0..1)
+        .await
+        .unwrap();
+    sqlx::query(&format!("DROP TABLE \"{}\".events_p20300201", db.schema))
+        .execute(db.store.pool())
+        .await
+        .unwrap();
+
+    let mut second = event(2, "t");
+    second.occurred_at = DateTime::parse_from_rfc3339("2030-02-01T11:00:00Z")
+        .unwrap()
+        .to_utc();
+    let rows = common::copy_rows(&[second]);
+    // The store still believes the day exists: the first attempt meets the missing partition.
+    let err = db.store.write(&rows, 0..1).await.unwrap_err();
+    assert_eq!(
+        err.retry(),
+        auditflow::db::retry::Retry::Transient,
+        "infrastructure, not the row's fault: {err}"
+    );
+    // The retry recreates the partition and stores the row.
+    let outcome = db.store.write(&rows, 0..1).await.unwrap();
+    assert_eq!(outcome.stored, 1);
+    let count: i64 = sqlx::query_scalar(&format!(
+        "SELECT count(*) FROM \"{}\".events_p20300201",
+        db.schema
+    ))
+    .fetch_one(db.store.pool())
+    .await
+    .unwrap();
+    assert_eq!(count, 1, "the recreated partition holds the new row");
+}

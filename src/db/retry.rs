@@ -11,16 +11,29 @@ pub enum Retry {
 }
 
 /// Classifies a sqlx error as transient or permanent.
+///
+/// Only what the server says about the data is permanent: data exceptions and integrity
+/// violations ([`classify_sqlstate`]). Everything else (I/O, TLS, pool, protocol, and any error
+/// sqlx may add) is transient, so an unexpected error pauses the pipeline and never sends a
+/// record to the dead-letter topic. A missing partition ([`is_partition_missing`]) is transient
+/// too: it is infrastructure, recreated before the retry.
 pub fn classify(err: &sqlx::Error) -> Retry {
     match err {
+        sqlx::Error::Database(_) if is_partition_missing(err) => Retry::Transient,
         sqlx::Error::Database(db) => classify_sqlstate(db.code().as_deref().unwrap_or("")),
-        sqlx::Error::Io(_)
-        | sqlx::Error::Tls(_)
-        | sqlx::Error::PoolTimedOut
-        | sqlx::Error::PoolClosed
-        | sqlx::Error::WorkerCrashed
-        | sqlx::Error::Protocol(_) => Retry::Transient,
-        _ => Retry::Permanent,
+        _ => Retry::Transient,
+    }
+}
+
+/// True for "no partition of relation ... found for row": SQLSTATE 23514 (check violation) with
+/// no constraint name, which PostgreSQL raises when no attached partition covers a row. A
+/// partition dropped or detached behind the sink's back, not a fault of the row.
+pub fn is_partition_missing(err: &sqlx::Error) -> bool {
+    match err {
+        sqlx::Error::Database(db) => {
+            db.code().as_deref() == Some("23514") && db.constraint().is_none()
+        }
+        _ => false,
     }
 }
 
@@ -78,6 +91,14 @@ mod tests {
         assert_eq!(classify(&sqlx::Error::PoolTimedOut), Retry::Transient);
         let io = std::io::Error::new(std::io::ErrorKind::ConnectionReset, "reset");
         assert_eq!(classify(&sqlx::Error::Io(io)), Retry::Transient);
-        assert_eq!(classify(&sqlx::Error::RowNotFound), Retry::Permanent);
+        assert_eq!(
+            classify(&sqlx::Error::RowNotFound),
+            Retry::Transient,
+            "an unexpected error pauses, it never dead-letters"
+        );
+        assert_eq!(
+            classify(&sqlx::Error::Configuration("odd".into())),
+            Retry::Transient
+        );
     }
 }

@@ -33,7 +33,7 @@ use crate::breaker::{Breaker, BreakerError};
 use crate::config::DatabaseConfig;
 use crate::db::partition::{self, PartitionInterval};
 use crate::db::quote_ident;
-use crate::db::retry::{classify, Retry};
+use crate::db::retry::{classify, is_partition_missing, Retry};
 
 /// Columns in COPY order. The staging table has the same ones.
 const COLUMNS: &str = "event_id, occurred_at, tenant_id, actor_id, actor_type, actor_ip, \
@@ -194,7 +194,8 @@ impl Store {
         if range.is_empty() {
             return Ok(WriteOutcome::default());
         }
-        self.breaker
+        let result = self
+            .breaker
             .call(self.write_unguarded(rows, range), |err: &StoreError| {
                 err.retry() == Retry::Transient
             })
@@ -202,7 +203,19 @@ impl Store {
             .map_err(|err| match err {
                 BreakerError::Inner(err) => err,
                 other => StoreError::Unavailable(other.to_string()),
-            })
+            });
+        if let Err(StoreError::Database(err)) = &result {
+            if is_partition_missing(err) {
+                // Dropped or detached out of band: forget what this process thinks exists, so
+                // the retry creates the partition again.
+                tracing::warn!(
+                    schema = %self.schema,
+                    "a partition the batch needs is missing; recreating it before the retry"
+                );
+                self.known_days.lock().clear();
+            }
+        }
+        result
     }
 
     async fn write_unguarded(
