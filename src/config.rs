@@ -136,6 +136,22 @@ pub struct SinkConfig {
     /// `AUDITFLOW_ACCEPT_FUTURE_DAYS`: events further ahead than this (clock skew) are dead-lettered.
     #[serde(default = "default_accept_future_days")]
     pub accept_future_days: u32,
+    /// `AUDITFLOW_MAX_EVENT_BYTES`: the largest payload accepted (default 1000000, librdkafka's
+    /// own `message.max.bytes`). A larger record is dead-lettered as `validation` with its size,
+    /// without being decoded.
+    #[serde(default = "default_max_event_bytes")]
+    pub max_event_bytes: usize,
+    /// `AUDITFLOW_MAX_KEY_FIELD_BYTES`: the longest tenant id, actor id, action, resource type or
+    /// resource id (default 512); these are indexed, so they stay short.
+    #[serde(default = "default_max_key_field_bytes")]
+    pub max_key_field_bytes: usize,
+    /// `AUDITFLOW_MAX_TEXT_FIELD_BYTES`: the longest actor ip, user agent, reason, trace id or
+    /// session id (default 8192).
+    #[serde(default = "default_max_text_field_bytes")]
+    pub max_text_field_bytes: usize,
+    /// `AUDITFLOW_MAX_DETAILS_BYTES`: the longest `details` JSON text (default 65536).
+    #[serde(default = "default_max_details_bytes")]
+    pub max_details_bytes: usize,
     /// `AUDITFLOW_DRAIN_TIMEOUT_MS`: on SIGTERM, the open batch must be stored and committed within
     /// this; what is not stays uncommitted and is redelivered (never lost).
     #[serde(default = "default_drain_timeout_ms")]
@@ -477,6 +493,18 @@ fn default_accept_past_days() -> u32 {
 fn default_accept_future_days() -> u32 {
     1
 }
+fn default_max_event_bytes() -> usize {
+    1_000_000
+}
+fn default_max_key_field_bytes() -> usize {
+    512
+}
+fn default_max_text_field_bytes() -> usize {
+    8_192
+}
+fn default_max_details_bytes() -> usize {
+    65_536
+}
 fn default_drain_timeout_ms() -> u64 {
     30_000
 }
@@ -587,6 +615,22 @@ impl Config {
             (
                 "AUDITFLOW_INVALIDATION_QUEUE",
                 self.redis.invalidation_queue as u64,
+            ),
+            (
+                "AUDITFLOW_MAX_EVENT_BYTES",
+                self.sink.max_event_bytes as u64,
+            ),
+            (
+                "AUDITFLOW_MAX_KEY_FIELD_BYTES",
+                self.sink.max_key_field_bytes as u64,
+            ),
+            (
+                "AUDITFLOW_MAX_TEXT_FIELD_BYTES",
+                self.sink.max_text_field_bytes as u64,
+            ),
+            (
+                "AUDITFLOW_MAX_DETAILS_BYTES",
+                self.sink.max_details_bytes as u64,
             ),
         ] {
             if value == 0 {

@@ -32,7 +32,7 @@ use super::batch::{Batch, BatchLimits};
 use super::consume::{
     commit_sync, set_paused, Membership, SinkConsumer, SinkContext, TopicOffsets, PAUSE_AFTER,
 };
-use super::decode::{AcceptWindow, Decoder};
+use super::decode::{Decoder, Policy};
 use super::dlq::{DeadLetter, DlqError, DlqProducer, Failure, SourceRecord};
 use super::isolate::isolate;
 use super::notify::{self, Notifier, NotifyConfig};
@@ -67,7 +67,7 @@ pub struct Sink {
     membership: Arc<Mutex<Membership>>,
     stats: Arc<SinkStats>,
     board: Arc<StatusBoard>,
-    window: AcceptWindow,
+    policy: Policy,
     /// Batch limits; replaced on live reload, read at every turn of the consumer loop.
     limits: watch::Sender<BatchLimits>,
 }
@@ -179,7 +179,7 @@ impl Sink {
         board.register_pool(store.pool().clone());
         Ok(Sink {
             board,
-            window: AcceptWindow::from_config(&config.sink),
+            policy: Policy::from_config(&config.sink),
             limits: watch::Sender::new(BatchLimits::from(&config.batch)),
             config,
             consumer: Arc::new(consumer),
@@ -446,7 +446,7 @@ impl Sink {
         let decoded = self.decoder.decode_validated(
             message.payload().unwrap_or_default(),
             Utc::now(),
-            &self.window,
+            &self.policy,
         );
         add_elapsed(&self.stats.decode_ns, decode_started);
         match decoded {

@@ -44,7 +44,7 @@ mod tests;
 pub(crate) mod types;
 mod wire;
 
-pub use rules::validate;
+pub use rules::{validate, AcceptWindow, Policy, SizeLimits};
 pub(crate) use schema::WriterSchema;
 
 use std::collections::{BTreeMap, HashMap};
@@ -52,16 +52,12 @@ use std::fmt;
 use std::path::{Path, PathBuf};
 
 use apache_avro::Schema;
-use chrono::{DateTime, Duration, Utc};
+use chrono::{DateTime, Utc};
 
-use crate::config::SinkConfig;
 use crate::event::AuditEvent;
 
 /// The schema version every payload is resolved into; its text is embedded in the binary.
 pub const READER_VERSION: u32 = 2;
-
-/// The longest tenant id, actor id, action, resource type or resource id accepted, in bytes.
-pub const MAX_KEY_FIELD_BYTES: usize = 512;
 
 const READER_SCHEMA: &str = include_str!(concat!(
     env!("CARGO_MANIFEST_DIR"),
@@ -192,6 +188,14 @@ pub enum DecodeError {
         /// Why the value cannot be resolved.
         reason: String,
     },
+    /// The payload is larger than `AUDITFLOW_MAX_EVENT_BYTES`; nothing of it was read.
+    #[error("payload is {len} bytes, the limit is {limit} (AUDITFLOW_MAX_EVENT_BYTES)")]
+    TooLarge {
+        /// The payload's size.
+        len: usize,
+        /// The limit.
+        limit: usize,
+    },
     /// A field breaks a content rule.
     #[error("{field} is invalid: {reason}")]
     Invalid {
@@ -229,7 +233,7 @@ impl DecodeError {
             DecodeError::UnknownSchemaId(_)
             | DecodeError::UnknownFingerprint(_)
             | DecodeError::Unresolvable { .. } => ErrorClass::Schema,
-            DecodeError::Invalid { .. } => ErrorClass::Validation,
+            DecodeError::Invalid { .. } | DecodeError::TooLarge { .. } => ErrorClass::Validation,
             DecodeError::OutOfWindow { .. } | DecodeError::UnrepresentableTime { .. } => {
                 ErrorClass::OutOfWindow
             }
@@ -284,34 +288,6 @@ pub enum SchemaLoadError {
         /// What does not resolve.
         reason: String,
     },
-}
-
-/// The time range an event's `occurred_at` must fall in, relative to the time of decoding.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct AcceptWindow {
-    /// How far in the past an event may be.
-    pub past: Duration,
-    /// How far in the future an event may be (clock skew of producers).
-    pub future: Duration,
-}
-
-impl AcceptWindow {
-    /// The window `AUDITFLOW_ACCEPT_PAST_DAYS` and `AUDITFLOW_ACCEPT_FUTURE_DAYS` set.
-    pub fn from_config(sink: &SinkConfig) -> Self {
-        AcceptWindow {
-            past: Duration::days(i64::from(sink.accept_past_days)),
-            future: Duration::days(i64::from(sink.accept_future_days)),
-        }
-    }
-}
-
-impl Default for AcceptWindow {
-    fn default() -> Self {
-        AcceptWindow {
-            past: Duration::days(30),
-            future: Duration::days(1),
-        }
-    }
 }
 
 /// A decoded event and where it came from.
@@ -438,15 +414,22 @@ impl Decoder {
         })
     }
 
-    /// Decodes a payload and applies [`validate`]: the one call the consumer needs.
+    /// Refuses a payload over the size limit before reading any of it, then decodes it and
+    /// applies [`validate`]: the one call the consumer needs.
     pub fn decode_validated(
         &self,
         payload: &[u8],
         now: DateTime<Utc>,
-        window: &AcceptWindow,
+        policy: &Policy,
     ) -> Result<Decoded, DecodeError> {
+        if payload.len() > policy.sizes.event_bytes {
+            return Err(DecodeError::TooLarge {
+                len: payload.len(),
+                limit: policy.sizes.event_bytes,
+            });
+        }
         let decoded = self.decode(payload)?;
-        validate(&decoded.event, now, window)?;
+        validate(&decoded.event, now, policy)?;
         Ok(decoded)
     }
 

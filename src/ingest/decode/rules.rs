@@ -1,63 +1,175 @@
-//! The content rules every decoded event must pass before it is stored: non-empty, bounded key
-//! fields, no NUL anywhere Postgres cannot store it, `details` a JSON object, and `occurred_at`
-//! inside the accept window.
+//! The content rules every decoded event must pass before it is stored: non-empty key fields,
+//! every field within its size limit, no NUL anywhere Postgres cannot store it, `details` a JSON
+//! object, and `occurred_at` inside the accept window.
 
 use std::fmt;
 
-use chrono::{DateTime, Utc};
+use chrono::{DateTime, Duration, Utc};
 use serde::de::{self, Deserialize, Deserializer, MapAccess, SeqAccess, Visitor};
 
-use super::{AcceptWindow, DecodeError, MAX_KEY_FIELD_BYTES};
+use super::DecodeError;
+use crate::config::SinkConfig;
 use crate::event::AuditEvent;
+
+/// What an event may be: when it happened and how large it is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Policy {
+    /// The accepted `occurred_at` range.
+    pub window: AcceptWindow,
+    /// The largest payload and fields accepted.
+    pub sizes: SizeLimits,
+}
+
+impl Policy {
+    /// The policy the `AUDITFLOW_ACCEPT_*` and `AUDITFLOW_MAX_*_BYTES` variables set.
+    pub fn from_config(sink: &SinkConfig) -> Self {
+        Policy {
+            window: AcceptWindow::from_config(sink),
+            sizes: SizeLimits::from_config(sink),
+        }
+    }
+}
+
+/// The time range an event's `occurred_at` must fall in, relative to the time of decoding.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AcceptWindow {
+    /// How far in the past an event may be.
+    pub past: Duration,
+    /// How far in the future an event may be (clock skew of producers).
+    pub future: Duration,
+}
+
+impl AcceptWindow {
+    /// The window `AUDITFLOW_ACCEPT_PAST_DAYS` and `AUDITFLOW_ACCEPT_FUTURE_DAYS` set.
+    pub fn from_config(sink: &SinkConfig) -> Self {
+        AcceptWindow {
+            past: Duration::days(i64::from(sink.accept_past_days)),
+            future: Duration::days(i64::from(sink.accept_future_days)),
+        }
+    }
+}
+
+impl Default for AcceptWindow {
+    fn default() -> Self {
+        AcceptWindow {
+            past: Duration::days(30),
+            future: Duration::days(1),
+        }
+    }
+}
+
+/// The largest event and fields accepted, in bytes. A payload over `event_bytes` is refused
+/// before it is read; field limits are checked on the decoded event, whose strings are slices of
+/// the payload until then, so no declared length ever sizes an allocation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SizeLimits {
+    /// `AUDITFLOW_MAX_EVENT_BYTES`: the whole payload.
+    pub event_bytes: usize,
+    /// `AUDITFLOW_MAX_KEY_FIELD_BYTES`: tenant id, actor id, action, resource type and id.
+    pub key_field_bytes: usize,
+    /// `AUDITFLOW_MAX_TEXT_FIELD_BYTES`: actor ip and user agent, reason, trace and session ids.
+    pub text_field_bytes: usize,
+    /// `AUDITFLOW_MAX_DETAILS_BYTES`: the `details` JSON text.
+    pub details_bytes: usize,
+}
+
+impl SizeLimits {
+    /// The limits the `AUDITFLOW_MAX_*_BYTES` variables set.
+    pub fn from_config(sink: &SinkConfig) -> Self {
+        SizeLimits {
+            event_bytes: sink.max_event_bytes,
+            key_field_bytes: sink.max_key_field_bytes,
+            text_field_bytes: sink.max_text_field_bytes,
+            details_bytes: sink.max_details_bytes,
+        }
+    }
+}
+
+impl Default for SizeLimits {
+    fn default() -> Self {
+        SizeLimits {
+            event_bytes: 1_000_000,
+            key_field_bytes: 512,
+            text_field_bytes: 8_192,
+            details_bytes: 65_536,
+        }
+    }
+}
 
 /// Checks the content rules and the accept window. Content problems are reported before the time
 /// window, so an event that is both malformed and late is classed `validation`.
 pub fn validate(
     event: &AuditEvent,
     now: DateTime<Utc>,
-    window: &AcceptWindow,
+    policy: &Policy,
 ) -> Result<(), DecodeError> {
     if event.event_id.is_nil() {
         return Err(invalid("event_id", "is the nil uuid".to_owned()));
     }
-    check_key_field("tenant_id", &event.tenant_id)?;
-    check_key_field("actor.id", &event.actor.id)?;
-    check_key_field("action", &event.action)?;
-    check_key_field("resource.type", &event.resource.resource_type)?;
-    check_key_field("resource.id", &event.resource.id)?;
-    check_optional_text("actor.ip", event.actor.ip.as_deref())?;
-    check_optional_text("actor.user_agent", event.actor.user_agent.as_deref())?;
-    check_optional_text("reason", event.reason.as_deref())?;
-    check_optional_text("trace_id", event.trace_id.as_deref())?;
-    check_optional_text("session_id", event.session_id.as_deref())?;
+    let sizes = &policy.sizes;
+    for (field, value) in [
+        ("tenant_id", &event.tenant_id),
+        ("actor.id", &event.actor.id),
+        ("action", &event.action),
+        ("resource.type", &event.resource.resource_type),
+        ("resource.id", &event.resource.id),
+    ] {
+        if value.is_empty() {
+            return Err(invalid(field, "must not be empty".to_owned()));
+        }
+        check_text(
+            field,
+            Some(value),
+            sizes.key_field_bytes,
+            "AUDITFLOW_MAX_KEY_FIELD_BYTES",
+        )?;
+    }
+    for (field, value) in [
+        ("actor.ip", &event.actor.ip),
+        ("actor.user_agent", &event.actor.user_agent),
+        ("reason", &event.reason),
+        ("trace_id", &event.trace_id),
+        ("session_id", &event.session_id),
+    ] {
+        check_text(
+            field,
+            value.as_deref(),
+            sizes.text_field_bytes,
+            "AUDITFLOW_MAX_TEXT_FIELD_BYTES",
+        )?;
+    }
     if let Some(details) = event.details.as_deref() {
-        check_optional_text("details", Some(details))?;
+        check_text(
+            "details",
+            Some(details),
+            sizes.details_bytes,
+            "AUDITFLOW_MAX_DETAILS_BYTES",
+        )?;
         check_details_json(details)?;
     }
-    check_window(event.occurred_at, now, window)
+    check_window(event.occurred_at, now, &policy.window)
 }
 
 pub(crate) fn invalid(field: &'static str, reason: String) -> DecodeError {
     DecodeError::Invalid { field, reason }
 }
 
-fn check_key_field(field: &'static str, value: &str) -> Result<(), DecodeError> {
-    if value.is_empty() {
-        return Err(invalid(field, "must not be empty".to_owned()));
-    }
-    if value.len() > MAX_KEY_FIELD_BYTES {
+/// Checks a text field's size against `limit` (set by `variable`) and that it has no NUL.
+fn check_text(
+    field: &'static str,
+    value: Option<&str>,
+    limit: usize,
+    variable: &str,
+) -> Result<(), DecodeError> {
+    if let Some(text) = value.filter(|text| text.len() > limit) {
         return Err(invalid(
             field,
             format!(
-                "is {} bytes long, the limit is {MAX_KEY_FIELD_BYTES}",
-                value.len()
+                "is {} bytes long, the limit is {limit} ({variable})",
+                text.len()
             ),
         ));
     }
-    check_optional_text(field, Some(value))
-}
-
-fn check_optional_text(field: &'static str, value: Option<&str>) -> Result<(), DecodeError> {
     match value.and_then(|text| text.find('\0')) {
         Some(position) => Err(invalid(
             field,

@@ -7,6 +7,7 @@ use super::*;
 use crate::event::{content_hash, Actor, ActorType, Outcome, Resource};
 use crate::tools::generate::encode::write_long;
 use apache_avro::types::Value;
+use chrono::Duration;
 use chrono::TimeZone;
 use serde_json::Value as Json;
 use uuid::Uuid;
@@ -56,7 +57,7 @@ fn class_of(result: Result<Decoded, DecodeError>) -> ErrorClass {
 }
 
 fn validation_class(event: &AuditEvent) -> ErrorClass {
-    validate(event, now(), &AcceptWindow::default())
+    validate(event, now(), &Policy::default())
         .expect_err("event must be rejected")
         .class()
 }
@@ -672,16 +673,16 @@ fn details_must_be_a_json_object() {
         event.details = Some(details.to_owned());
         let payload = decoder.encode_confluent(&event, 2).unwrap();
         let err = decoder
-            .decode_validated(&payload, now(), &AcceptWindow::default())
+            .decode_validated(&payload, now(), &Policy::default())
             .unwrap_err();
         assert_eq!(err.class(), ErrorClass::Validation, "{details}");
         assert!(err.to_string().starts_with(expected), "{details}: {err}");
     }
     // An escaped backslash followed by "u0000" is no NUL, and non-ASCII is fine.
     event.details = Some(r#"{"path":"C:\\u0000","name":"Zoë"}"#.to_owned());
-    validate(&event, now(), &AcceptWindow::default()).unwrap();
+    validate(&event, now(), &Policy::default()).unwrap();
     event.details = None;
-    validate(&event, now(), &AcceptWindow::default()).unwrap();
+    validate(&event, now(), &Policy::default()).unwrap();
 }
 
 #[test]
@@ -736,7 +737,7 @@ fn nul_characters_are_rejected_in_every_string() {
         mutate(&mut event);
         let payload = decoder.encode_confluent(&event, 2).unwrap();
         let err = decoder
-            .decode_validated(&payload, now(), &AcceptWindow::default())
+            .decode_validated(&payload, now(), &Policy::default())
             .unwrap_err();
         assert_eq!(err.class(), ErrorClass::Validation, "{field}");
         assert!(
@@ -752,18 +753,18 @@ fn key_fields_must_be_non_empty_and_bounded() {
     let mut event = sample_event();
     event.tenant_id = String::new();
     assert_eq!(validation_class(&event), ErrorClass::Validation);
-    let err = validate(&event, now(), &AcceptWindow::default()).unwrap_err();
+    let err = validate(&event, now(), &Policy::default()).unwrap_err();
     assert_eq!(err.to_string(), "tenant_id is invalid: must not be empty");
 
     let mut event = sample_event();
-    event.resource.id = "x".repeat(MAX_KEY_FIELD_BYTES);
-    validate(&event, now(), &AcceptWindow::default()).unwrap();
+    event.resource.id = "x".repeat(Policy::default().sizes.key_field_bytes);
+    validate(&event, now(), &Policy::default()).unwrap();
     event.resource.id.push('x');
-    let err = validate(&event, now(), &AcceptWindow::default()).unwrap_err();
+    let err = validate(&event, now(), &Policy::default()).unwrap_err();
     assert_eq!(err.class(), ErrorClass::Validation);
     assert_eq!(
         err.to_string(),
-        "resource.id is invalid: is 513 bytes long, the limit is 512"
+        "resource.id is invalid: is 513 bytes long, the limit is 512 (AUDITFLOW_MAX_KEY_FIELD_BYTES)"
     );
 
     let mut event = sample_event();
@@ -775,8 +776,95 @@ fn key_fields_must_be_non_empty_and_bounded() {
 }
 
 #[test]
+fn every_field_has_a_configurable_size_limit_that_names_its_variable() {
+    let policy = Policy {
+        sizes: SizeLimits {
+            event_bytes: 10_000,
+            key_field_bytes: 16,
+            text_field_bytes: 32,
+            details_bytes: 64,
+        },
+        ..Policy::default()
+    };
+    let check = |event: &AuditEvent| validate(event, now(), &policy);
+    let mut event = sample_event();
+    event.actor.user_agent = None;
+    event.details = Some(format!(r#"{{"k":"{}"}}"#, "v".repeat(56)));
+    check(&event).expect("64 bytes of details fit");
+    event.details = Some(format!(r#"{{"k":"{}"}}"#, "v".repeat(57)));
+    let err = check(&event).unwrap_err();
+    assert_eq!(err.class(), ErrorClass::Validation);
+    assert_eq!(
+        err.to_string(),
+        "details is invalid: is 65 bytes long, the limit is 64 (AUDITFLOW_MAX_DETAILS_BYTES)"
+    );
+    let mut event = sample_event();
+    event.details = None;
+    event.actor.user_agent = None;
+    event.reason = Some("r".repeat(33));
+    let err = check(&event).unwrap_err();
+    assert!(
+        err.to_string().contains("AUDITFLOW_MAX_TEXT_FIELD_BYTES"),
+        "{err}"
+    );
+    let mut event = sample_event();
+    event.details = None;
+    event.actor.user_agent = None;
+    event.tenant_id = "t".repeat(17);
+    assert!(check(&event)
+        .unwrap_err()
+        .to_string()
+        .contains("AUDITFLOW_MAX_KEY_FIELD_BYTES"));
+}
+
+#[test]
+fn a_payload_over_the_event_limit_is_refused_before_it_is_read() {
+    let decoder = decoder();
+    let payload = decoder.encode_confluent(&sample_event(), 2).unwrap();
+    let policy = Policy {
+        sizes: SizeLimits {
+            event_bytes: payload.len() - 1,
+            ..SizeLimits::default()
+        },
+        ..Policy::default()
+    };
+    let err = decoder
+        .decode_validated(&payload, now(), &policy)
+        .unwrap_err();
+    assert_eq!(err.class(), ErrorClass::Validation);
+    assert_eq!(
+        err.to_string(),
+        format!(
+            "payload is {} bytes, the limit is {} (AUDITFLOW_MAX_EVENT_BYTES)",
+            payload.len(),
+            payload.len() - 1
+        )
+    );
+    // Even garbage is refused by size first: nothing of it is parsed.
+    let garbage = vec![0xFFu8; payload.len()];
+    assert!(matches!(
+        decoder.decode_validated(&garbage, now(), &policy),
+        Err(DecodeError::TooLarge { .. })
+    ));
+}
+
+#[test]
+fn a_declared_length_beyond_the_payload_allocates_nothing_and_fails_as_truncated() {
+    // A string field claiming 2^62 bytes: the reader compares it with what remains and fails,
+    // it never sizes a buffer by it.
+    let decoder = decoder();
+    let mut payload = vec![0, 0, 0, 0, 2];
+    let mut huge = Vec::new();
+    crate::tools::generate::encode::write_long(&mut huge, 1 << 62);
+    payload.extend_from_slice(&huge);
+    let err = decoder.decode(&payload).unwrap_err();
+    assert_eq!(err.class(), ErrorClass::Decode);
+    assert!(err.to_string().contains("truncated"), "{err}");
+}
+
+#[test]
 fn occurred_at_must_be_inside_the_window() {
-    let window = AcceptWindow::default();
+    let window = Policy::default();
     let mut event = sample_event();
     event.occurred_at = now() - Duration::days(30) - Duration::microseconds(1);
     let err = validate(&event, now(), &window).unwrap_err();
@@ -908,11 +996,7 @@ fn decode_benchmark() {
     let started = std::time::Instant::now();
     for _ in 0..iterations {
         let decoded = decoder
-            .decode_validated(
-                std::hint::black_box(&payload),
-                now(),
-                &AcceptWindow::default(),
-            )
+            .decode_validated(std::hint::black_box(&payload), now(), &Policy::default())
             .unwrap();
         std::hint::black_box(decoded);
     }

@@ -564,7 +564,7 @@ fn note_text(rng: &mut StdRng, length: usize) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::ingest::decode::{validate, AcceptWindow};
+    use crate::ingest::decode::{validate, Policy};
     use chrono::TimeZone;
     use std::collections::HashSet;
 
@@ -640,7 +640,7 @@ mod tests {
         let config = config(3_000, 3);
         let now = config.now;
         let decoder = Decoder::embedded();
-        let window = AcceptWindow::default();
+        let window = Policy::default();
         let mut valid_payloads: HashSet<Vec<u8>> = HashSet::new();
         let mut event_ids = HashSet::new();
         let mut tenants = HashSet::new();
@@ -715,7 +715,7 @@ mod tests {
         let mut generator = EventGenerator::new(config);
         for _ in 0..50 {
             let event = generator.make_event(2);
-            validate(&event, now, &AcceptWindow::default()).unwrap();
+            validate(&event, now, &Policy::default()).unwrap();
             let payload = decoder.encode_confluent(&event, 2).unwrap();
             assert_eq!(decoder.decode(&payload).unwrap().event, event);
         }
