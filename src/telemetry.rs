@@ -5,6 +5,10 @@
 //! both exposition paths share.
 
 use std::io::IsTerminal as _;
+use std::time::Duration;
+
+use parking_lot::Mutex;
+use tokio::time::Instant;
 
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder};
 use tracing_subscriber::layer::SubscriberExt as _;
@@ -63,4 +67,76 @@ pub fn prometheus_builder() -> anyhow::Result<PrometheusBuilder> {
     Ok(PrometheusBuilder::new()
         .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), SECONDS_BUCKETS)?
         .set_buckets_for_metric(Matcher::Suffix("_events".into()), EVENTS_BUCKETS)?)
+}
+
+/// How often a repeating condition is logged by default: once every ten seconds.
+pub const LOG_EVERY: Duration = Duration::from_secs(10);
+
+/// Logs a repeating condition (a broker that stays down, a refusal that repeats) at most once per
+/// interval, with the number of occurrences since the line before, so an outage is one line per
+/// interval instead of dozens per second.
+#[derive(Debug)]
+pub struct Throttle {
+    interval: Duration,
+    state: Mutex<ThrottleState>,
+}
+
+#[derive(Debug, Default)]
+struct ThrottleState {
+    last_logged: Option<Instant>,
+    suppressed: u64,
+}
+
+impl Throttle {
+    /// A throttle that lets one line through per `interval`.
+    pub fn new(interval: Duration) -> Self {
+        Throttle {
+            interval,
+            state: Mutex::new(ThrottleState::default()),
+        }
+    }
+
+    /// Counts one occurrence and calls `log` with the occurrences suppressed since the last line,
+    /// unless a line was written less than the interval ago.
+    pub fn record(&self, log: impl FnOnce(u64)) {
+        let now = Instant::now();
+        let suppressed = {
+            let mut state = self.state.lock();
+            if state
+                .last_logged
+                .is_some_and(|last| now.duration_since(last) < self.interval)
+            {
+                state.suppressed += 1;
+                return;
+            }
+            state.last_logged = Some(now);
+            std::mem::take(&mut state.suppressed)
+        };
+        log(suppressed);
+    }
+}
+
+impl Default for Throttle {
+    fn default() -> Self {
+        Throttle::new(LOG_EVERY)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn a_repeating_condition_is_one_line_per_interval_with_its_count() {
+        let throttle = Throttle::new(Duration::from_secs(10));
+        let mut lines = Vec::new();
+        // 45 errors a second for 25 seconds.
+        for _ in 0..25 {
+            for _ in 0..45 {
+                throttle.record(|suppressed| lines.push(suppressed));
+            }
+            tokio::time::advance(Duration::from_secs(1)).await;
+        }
+        assert_eq!(lines, vec![0, 449, 449], "lines at 0 s, 10 s and 20 s");
+    }
 }

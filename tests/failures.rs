@@ -17,6 +17,7 @@ use auditflow::Sink;
 use chrono::Utc;
 use common::{header, TestEnv};
 use proxy::TcpProxy;
+use rdkafka::message::Message;
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::types::RDKafkaRespErr;
 use rdkafka::ClientConfig;
@@ -396,6 +397,70 @@ async fn a_failing_dead_letter_topic_holds_the_offsets_and_drops_nothing() {
         Some(produced.total as i64),
         "then everything is committed"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_letter_too_large_for_its_topic_goes_without_its_payload_and_the_stream_moves_on() {
+    let env = TestEnv::new(1).await;
+    let before = env.produce(50, 0.0, 0.0, 31).await;
+    // Just under librdkafka's default message.max.bytes (1,000,000): it reaches the source topic
+    // and fails decoding, but with the dead-letter headers added it no longer fits.
+    let big = vec![0xFFu8; 999_700];
+    let producer: FutureProducer = ClientConfig::new()
+        .set("bootstrap.servers", env.kafka.brokers())
+        .create()
+        .unwrap();
+    let delivered = producer
+        .send(
+            FutureRecord::to(&env.topic).key("big").payload(&big),
+            Duration::from_secs(10),
+        )
+        .await
+        .expect("the record itself fits the source topic");
+    let (big_partition, big_offset) = (delivered.partition, delivered.offset);
+    let after = env.produce(200, 0.0, 0.0, 32).await;
+
+    let started = std::time::Instant::now();
+    let sink = Sink::build(env.config(&[])).await.unwrap();
+    let summary = tokio::time::timeout(
+        Duration::from_secs(60),
+        sink.run_until_stopped(CancellationToken::new(), Some(Duration::from_secs(2))),
+    )
+    .await
+    .expect("the oversized dead letter does not stall the sink")
+    .unwrap();
+    eprintln!(
+        "stored {} rows after the oversized record in {:.1} s (2 s of it idle wait)",
+        summary.stored,
+        started.elapsed().as_secs_f64()
+    );
+    assert_eq!(summary.stored, before.distinct_valid + after.distinct_valid);
+    assert_eq!(summary.dead_lettered, 1);
+    assert_eq!(
+        committed_offset(&env).await,
+        Some((before.total + 1 + after.total) as i64),
+        "the offset moved past the oversized record"
+    );
+    let dead = env.read_dlq(1, Duration::from_secs(20)).await;
+    assert_eq!(dead.len(), 1);
+    let letter = &dead[0];
+    assert_eq!(letter.payload(), None, "the record is left out");
+    assert_eq!(letter.key(), None);
+    assert_eq!(
+        header(letter, dlq_header::SOURCE_OFFSET),
+        Some(big_offset.to_string())
+    );
+    assert_eq!(
+        header(letter, dlq_header::SOURCE_PARTITION),
+        Some(big_partition.to_string())
+    );
+    assert_eq!(
+        header(letter, dlq_header::ERROR_CLASS).as_deref(),
+        Some("decode"),
+        "the reason is the record's own"
+    );
+    let omitted = header(letter, dlq_header::PAYLOAD_OMITTED).expect("marked as omitted");
+    assert!(omitted.starts_with("999703 bytes: "), "{omitted}");
 }
 
 /// The sink group's committed offset of partition 0.

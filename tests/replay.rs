@@ -159,6 +159,7 @@ fn dead_letter(
             sqlstate: None,
         },
         failed_at,
+        omitted: None,
     }
 }
 

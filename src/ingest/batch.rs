@@ -331,6 +331,7 @@ mod tests {
                     sqlstate: None,
                 },
                 failed_at: Utc::now(),
+                omitted: None,
             },
         );
         assert!(!batch.is_empty());

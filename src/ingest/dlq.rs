@@ -4,6 +4,14 @@
 //! `auditflow.*` headers saying why and where it came from (the contract is in the README). The
 //! source offset counts as done only once the dead-letter producer has acknowledged the record
 //! (`acks=all`, idempotent); until then the record is retried, never dropped.
+//!
+//! Errors are classified ([`DlqError::retry`]): the broker being away or slow is retried; a dead
+//! letter the topic can never take (larger than its `max.message.bytes` once the headers are
+//! added, an invalid record) is replaced by a small one without the key, payload and original
+//! headers ([`DeadLetter::without_payload`]) that keeps the source coordinates and the reason, so
+//! the source offset moves on and the record can still be read from the source topic. A refusal
+//! of the topic itself (authorization) is a configuration fault: retried with backoff, logged at
+//! error level once per interval, never dropped.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -16,6 +24,7 @@ use rdkafka::util::Timeout;
 use tokio_util::sync::CancellationToken;
 
 use crate::breaker::{Breaker, BreakerError};
+use crate::telemetry::Throttle;
 
 /// Header names of the dead-letter contract.
 pub mod header {
@@ -41,6 +50,10 @@ pub mod header {
     pub const CONSUMER: &str = "auditflow.consumer";
     /// The auditflow version that dead-lettered it.
     pub const VERSION: &str = "auditflow.version";
+    /// Set on a dead letter that could not carry its record (too large for the topic): the
+    /// record's size in bytes (key, value and headers) and why it was left out. Key, value and
+    /// the source's headers are absent; read the record from the source coordinates.
+    pub const PAYLOAD_OMITTED: &str = "auditflow.payload.omitted";
     /// The prefix of every header auditflow adds.
     pub const PREFIX: &str = "auditflow.";
 }
@@ -125,9 +138,46 @@ pub struct DeadLetter {
     pub failure: Failure,
     /// When.
     pub failed_at: DateTime<Utc>,
+    /// Set when the record itself is left out: its size and why (see
+    /// [`header::PAYLOAD_OMITTED`]).
+    pub omitted: Option<String>,
 }
 
 impl DeadLetter {
+    /// A dead letter for `source`, failed now for `failure`.
+    pub fn new(source: SourceRecord, failure: Failure) -> Self {
+        DeadLetter {
+            source,
+            failure,
+            failed_at: Utc::now(),
+            omitted: None,
+        }
+    }
+
+    /// The same dead letter without the record's key, value and headers, for a topic that cannot
+    /// take the whole of it: the source coordinates, the reason and the record's size remain.
+    pub fn without_payload(&self, why: &str) -> Self {
+        let size = self.source.key.as_ref().map_or(0, Vec::len)
+            + self.source.payload.as_ref().map_or(0, Vec::len)
+            + self
+                .source
+                .headers
+                .iter()
+                .map(|(key, value)| key.len() + value.as_ref().map_or(0, Vec::len))
+                .sum::<usize>();
+        DeadLetter {
+            source: SourceRecord {
+                key: None,
+                payload: None,
+                headers: Vec::new(),
+                ..self.source.clone()
+            },
+            failure: self.failure.clone(),
+            failed_at: self.failed_at,
+            omitted: Some(format!("{size} bytes: {why}")),
+        }
+    }
+
     /// The headers of the dead-letter record: the source's own ones (auditflow's headers from an
     /// earlier round are replaced, everything else is kept byte for byte) followed by the
     /// contract headers.
@@ -159,6 +209,9 @@ impl DeadLetter {
         add(header::ATTEMPT, self.source.attempt().max(1).to_string());
         add(header::CONSUMER, consumer.to_owned());
         add(header::VERSION, env!("CARGO_PKG_VERSION").to_owned());
+        if let Some(omitted) = &self.omitted {
+            add(header::PAYLOAD_OMITTED, omitted.clone());
+        }
         headers
     }
 }
@@ -184,6 +237,46 @@ pub struct DlqProducer {
     topic: String,
     consumer_id: String,
     breaker: Arc<Breaker>,
+    transient_fault: Arc<Throttle>,
+    configuration_fault: Arc<Throttle>,
+}
+
+/// What a dead-letter failure says.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Retry {
+    /// The broker is away, slow or busy: send the same record again later.
+    Transient,
+    /// This record can never be taken by the topic (too large, invalid): send a smaller one.
+    Permanent,
+    /// The topic or cluster refuses this producer (authorization): an operator must act.
+    /// Retried like a transient failure, reported loudly.
+    Configuration,
+}
+
+impl DlqError {
+    /// Classifies the failure from the broker's or librdkafka's error code, never its text.
+    pub fn retry(&self) -> Retry {
+        use rdkafka::error::{KafkaError, RDKafkaErrorCode as Code};
+        let code = match self {
+            DlqError::Produce(KafkaError::MessageProduction(code)) => *code,
+            DlqError::Produce(_) | DlqError::Unavailable(_) | DlqError::Interrupted => {
+                return Retry::Transient
+            }
+        };
+        match code {
+            Code::MessageSizeTooLarge
+            | Code::InvalidRecord
+            | Code::InvalidMessage
+            | Code::InvalidMessageSize
+            | Code::MessageBatchTooLarge => Retry::Permanent,
+            Code::TopicAuthorizationFailed
+            | Code::ClusterAuthorizationFailed
+            | Code::SaslAuthenticationFailed
+            | Code::Authentication
+            | Code::InvalidTopic => Retry::Configuration,
+            _ => Retry::Transient,
+        }
+    }
 }
 
 impl DlqProducer {
@@ -199,6 +292,8 @@ impl DlqProducer {
             topic: topic.into(),
             consumer_id: consumer_id.into(),
             breaker,
+            transient_fault: Arc::default(),
+            configuration_fault: Arc::default(),
         }
     }
 
@@ -236,10 +331,33 @@ impl DlqProducer {
             .map_err(|(err, _)| DlqError::Produce(err))
     }
 
-    /// Sends one dead letter, retrying with jittered backoff until it is acknowledged or
-    /// `cancel` fires. Never drops the record: on cancellation the caller must not store the
-    /// source offset.
+    /// Sends one dead letter and waits until it is acknowledged, or `cancel` fires. Never drops
+    /// the record: on cancellation the caller must not store the source offset. Transient and
+    /// configuration failures are retried with jittered backoff; a letter the topic can never take
+    /// is replaced by [`DeadLetter::without_payload`], which is retried until acknowledged.
     pub async fn deliver(
+        &self,
+        letter: &DeadLetter,
+        cancel: &CancellationToken,
+    ) -> Result<(), DlqError> {
+        match self.deliver_retrying(letter, cancel).await {
+            Err(err) if err.retry() == Retry::Permanent => {
+                tracing::warn!(
+                    error = %err, topic = %self.topic, partition = letter.source.partition,
+                    offset = letter.source.offset,
+                    "the dead-letter topic cannot take this record; dead-lettering it without its payload"
+                );
+                metrics::counter!("auditflow_dlq_payload_omitted_total").increment(1);
+                let small = letter.without_payload(&err.to_string());
+                self.deliver_retrying(&small, cancel).await
+            }
+            other => other,
+        }
+    }
+
+    /// Sends `letter` until it is acknowledged; returns early only on cancellation or, for a
+    /// letter that still carries its record, a permanent failure.
+    async fn deliver_retrying(
         &self,
         letter: &DeadLetter,
         cancel: &CancellationToken,
@@ -249,21 +367,36 @@ impl DlqProducer {
             .with_max_delay(Duration::from_secs(10))
             .with_jitter()
             .without_max_times();
+        // Only failures that are the broker's count against the breaker.
+        let is_failure = |err: &DlqError| err.retry() != Retry::Permanent;
         let attempt = || async {
             self.breaker
-                .call(self.send_once(letter), |_| true)
+                .call(self.send_once(letter), is_failure)
                 .await
                 .map_err(|err| match err {
                     BreakerError::Inner(err) => err,
                     other => DlqError::Unavailable(other.to_string()),
                 })
         };
+        // The small letter has nothing left to shed: whatever it meets is retried.
+        let can_shrink = letter.omitted.is_none();
         tokio::select! {
             result = attempt
                 .retry(backoff)
+                .when(|err: &DlqError| !(can_shrink && err.retry() == Retry::Permanent))
                 .notify(|err, wait| {
-                    tracing::warn!(error = %err, retry_in = ?wait, topic = %self.topic, "dead-letter produce failed; retrying");
                     metrics::counter!("auditflow_dlq_produce_retries_total").increment(1);
+                    if err.retry() == Retry::Configuration {
+                        self.configuration_fault.record(|repeated| tracing::error!(
+                            error = %err, topic = %self.topic, repeated,
+                            "the dead-letter topic refuses this producer; fix its permissions (retrying, nothing is dropped)"
+                        ));
+                    } else {
+                        self.transient_fault.record(|repeated| tracing::warn!(
+                            error = %err, retry_in = ?wait, topic = %self.topic, repeated,
+                            "dead-letter produce failed; retrying"
+                        ));
+                    }
                 }) => result,
             _ = cancel.cancelled() => Err(DlqError::Interrupted),
         }
@@ -301,6 +434,7 @@ mod tests {
                 sqlstate: Some("22001".into()),
             },
             failed_at: DateTime::from_timestamp(1_700_000_001, 0).unwrap(),
+            omitted: None,
         };
         let headers = letter.headers("replica-1");
         let get = |name: &str| {
@@ -350,6 +484,7 @@ mod tests {
                 sqlstate: None,
             },
             failed_at: Utc::now(),
+            omitted: None,
         };
         let headers = letter.headers("r");
         assert!(headers.contains(&(header::ATTEMPT.into(), Some(b"1".to_vec()))));

@@ -463,15 +463,14 @@ impl Sink {
                 );
                 batch.add_dead_letter(
                     delivery,
-                    DeadLetter {
+                    DeadLetter::new(
                         source,
-                        failure: Failure {
+                        Failure {
                             class: err.class().as_str().to_owned(),
                             message: err.to_string(),
                             sqlstate: None,
                         },
-                        failed_at: Utc::now(),
-                    },
+                    ),
                 );
             }
         }
@@ -559,15 +558,14 @@ impl Sink {
                     error = %err, partition = source.partition, offset = source.offset,
                     "database refused record; dead-lettering"
                 );
-                DeadLetter {
+                DeadLetter::new(
                     source,
-                    failure: Failure {
+                    Failure {
                         class: class.to_owned(),
                         message: err.to_string(),
                         sqlstate,
                     },
-                    failed_at: Utc::now(),
-                }
+                )
             })
             .collect();
         Ok((isolated.outcome, refused))

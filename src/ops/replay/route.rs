@@ -25,6 +25,8 @@ pub struct DeadLetterHeaders {
     pub source_offset: Option<i64>,
     /// `auditflow.attempt`.
     pub attempt: Option<u32>,
+    /// `auditflow.payload.omitted`: the letter does not carry its record.
+    pub payload_omitted: Option<String>,
 }
 
 impl DeadLetterHeaders {
@@ -48,6 +50,7 @@ impl DeadLetterHeaders {
             source_partition: text(header::SOURCE_PARTITION).and_then(|p| p.parse().ok()),
             source_offset: text(header::SOURCE_OFFSET).and_then(|o| o.parse().ok()),
             attempt: text(header::ATTEMPT).and_then(|a| a.parse().ok()),
+            payload_omitted: text(header::PAYLOAD_OMITTED).map(str::to_owned),
         }
     }
 
@@ -71,6 +74,9 @@ pub enum ParkReason {
     OutOfAttempts,
     /// It names no source topic and no `--to-topic` was given.
     NoSourceTopic,
+    /// It does not carry its record (too large for the dead-letter topic): there is nothing to
+    /// republish; the record is in the source topic at the letter's coordinates.
+    PayloadOmitted,
 }
 
 /// What the replay does with one dead letter.
@@ -94,6 +100,9 @@ pub enum Route {
 pub fn route(letter: &DeadLetterHeaders, options: &ReplayOptions) -> Route {
     if !options.filter.matches(letter) {
         return Route::Skip;
+    }
+    if letter.payload_omitted.is_some() {
+        return Route::Park(ParkReason::PayloadOmitted);
     }
     let attempt = letter.attempt_or_first();
     if out_of_attempts(attempt, options.max_attempts) {

@@ -17,6 +17,7 @@ fn letter(class: &str, failed_at: &str, partition: i32, offset: i64) -> DeadLett
         source_partition: Some(partition),
         source_offset: Some(offset),
         attempt: Some(1),
+        payload_omitted: None,
     }
 }
 
@@ -203,6 +204,13 @@ fn routing_republishes_with_the_next_attempt_or_parks() {
     assert_eq!(
         route(&first, &options),
         Route::Park(ParkReason::NoSourceTopic)
+    );
+    let mut without_record = letter("decode", "2024-05-01T00:00:00Z", 0, 2);
+    without_record.payload_omitted = Some("999700 bytes: message size too large".into());
+    assert_eq!(
+        route(&without_record, &options),
+        Route::Park(ParkReason::PayloadOmitted),
+        "nothing to republish: parked, the record stays readable in the source topic"
     );
     let redirected = ReplayOptions {
         to_topic: Some("audit-events-retry".into()),
