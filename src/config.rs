@@ -553,10 +553,7 @@ impl Config {
             .iter()
             .filter_map(|(key, value)| {
                 let name = key.strip_prefix(KAFKA_OPT_PREFIX)?;
-                Some((
-                    name.to_lowercase().replace('_', "."),
-                    Secret::new(value.clone()),
-                ))
+                Some((kafka_property_name(name), Secret::new(value.clone())))
             })
             .collect();
         let config = Config {
@@ -685,12 +682,12 @@ impl Config {
         for reserved in ["enable.auto.offset.store", "enable.auto.commit", "group.id"] {
             if self.kafka.properties.contains_key(reserved) {
                 return Err(ConfigError(format!(
-                    "{KAFKA_OPT_PREFIX}{} is managed by auditflow and cannot be overridden",
-                    reserved.replace('.', "_").to_uppercase()
+                    "{} is managed by auditflow and cannot be overridden",
+                    kafka_property_variable(reserved)
                 )));
             }
         }
-        Ok(())
+        check_kafka_properties(&self.kafka.properties)
     }
 
     /// The brokers, or an error naming the variable when a command needs them.
@@ -758,6 +755,53 @@ impl SinkConfig {
     pub fn drain_timeout(&self) -> Duration {
         Duration::from_millis(self.drain_timeout_ms)
     }
+}
+
+/// The librdkafka property an `AUDITFLOW_KAFKA_OPT_<NAME>` variable sets: lowercase, each `_` a
+/// `.`, and each `__` a literal `_` (for the few properties with one, e.g. `LOG__LEVEL` is
+/// `log_level`).
+pub fn kafka_property_name(suffix: &str) -> String {
+    suffix
+        .to_lowercase()
+        .split("__")
+        .map(|part| part.replace('_', "."))
+        .collect::<Vec<_>>()
+        .join("_")
+}
+
+/// The variable that sets librdkafka property `name` (the inverse of [`kafka_property_name`]).
+pub fn kafka_property_variable(name: &str) -> String {
+    format!(
+        "{KAFKA_OPT_PREFIX}{}",
+        name.replace('_', "__").replace('.', "_").to_uppercase()
+    )
+}
+
+/// Checks every pass-through property with librdkafka itself, so a misspelt name or a bad value
+/// stops start-up with a message that names the variable and never shows the value (librdkafka's
+/// own message repeats it, and the value may be a password).
+fn check_kafka_properties(properties: &BTreeMap<String, Secret>) -> Result<(), ConfigError> {
+    use rdkafka::error::KafkaError;
+    use rdkafka::types::RDKafkaConfRes;
+    for (name, value) in properties {
+        let mut scratch = rdkafka::ClientConfig::new();
+        scratch.set(name, value.expose());
+        let Err(err) = scratch.create_native_config() else {
+            continue;
+        };
+        let variable = kafka_property_variable(name);
+        let why = match err {
+            KafkaError::ClientConfig(RDKafkaConfRes::RD_KAFKA_CONF_UNKNOWN, ..) => {
+                format!("librdkafka has no property {name:?}")
+            }
+            KafkaError::ClientConfig(RDKafkaConfRes::RD_KAFKA_CONF_INVALID, ..) => {
+                format!("invalid value for librdkafka property {name:?} (value not shown)")
+            }
+            _ => format!("librdkafka refuses property {name:?} (value not shown)"),
+        };
+        return Err(ConfigError(format!("{variable}: {why}")));
+    }
+    Ok(())
 }
 
 /// Deserializes one concern's struct, turning envy's messages into ones naming the full variable.
@@ -954,6 +998,50 @@ mod tests {
             ("AUDITFLOW_ACCEPT_PAST_DAYS", "30"),
         ]))
         .unwrap();
+    }
+
+    #[test]
+    fn a_misspelt_or_invalid_kafka_property_names_its_variable_and_hides_its_value() {
+        let err = Config::from_vars(vars(&[(
+            "AUDITFLOW_KAFKA_OPT_SASL_PASSWD",
+            "hunter2-secret",
+        )]))
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("AUDITFLOW_KAFKA_OPT_SASL_PASSWD"), "{err}");
+        assert!(err.contains("no property \"sasl.passwd\""), "{err}");
+        assert!(!err.contains("hunter2-secret"), "{err}");
+        let err = Config::from_vars(vars(&[(
+            "AUDITFLOW_KAFKA_OPT_SECURITY_PROTOCOL",
+            "hunter3-secret",
+        )]))
+        .unwrap_err()
+        .to_string();
+        assert!(
+            err.contains("AUDITFLOW_KAFKA_OPT_SECURITY_PROTOCOL"),
+            "{err}"
+        );
+        assert!(!err.contains("hunter3-secret"), "{err}");
+    }
+
+    #[test]
+    fn a_double_underscore_sets_a_property_whose_name_has_an_underscore() {
+        assert_eq!(kafka_property_name("LOG__LEVEL"), "log_level");
+        assert_eq!(kafka_property_name("SASL_MECHANISMS"), "sasl.mechanisms");
+        assert_eq!(
+            kafka_property_name("SSL_ENDPOINT_IDENTIFICATION_ALGORITHM"),
+            "ssl.endpoint.identification.algorithm"
+        );
+        for name in ["log_level", "sasl.mechanisms", "enable.auto.commit"] {
+            let variable = kafka_property_variable(name);
+            let suffix = variable.strip_prefix(KAFKA_OPT_PREFIX).unwrap();
+            assert_eq!(kafka_property_name(suffix), name, "{variable}");
+        }
+        let config = Config::from_vars(vars(&[("AUDITFLOW_KAFKA_OPT_LOG__LEVEL", "6")])).unwrap();
+        assert_eq!(
+            config.kafka.properties.get("log_level").map(Secret::expose),
+            Some("6")
+        );
     }
 
     #[test]

@@ -435,3 +435,36 @@ async fn the_running_service_serves_metrics_and_readiness_on_its_address() {
         .await
         .success());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_the_brokers_down_errors_are_one_line_per_interval_not_dozens_a_second() {
+    let env = TestEnv::new(1).await;
+    let (mut sink, stderr) = env.spawn_sink_captured(
+        &["run"],
+        &[
+            // Nothing listens on port 1: every connection attempt fails at once.
+            ("AUDITFLOW_KAFKA_BROKERS", "127.0.0.1:1"),
+            ("AUDITFLOW_LOG_LEVEL", "info"),
+            ("AUDITFLOW_KAFKA_OPT_RECONNECT_BACKOFF_MS", "10"),
+            ("AUDITFLOW_KAFKA_OPT_RECONNECT_BACKOFF_MAX_MS", "20"),
+        ],
+    );
+    tokio::time::sleep(Duration::from_secs(8)).await;
+    signal(&sink, "TERM");
+    wait_exit(&mut sink, Duration::from_secs(30)).await;
+    let captured = stderr.lock().unwrap().clone();
+    let kafka_lines: Vec<&str> = captured
+        .lines()
+        .filter(|line| line.contains("librdkafka") || line.contains("kafka consumer error"))
+        .collect();
+    assert!(
+        !kafka_lines.is_empty(),
+        "the outage is reported:\n{captured}"
+    );
+    assert!(
+        kafka_lines.len() <= 20,
+        "{} kafka error lines in 8 s:\n{}",
+        kafka_lines.len(),
+        kafka_lines.join("\n")
+    );
+}

@@ -8,6 +8,7 @@ use std::sync::Arc;
 use parking_lot::Mutex;
 use std::time::Duration;
 
+use rdkafka::config::RDKafkaLogLevel;
 use rdkafka::consumer::{
     BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance, StreamConsumer,
 };
@@ -17,6 +18,7 @@ use tokio::time::Instant;
 
 use super::offsets::{OffsetStore, OffsetTracker, Partition, StoreOffsetError};
 use super::stats::SinkStats;
+use crate::kafka::ClientLog;
 use crate::observe::StatusBoard;
 
 /// How long a finished batch may wait for the store before the consumer pauses its partitions.
@@ -30,6 +32,8 @@ pub struct SinkContext {
     pub(crate) membership: Arc<Mutex<Membership>>,
     pub(crate) stats: Arc<SinkStats>,
     pub(crate) board: Arc<StatusBoard>,
+    /// librdkafka's logs and errors, throttled and redacted.
+    pub(crate) log: ClientLog,
 }
 
 /// Whether the consumer holds an assignment, and since when. Between a revoke and the next
@@ -55,6 +59,14 @@ impl ClientContext for SinkContext {
                 }
             }
         }
+    }
+
+    fn log(&self, level: RDKafkaLogLevel, fac: &str, log_message: &str) {
+        self.log.log(level, fac, log_message);
+    }
+
+    fn error(&self, error: KafkaError, reason: &str) {
+        self.log.error(&error, reason);
     }
 }
 

@@ -19,11 +19,12 @@ use std::time::Duration;
 use backon::{ExponentialBuilder, Retryable};
 use chrono::{DateTime, SecondsFormat, Utc};
 use rdkafka::message::{Header, Headers, Message, OwnedHeaders};
-use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::producer::FutureRecord;
 use rdkafka::util::Timeout;
 use tokio_util::sync::CancellationToken;
 
 use crate::breaker::{Breaker, BreakerError};
+use crate::kafka;
 use crate::telemetry::Throttle;
 
 /// Header names of the dead-letter contract.
@@ -233,7 +234,7 @@ pub enum DlqError {
 /// Publishes dead letters and waits for their acknowledgement.
 #[derive(Clone)]
 pub struct DlqProducer {
-    producer: FutureProducer,
+    producer: kafka::Producer,
     topic: String,
     consumer_id: String,
     breaker: Arc<Breaker>,
@@ -282,7 +283,7 @@ impl DlqError {
 impl DlqProducer {
     /// Wraps a producer created with [`crate::kafka::durable_producer_config`].
     pub fn new(
-        producer: FutureProducer,
+        producer: kafka::Producer,
         topic: impl Into<String>,
         consumer_id: impl Into<String>,
         breaker: Arc<Breaker>,

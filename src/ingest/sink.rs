@@ -23,7 +23,6 @@ use backon::{ExponentialBuilder, Retryable};
 use chrono::Utc;
 use rdkafka::consumer::Consumer;
 use rdkafka::message::{BorrowedMessage, Message};
-use rdkafka::producer::FutureProducer;
 use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -44,6 +43,7 @@ use crate::config::Config;
 use crate::db::retry::Retry;
 use crate::kafka;
 use crate::observe::StatusBoard;
+use crate::telemetry::Throttle;
 
 /// Why a batch did not complete.
 #[derive(Debug, thiserror::Error)]
@@ -137,7 +137,9 @@ impl Sink {
             membership: Arc::clone(&membership),
             stats: Arc::clone(&stats),
             board: Arc::clone(&board),
+            log: kafka::ClientLog::new(&config.kafka),
         };
+        let creation_log = kafka::ClientLog::new(&config.kafka);
         let consumer: SinkConsumer = kafka::client_config(&brokers, &config.kafka)
             .set("group.id", &config.kafka.kafka_group_id)
             .set("client.id", config.instance_id())
@@ -149,13 +151,15 @@ impl Sink {
             .set("queued.max.messages.kbytes", "32768")
             .set("statistics.interval.ms", "5000")
             .create_with_context(context)
-            .context("creating the Kafka consumer")?;
+            .map_err(|err| creation_log.creation_error(err, "kafka consumer"))?;
         consumer
             .subscribe(&[&config.kafka.kafka_topic])
             .context("subscribing")?;
-        let producer: FutureProducer = kafka::durable_producer_config(&brokers, &config.kafka)
-            .create()
-            .context("creating the dead-letter producer")?;
+        let producer = kafka::producer(
+            &kafka::durable_producer_config(&brokers, &config.kafka),
+            &config.kafka,
+            "dead-letter producer",
+        )?;
         let dlq = DlqProducer::new(
             producer,
             config.kafka.dlq_topic.clone(),
@@ -278,6 +282,8 @@ impl Sink {
         let mut resumed_at = Instant::now();
         let mut tick = tokio::time::interval(Duration::from_millis(100));
         let consumer = Arc::clone(&sink.consumer);
+        // With the brokers down, every poll fails: one line per interval, with the count.
+        let consumer_errors = Throttle::default();
 
         loop {
             let limits = *sink.limits.borrow();
@@ -320,7 +326,9 @@ impl Sink {
                             sink.add_message(&mut open, &message);
                         }
                         Err(err) => {
-                            tracing::warn!(error = %err, "kafka consumer error");
+                            consumer_errors.record(|repeated| {
+                                tracing::warn!(error = %err, repeated, "kafka consumer error");
+                            });
                         }
                     }
                 }

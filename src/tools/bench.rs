@@ -19,7 +19,6 @@ use std::time::Duration;
 use anyhow::Context as _;
 use chrono::Utc;
 use rdkafka::mocking::MockCluster;
-use rdkafka::producer::FutureProducer;
 use serde::Serialize;
 use tokio::time::Instant;
 
@@ -268,10 +267,13 @@ async fn produce_payloads(
     partitions: i32,
     payloads: &[(Vec<u8>, Vec<u8>)],
 ) -> anyhow::Result<()> {
-    let producer: FutureProducer = kafka::durable_producer_config(brokers, &config.kafka)
-        .set("linger.ms", "20")
-        .set("batch.num.messages", "10000")
-        .create()?;
+    let producer = kafka::producer(
+        kafka::durable_producer_config(brokers, &config.kafka)
+            .set("linger.ms", "20")
+            .set("batch.num.messages", "10000"),
+        &config.kafka,
+        "benchmark producer",
+    )?;
     let mut deliveries = Vec::with_capacity(payloads.len());
     // Round-robin over the partitions: the generator keys by tenant (8 of them), and the sticky
     // partitioner fills one partition for 10 ms at a time; either piles megabytes onto single
@@ -307,7 +309,11 @@ async fn produce_payloads(
 /// Messages the broker holds in `topic` (high minus low watermark over all partitions).
 fn retained_messages(brokers: &str, config: &Config, topic: &str) -> anyhow::Result<u64> {
     use rdkafka::consumer::{BaseConsumer, Consumer};
-    let consumer: BaseConsumer = kafka::client_config(brokers, &config.kafka).create()?;
+    let consumer: BaseConsumer<kafka::QuietContext> = kafka::consumer(
+        &kafka::client_config(brokers, &config.kafka),
+        &config.kafka,
+        "metadata consumer",
+    )?;
     let metadata = consumer.fetch_metadata(Some(topic), Duration::from_secs(10))?;
     let mut total = 0;
     for topic_metadata in metadata.topics() {

@@ -6,7 +6,7 @@ use std::time::Duration;
 use anyhow::Context as _;
 use chrono::Utc;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
-use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord};
+use rdkafka::producer::{DeliveryFuture, FutureRecord};
 use serde::Serialize;
 use tokio::time::Instant;
 
@@ -69,12 +69,14 @@ pub async fn produce(
     if let Some(rate) = options.rate {
         anyhow::ensure!(rate > 0.0, "--rate must be positive, got {rate}");
     }
-    let producer: FutureProducer = kafka::durable_producer_config(brokers, &config.kafka)
-        .set("linger.ms", "20")
-        .set("batch.num.messages", "10000")
-        .set("compression.type", "lz4")
-        .create()
-        .context("creating the producer")?;
+    let producer = kafka::producer(
+        kafka::durable_producer_config(brokers, &config.kafka)
+            .set("linger.ms", "20")
+            .set("batch.num.messages", "10000")
+            .set("compression.type", "lz4"),
+        &config.kafka,
+        "producer",
+    )?;
     let topic = config.kafka.kafka_topic.as_str();
     let mut generator = EventGenerator::new(GeneratorConfig {
         count: options.count,

@@ -343,6 +343,47 @@ impl TestEnv {
             .expect("spawn auditflow")
     }
 
+    /// Like [`TestEnv::spawn_sink`], with stderr captured into the returned buffer (read by a
+    /// thread until the process exits).
+    pub fn spawn_sink_captured(
+        &self,
+        args: &[&str],
+        extra: &[(&str, &str)],
+    ) -> (SinkProcess, std::sync::Arc<std::sync::Mutex<String>>) {
+        let mut command = Command::new(env!("CARGO_BIN_EXE_auditflow"));
+        command.args(args).env_clear();
+        if let Ok(path) = std::env::var("PATH") {
+            command.env("PATH", path);
+        }
+        for (key, value) in self.vars() {
+            command.env(key, value);
+        }
+        for (key, value) in extra {
+            command.env(key, value);
+        }
+        let mut child = command
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn auditflow");
+        let captured = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
+        let mut stderr = child.stderr.take().expect("stderr");
+        let sink = std::sync::Arc::clone(&captured);
+        std::thread::spawn(move || {
+            use std::io::Read;
+            let mut buffer = [0u8; 8192];
+            while let Ok(read) = stderr.read(&mut buffer) {
+                if read == 0 {
+                    break;
+                }
+                sink.lock()
+                    .unwrap()
+                    .push_str(&String::from_utf8_lossy(&buffer[..read]));
+            }
+        });
+        (SinkProcess(child), captured)
+    }
+
     /// Waits until the table holds at least `rows` rows.
     pub async fn wait_for_rows(&self, rows: i64, timeout: Duration) -> i64 {
         let deadline = tokio::time::Instant::now() + timeout;

@@ -47,7 +47,6 @@ use std::sync::Arc;
 use anyhow::Context as _;
 use chrono::{DateTime, SecondsFormat, Utc};
 use rdkafka::consumer::{Consumer, StreamConsumer};
-use rdkafka::producer::FutureProducer;
 use rdkafka::{Offset, TopicPartitionList};
 use serde::Serialize;
 use sha2::{Digest, Sha256};
@@ -57,7 +56,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::breaker::Breaker;
 use crate::config::Config;
-use crate::kafka;
+use crate::kafka::{self, QuietContext};
 
 /// What a dry run calls a record without an error class or message header.
 pub(super) const MISSING: &str = "(none)";
@@ -462,14 +461,16 @@ pub async fn replay_with_live_rate(
 
     // Manual assignment: the group stores offsets but has no members, so nothing rebalances
     // under the replay. auto.offset.reset applies only when a committed offset has expired.
-    let consumer: StreamConsumer = kafka::client_config(brokers, &config.kafka)
-        .set("group.id", &group)
-        .set("enable.auto.commit", "false")
-        .set("enable.auto.offset.store", "false")
-        .set("auto.offset.reset", "earliest")
-        .set("enable.partition.eof", "true")
-        .create()
-        .context("creating the dead-letter consumer")?;
+    let consumer: StreamConsumer<QuietContext> = kafka::consumer(
+        kafka::client_config(brokers, &config.kafka)
+            .set("group.id", &group)
+            .set("enable.auto.commit", "false")
+            .set("enable.auto.offset.store", "false")
+            .set("auto.offset.reset", "earliest")
+            .set("enable.partition.eof", "true"),
+        &config.kafka,
+        "dead-letter consumer",
+    )?;
     let consumer = Arc::new(consumer);
     let snapshot = {
         let consumer = Arc::clone(&consumer);
@@ -499,14 +500,14 @@ pub async fn replay_with_live_rate(
             .assign(&assignment)
             .context("assigning the dead-letter partitions")?;
     }
-    let producer: Option<FutureProducer> = if options.dry_run {
+    let producer: Option<kafka::Producer> = if options.dry_run {
         None
     } else {
-        Some(
-            kafka::durable_producer_config(brokers, &config.kafka)
-                .create()
-                .context("creating the replay producer")?,
-        )
+        Some(kafka::producer(
+            &kafka::durable_producer_config(brokers, &config.kafka),
+            &config.kafka,
+            "replay producer",
+        )?)
     };
 
     let progress = Progress::new(end.total());

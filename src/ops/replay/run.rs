@@ -12,7 +12,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{Header, OwnedHeaders};
-use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord};
+use rdkafka::producer::{DeliveryFuture, FutureRecord};
 use rdkafka::{Offset, TopicPartitionList};
 use tokio::sync::watch;
 use tokio::time::Instant;
@@ -20,6 +20,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::breaker::{Breaker, BreakerError};
 use crate::ingest::dlq::SourceRecord;
+use crate::kafka::{self, QuietContext};
 
 use super::route::{republish_headers, route, DeadLetterHeaders, Route};
 use super::snapshot::{Admission, EndOfDlq};
@@ -206,9 +207,9 @@ pub(super) struct ReplayRun<'a> {
     pub(super) options: &'a ReplayOptions,
     pub(super) dlq_topic: String,
     pub(super) parking_topic: String,
-    pub(super) consumer: Arc<StreamConsumer>,
+    pub(super) consumer: Arc<StreamConsumer<QuietContext>>,
     /// `None` in a dry run: nothing can be written.
-    pub(super) producer: Option<FutureProducer>,
+    pub(super) producer: Option<kafka::Producer>,
     pub(super) end: EndOfDlq,
     pub(super) in_flight: VecDeque<InFlight>,
     pub(super) commit_points: CommitPoints,

@@ -9,6 +9,8 @@ use rdkafka::consumer::{Consumer, StreamConsumer};
 use rdkafka::error::RDKafkaErrorCode;
 use rdkafka::{Offset, TopicPartitionList};
 
+use crate::kafka::QuietContext;
+
 /// Bound on each metadata, watermark and committed-offset request at start.
 const METADATA_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -139,7 +141,7 @@ impl EndOfDlq {
 
 /// Reads partitions, watermarks and the group's committed offsets (blocking calls).
 pub(super) fn snapshot_dlq(
-    consumer: &StreamConsumer,
+    consumer: &StreamConsumer<QuietContext>,
     topic: &str,
 ) -> anyhow::Result<Vec<PartitionSnapshot>> {
     let metadata = consumer
