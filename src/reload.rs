@@ -51,13 +51,14 @@ pub struct Change {
 /// Why a reload was rejected; the running configuration is unchanged.
 #[derive(Debug, thiserror::Error)]
 pub enum ReloadError {
-    /// The environment file could not be read or parsed.
-    #[error("cannot read {path}: {source}")]
+    /// The environment file could not be read or parsed. The reason never quotes the file's
+    /// content: a line that does not parse may hold a password.
+    #[error("cannot read {path}: {reason}")]
     Read {
         /// The file.
         path: PathBuf,
-        /// What went wrong.
-        source: dotenvy::Error,
+        /// What went wrong: a line number and the variable it seems to set, or an I/O error.
+        reason: String,
     },
     /// The new configuration is invalid.
     #[error(transparent)]
@@ -118,14 +119,45 @@ impl ConfigSource {
 }
 
 fn read_env_file(path: &Path) -> Result<Vec<(String, String)>, ReloadError> {
-    let read_error = |source| ReloadError::Read {
+    let read_error = |err: dotenvy::Error| ReloadError::Read {
         path: path.to_owned(),
-        source,
+        reason: describe_env_file_error(path, &err),
     };
     dotenvy::from_path_iter(path)
         .map_err(read_error)?
         .map(|item| item.map_err(read_error))
         .collect()
+}
+
+/// Describes an environment-file error without the line's content: dotenvy's message repeats
+/// the whole line, value included.
+fn describe_env_file_error(path: &Path, err: &dotenvy::Error) -> String {
+    let dotenvy::Error::LineParse(line, _) = err else {
+        return err.to_string();
+    };
+    let number = std::fs::read_to_string(path).ok().and_then(|text| {
+        let first = line.lines().next().unwrap_or_default();
+        text.lines().position(|candidate| candidate == first)
+    });
+    let name = line
+        .split_once('=')
+        .map(|(name, _)| name.trim().trim_start_matches("export ").trim())
+        .filter(|name| {
+            !name.is_empty()
+                && name
+                    .bytes()
+                    .all(|byte| byte.is_ascii_alphanumeric() || byte == b'_')
+        });
+    let at = match number {
+        Some(index) => format!("line {}", index + 1),
+        None => "a line".to_owned(),
+    };
+    match name {
+        Some(name) => {
+            format!("{at} (setting {name}) does not parse as KEY=VALUE; its content is not shown")
+        }
+        None => format!("{at} does not parse as KEY=VALUE; its content is not shown"),
+    }
 }
 
 /// The variables that differ between `old` and `new`, or the ones that need a restart.
@@ -253,6 +285,31 @@ mod tests {
             .iter()
             .map(|(k, v)| (k.to_string(), v.to_string()))
             .collect()
+    }
+
+    #[test]
+    fn a_malformed_line_is_named_by_number_and_variable_never_shown() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("auditflow.env");
+        std::fs::write(
+            &path,
+            "AUDITFLOW_BATCH_MAX_EVENTS=100\n\
+             AUDITFLOW_DATABASE_URL=\"postgres://u:hunter2-secret@db/x\n\
+             AUDITFLOW_LOG_LEVEL=info\n",
+        )
+        .unwrap();
+        let source = ConfigSource::new([(CONFIG_FILE_VAR.to_owned(), path.display().to_string())]);
+        let err = source.vars().unwrap_err().to_string();
+        assert!(!err.contains("hunter2"), "{err}");
+        assert!(err.contains("AUDITFLOW_DATABASE_URL"), "{err}");
+        std::fs::write(
+            &path,
+            "AUDITFLOW_LOG_LEVEL=info\nnot a line with s3cret in it\n",
+        )
+        .unwrap();
+        let err = source.vars().unwrap_err().to_string();
+        assert!(!err.contains("s3cret"), "{err}");
+        assert!(err.contains("line 2"), "{err}");
     }
 
     #[test]
