@@ -160,8 +160,11 @@ pub struct SinkConfig {
     /// v1 and v2 are always known.
     #[serde(default = "default_schema_dir")]
     pub schema_dir: PathBuf,
-    /// `AUDITFLOW_METRICS_ADDR`: Prometheus exposition address (`host:port`); `off` disables it.
-    /// Each replica on one host needs its own port.
+    /// `AUDITFLOW_METRICS_ADDR`: the address of `/metrics`, `/healthz`, `/readyz` and `/status`
+    /// (`host:port`); `off` disables it. Default `127.0.0.1:9000`: on a bare host nothing outside
+    /// the machine sees the status page unless the operator says so. In a container (the image
+    /// sets `0.0.0.0:9000`) the pod's own network namespace is the boundary, and Prometheus and
+    /// the kubelet's probes must reach it. Each replica on one host needs its own port.
     #[serde(default = "default_metrics_addr")]
     pub metrics_addr: String,
     /// `AUDITFLOW_INSTANCE_ID`: this replica's name in logs and dead-letter headers
@@ -512,7 +515,7 @@ fn default_schema_dir() -> PathBuf {
     PathBuf::from("schemas")
 }
 fn default_metrics_addr() -> String {
-    "0.0.0.0:9000".into()
+    "127.0.0.1:9000".into()
 }
 fn default_log_format() -> String {
     "text".into()

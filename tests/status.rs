@@ -13,6 +13,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use auditflow::breaker::{Breaker, BreakerConfig, State};
+use auditflow::observe::http::HttpLimits;
 use auditflow::observe::{self, ObserveServer, StatusBoard};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio_util::sync::CancellationToken;
@@ -30,12 +31,17 @@ struct TestServer {
 
 impl TestServer {
     async fn start(board: &Arc<StatusBoard>) -> Self {
+        Self::start_with_limits(board, HttpLimits::default()).await
+    }
+
+    async fn start_with_limits(board: &Arc<StatusBoard>, limits: HttpLimits) -> Self {
         let handle = observe::install_recorder().expect("recorder");
         let shutdown = CancellationToken::new();
         let addr: SocketAddr = "127.0.0.1:0".parse().unwrap();
-        let server = observe::spawn(addr, Arc::clone(board), handle, shutdown.clone())
-            .await
-            .expect("server starts");
+        let server =
+            observe::spawn_with_limits(addr, Arc::clone(board), handle, limits, shutdown.clone())
+                .await
+                .expect("server starts");
         TestServer { server, shutdown }
     }
 
@@ -521,5 +527,84 @@ async fn status_page_renders_in_a_browser_with_the_numbers_of_the_metrics() {
         .await;
         assert!(path.exists(), "screenshot written to {}", path.display());
     }
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_sending_half_a_request_is_disconnected_after_the_header_timeout() {
+    let _serial = SERIAL.lock().await;
+    let board = Arc::new(StatusBoard::new("slow-client-test"));
+    let server = TestServer::start_with_limits(
+        &board,
+        HttpLimits {
+            header_read_timeout: Duration::from_secs(1),
+            ..HttpLimits::default()
+        },
+    )
+    .await;
+    let mut stream = tokio::net::TcpStream::connect(server.addr())
+        .await
+        .expect("connect");
+    // The request line and one header, never the blank line that ends the headers.
+    stream
+        .write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n")
+        .await
+        .expect("send");
+    let started = std::time::Instant::now();
+    let mut rest = Vec::new();
+    let closed = tokio::time::timeout(Duration::from_secs(10), stream.read_to_end(&mut rest)).await;
+    assert!(closed.is_ok(), "the connection is held past 10 s");
+    assert!(
+        started.elapsed() >= Duration::from_millis(900),
+        "closed only after the timeout: {:?}",
+        started.elapsed()
+    );
+    // The server still answers others.
+    assert_eq!(get(server.addr(), "/healthz").await.status, 200);
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn responses_carry_security_headers_and_the_page_may_not_be_framed() {
+    let _serial = SERIAL.lock().await;
+    let board = Arc::new(StatusBoard::new("headers-test"));
+    let server = TestServer::start(&board).await;
+    for path in [
+        "/healthz",
+        "/metrics",
+        "/status",
+        "/status.json",
+        "/status.js",
+    ] {
+        let response = get(server.addr(), path).await;
+        assert_eq!(response.status, 200, "{path}");
+        assert!(
+            response.headers.contains("x-content-type-options: nosniff"),
+            "{path}: {}",
+            response.headers
+        );
+    }
+    let page = get(server.addr(), "/status").await;
+    assert!(
+        page.headers.contains("x-frame-options: deny"),
+        "{}",
+        page.headers
+    );
+    let policy = page
+        .headers
+        .lines()
+        .find_map(|line| line.strip_prefix("content-security-policy: "))
+        .expect("a content security policy");
+    for directive in [
+        "default-src 'none'",
+        "script-src 'self'",
+        "frame-ancestors 'none'",
+    ] {
+        assert!(policy.contains(directive), "{policy}");
+    }
+    assert!(
+        !page.body.contains("<script>") && !page.body.contains(" style=\""),
+        "no inline script or style for the policy to allow"
+    );
     server.stop().await;
 }

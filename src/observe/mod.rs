@@ -18,6 +18,7 @@
 //! what others report and never calls into the pipeline.
 
 mod board;
+pub mod http;
 
 pub use board::{
     BreakerStatus, DeadLetterClass, DeadLetters, PartitionLag, Pool, Readiness, StatusBoard,
@@ -29,6 +30,7 @@ use board::{
     CONSUMED_METRIC, DEAD_LETTERED_METRIC, DUPLICATES_METRIC, LAG_METRIC, POOL_METRIC,
     STORED_METRIC,
 };
+use http::HttpLimits;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -199,6 +201,17 @@ pub async fn spawn(
     handle: PrometheusHandle,
     shutdown: CancellationToken,
 ) -> anyhow::Result<ObserveServer> {
+    spawn_with_limits(addr, board, handle, HttpLimits::default(), shutdown).await
+}
+
+/// Like [`spawn`], with the HTTP server's bounds given.
+pub async fn spawn_with_limits(
+    addr: SocketAddr,
+    board: Arc<StatusBoard>,
+    handle: PrometheusHandle,
+    limits: HttpLimits,
+    shutdown: CancellationToken,
+) -> anyhow::Result<ObserveServer> {
     let listener = tokio::net::TcpListener::bind(addr)
         .await
         .with_context(|| format!("binding the metrics and status endpoint on {addr}"))?;
@@ -209,10 +222,9 @@ pub async fn spawn(
         handle.clone(),
         shutdown.clone(),
     ));
-    let app = router(board, handle);
+    let app = http::harden(router(board, handle), &limits);
     let task = tokio::spawn(async move {
-        let served = axum::serve(listener, app)
-            .with_graceful_shutdown(shutdown.cancelled_owned())
+        let served = http::serve(listener, app, limits, shutdown)
             .await
             .context("serving the metrics and status endpoint");
         sampler.abort();
@@ -265,6 +277,8 @@ fn router(board: Arc<StatusBoard>, handle: PrometheusHandle) -> Router {
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
         .route("/status", get(status_page))
+        .route("/status.js", get(status_script))
+        .route("/status.css", get(status_style))
         .route("/status.json", get(status_json))
         .with_state(AppState { board, handle })
 }
@@ -303,8 +317,38 @@ async fn status_json(AxumState(state): AxumState<AppState>) -> Response {
         .into_response()
 }
 
+/// The page may load its own script and style and call `/status.json`, nothing else; it cannot
+/// be framed.
+const STATUS_PAGE_POLICY: &str = "default-src 'none'; script-src 'self'; style-src 'self'; \
+    connect-src 'self'; img-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'";
+
 async fn status_page() -> Response {
-    ([(header::CACHE_CONTROL, "no-store")], Html(STATUS_PAGE)).into_response()
+    (
+        [
+            (header::CACHE_CONTROL, "no-store"),
+            (header::CONTENT_SECURITY_POLICY, STATUS_PAGE_POLICY),
+            (header::X_FRAME_OPTIONS, "DENY"),
+            (header::REFERRER_POLICY, "no-referrer"),
+        ],
+        Html(STATUS_PAGE),
+    )
+        .into_response()
+}
+
+async fn status_script() -> Response {
+    (
+        [(header::CONTENT_TYPE, "text/javascript; charset=utf-8")],
+        STATUS_SCRIPT,
+    )
+        .into_response()
+}
+
+async fn status_style() -> Response {
+    (
+        [(header::CONTENT_TYPE, "text/css; charset=utf-8")],
+        STATUS_STYLE,
+    )
+        .into_response()
 }
 
 /// The `/status` page. Self-contained (no external assets: it must work on an isolated
@@ -313,3 +357,9 @@ async fn status_page() -> Response {
 /// an id (`total-stored`, `lag-<topic>-<partition>`, `breaker-<dependency>`,
 /// `dl-recent-<class>`, `dl-total-<class>`, ...) for tests and scripts.
 const STATUS_PAGE: &str = include_str!("status.html");
+
+/// The page's script (`/status.js`).
+const STATUS_SCRIPT: &str = include_str!("status.js");
+
+/// The page's style (`/status.css`).
+const STATUS_STYLE: &str = include_str!("status.css");
