@@ -102,6 +102,9 @@ pub struct RedisConfig {
     /// `AUDITFLOW_REDIS_URL`: where invalidations are published. Never logged (may hold a password).
     #[serde(default = "default_redis_url")]
     pub redis_url: Secret,
+    /// `AUDITFLOW_REDIS_CA_FILE`: PEM file of the CA that signed a `rediss://` server's
+    /// certificate; without it the system's roots are used.
+    pub redis_ca_file: Option<PathBuf>,
     /// `AUDITFLOW_INVALIDATION_CHANNEL`: the pub/sub channel readers of the audit table subscribe to.
     #[serde(default = "default_invalidation_channel")]
     pub invalidation_channel: String,
@@ -677,10 +680,22 @@ impl Config {
         }
         self.breakers.validate()?;
         self.partitions.validate(&self.sink)?;
-        if redis::Client::open(self.redis.redis_url.expose()).is_err() {
-            return Err(ConfigError(
-                "AUDITFLOW_REDIS_URL must be a redis:// or rediss:// URL".into(),
-            ));
+        if let Err(err) = crate::redis_client::open(
+            self.redis.redis_url.expose(),
+            self.redis.redis_ca_file.as_deref(),
+        ) {
+            use crate::redis_client::RedisClientError;
+            return Err(ConfigError(match err {
+                RedisClientError::Url(_) => {
+                    "AUDITFLOW_REDIS_URL must be a redis:// or rediss:// URL".into()
+                }
+                RedisClientError::CaWithoutTls => {
+                    "AUDITFLOW_REDIS_CA_FILE is set but AUDITFLOW_REDIS_URL is not rediss://".into()
+                }
+                other @ RedisClientError::CaFile { .. } => {
+                    format!("AUDITFLOW_REDIS_CA_FILE: {other}")
+                }
+            }));
         }
         for reserved in ["enable.auto.offset.store", "enable.auto.commit", "group.id"] {
             if self.kafka.properties.contains_key(reserved) {

@@ -18,8 +18,8 @@
 //!
 //! Where each part lives, bottom to top (a module only uses those above it in this list):
 //! - [`config`]: `AUDITFLOW_*` variables, validated at start-up; [`reload`]: live changes on
-//!   SIGHUP. [`breaker`]: circuit breakers; [`kafka`]: client settings; [`telemetry`]: logging
-//!   and the metrics recorder's buckets.
+//!   SIGHUP. [`breaker`]: circuit breakers; [`kafka`] and [`redis_client`]: client settings;
+//!   [`telemetry`]: logging and the metrics recorder's buckets.
 //! - [`db`]: what every part shares with PostgreSQL: the pool, migrations, error
 //!   classification ([`db::retry`]) and the partitions of `events` as the database sees them
 //!   ([`db::partition`]).
@@ -47,6 +47,7 @@ pub mod ingest;
 pub mod kafka;
 pub mod observe;
 pub mod ops;
+pub mod redis_client;
 pub mod reload;
 pub mod service;
 pub mod telemetry;

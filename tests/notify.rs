@@ -38,6 +38,7 @@ fn random_channel() -> String {
 fn notify_config(redis_url: String, channel: &str, queue_capacity: usize) -> NotifyConfig {
     NotifyConfig {
         redis_url,
+        redis_ca_file: None,
         channel: channel.to_owned(),
         queue_capacity,
         publish_timeout: Duration::from_millis(500),

@@ -35,6 +35,7 @@ pub async fn connect(url: &str, settings: &PoolSettings) -> Result<PgPool, sqlx:
     let options = PgConnectOptions::from_str(url)?
         .application_name("auditflow")
         .options([("search_path", settings.schema.as_str())]);
+    warn_unless_verified_tls(&options);
     let session_setup = settings.session_setup;
     let pool = PgPoolOptions::new()
         .max_connections(settings.max_connections)
@@ -51,6 +52,31 @@ pub async fn connect(url: &str, settings: &PoolSettings) -> Result<PgPool, sqlx:
         })
         .connect_lazy_with(options);
     Ok(pool)
+}
+
+/// Warns when a database beyond this machine is reached without a verified certificate: libpq's
+/// default `sslmode=prefer` falls back to plaintext in silence, and `require` trusts any
+/// certificate.
+fn warn_unless_verified_tls(options: &PgConnectOptions) {
+    use sqlx::postgres::PgSslMode;
+    let host = options.get_host();
+    let local = options.get_socket().is_some()
+        || host.starts_with('/')
+        || host == "localhost"
+        || host
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback());
+    let verified = matches!(
+        options.get_ssl_mode(),
+        PgSslMode::VerifyCa | PgSslMode::VerifyFull
+    );
+    if !local && !verified {
+        tracing::warn!(
+            host,
+            sslmode = ?options.get_ssl_mode(),
+            "the database connection is not verified TLS; set sslmode=verify-full and sslrootcert in AUDITFLOW_DATABASE_URL"
+        );
+    }
 }
 
 /// Creates the schema if needed and runs the embedded migrations in it.

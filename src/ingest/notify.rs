@@ -83,6 +83,9 @@ pub struct NotifyConfig {
     /// [`NotifyConfig::validate`]; an unreachable server is not an error (the worker keeps
     /// reconnecting).
     pub redis_url: String,
+    /// `AUDITFLOW_REDIS_CA_FILE`: the CA of a `rediss://` server's certificate (system roots
+    /// when unset).
+    pub redis_ca_file: Option<std::path::PathBuf>,
     /// Pub/sub channel the notices are published on; every subscriber of the audit table's
     /// caches listens here.
     pub channel: String,
@@ -120,7 +123,8 @@ impl NotifyConfig {
                 reason: "must be greater than zero",
             });
         }
-        redis::Client::open(self.redis_url.as_str()).map_err(NotifyError::InvalidRedisUrl)
+        crate::redis_client::open(&self.redis_url, self.redis_ca_file.as_deref())
+            .map_err(NotifyError::InvalidRedisUrl)
     }
 }
 
@@ -138,10 +142,10 @@ impl fmt::Debug for NotifyConfig {
 /// Errors raised while building the publisher; publishing itself never fails to the caller.
 #[derive(Debug, thiserror::Error)]
 pub enum NotifyError {
-    /// The Redis URL does not parse. The message includes the parser's reason (which never
-    /// repeats the URL, so no password leaks into logs).
-    #[error("invalid redis url for invalidation notices: {0}")]
-    InvalidRedisUrl(redis::RedisError),
+    /// The Redis URL does not parse or its CA file cannot be read. The message includes the
+    /// reason (which never repeats the URL, so no password leaks into logs).
+    #[error("invalid redis settings for invalidation notices: {0}")]
+    InvalidRedisUrl(crate::redis_client::RedisClientError),
     /// A setting is out of range.
     #[error("invalid invalidation setting {field}: {reason}")]
     InvalidConfig {
@@ -645,6 +649,7 @@ mod tests {
     fn test_config(queue_capacity: usize) -> NotifyConfig {
         NotifyConfig {
             redis_url: "redis://127.0.0.1:1".to_owned(),
+            redis_ca_file: None,
             channel: "auditflow.test".to_owned(),
             queue_capacity,
             publish_timeout: Duration::from_millis(200),
@@ -755,6 +760,7 @@ mod tests {
     async fn spawn_with_an_invalid_config_disables_notices_instead_of_failing() {
         let config = NotifyConfig {
             redis_url: "not a url".to_owned(),
+            redis_ca_file: None,
             ..test_config(8)
         };
         assert!(config.validate().is_err());
@@ -806,6 +812,7 @@ mod tests {
     fn malformed_redis_url_is_rejected() {
         let config = NotifyConfig {
             redis_url: "not a url".to_owned(),
+            redis_ca_file: None,
             ..test_config(8)
         };
 
@@ -818,6 +825,7 @@ mod tests {
     fn config_debug_hides_redis_credentials() {
         let config = NotifyConfig {
             redis_url: "rediss://auditflow:s3cret@cache.internal:6380/2".to_owned(),
+            redis_ca_file: None,
             ..test_config(8)
         };
 

@@ -170,6 +170,7 @@ impl Sink {
         let (notifier, notifier_task) = notify::spawn(
             NotifyConfig {
                 redis_url: config.redis.redis_url.expose().to_owned(),
+                redis_ca_file: config.redis.redis_ca_file.clone(),
                 channel: config.redis.invalidation_channel.clone(),
                 queue_capacity: config.redis.invalidation_queue,
                 publish_timeout: Duration::from_secs(2),
