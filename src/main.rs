@@ -7,7 +7,6 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use auditflow::breaker::Breaker;
-use auditflow::ingest::store;
 use auditflow::ops::partitions::{self, PartitionLifecycle};
 use auditflow::ops::replay::{self, OffsetRange, ReplayFilter, ReplayOptions};
 use auditflow::reload::{ConfigSource, LiveConfig};
@@ -167,7 +166,9 @@ async fn execute(command: Command, mut live: LiveConfig) -> anyhow::Result<()> {
     match command {
         Command::Migrate => {
             let url = config.require_database_url()?;
-            let pool = store::connect(&config.database, url.expose()).await?;
+            let pool = auditflow::db::connect(url.expose(), &config.database.pool_settings())
+                .await
+                .context("connecting to the database")?;
             auditflow::db::migrate(&pool, &config.database.db_schema)
                 .await
                 .context("migrating the database")?;
@@ -340,7 +341,9 @@ enum PartitionsCommand {
 
 async fn partitions_command(command: PartitionsCommand, config: &Config) -> anyhow::Result<()> {
     let url = config.require_database_url()?;
-    let pool = store::connect(&config.database, url.expose()).await?;
+    let pool = auditflow::db::connect(url.expose(), &config.database.pool_settings())
+        .await
+        .context("connecting to the database")?;
     let lifecycle = PartitionLifecycle::new(
         pool,
         config.database.db_schema.clone(),

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use auditflow::ingest::dlq::header as dlq_header;
 use auditflow::Sink;
-use common::{header, signal, wait_exit, TestEnv};
+use common::{header, http_get, signal, wait_exit, TestEnv};
 use rdkafka::message::{Headers, Message};
 use tokio_util::sync::CancellationToken;
 
@@ -352,25 +352,6 @@ async fn consumer_lag_of_every_assigned_partition_reaches_the_status_board() {
     shutdown.cancel();
     running.await.unwrap().unwrap();
     assert!(!board.readiness().ready, "a stopped sink is not ready");
-}
-
-/// A plain HTTP/1.0 GET; returns the status code and the body.
-async fn http_get(port: u16, path: &str) -> Option<(u16, String)> {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", port))
-        .await
-        .ok()?;
-    stream
-        .write_all(format!("GET {path} HTTP/1.0\r\nHost: localhost\r\n\r\n").as_bytes())
-        .await
-        .ok()?;
-    let mut response = String::new();
-    stream.read_to_string(&mut response).await.ok()?;
-    let status = response.split_whitespace().nth(1)?.parse().ok()?;
-    let body = response
-        .split_once("\r\n\r\n")
-        .map(|(_, body)| body.to_owned())?;
-    Some((status, body))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -29,13 +29,26 @@ pub struct PoolSettings {
     pub session_setup: &'static [&'static str],
 }
 
-/// Opens a pool lazily (nothing connects until first use) whose connections use the settings'
-/// schema as search path and run its session set-up.
+/// Opens a pool whose connections use the settings' schema as search path and run its session
+/// set-up. One connection is tried first, within the acquire timeout, so a database that cannot
+/// be reached (refused, wrong password, untrusted certificate) fails with its own error: the
+/// pool would only report that it timed out. The pool itself connects on demand.
 pub async fn connect(url: &str, settings: &PoolSettings) -> Result<PgPool, sqlx::Error> {
+    use sqlx::Connection as _;
     let options = PgConnectOptions::from_str(url)?
         .application_name("auditflow")
         .options([("search_path", settings.schema.as_str())]);
     warn_unless_verified_tls(&options);
+    match tokio::time::timeout(
+        settings.acquire_timeout,
+        sqlx::PgConnection::connect_with(&options),
+    )
+    .await
+    {
+        Ok(Ok(connection)) => connection.close().await?,
+        Ok(Err(err)) => return Err(err),
+        Err(_) => return Err(sqlx::Error::PoolTimedOut),
+    }
     let session_setup = settings.session_setup;
     let pool = PgPoolOptions::new()
         .max_connections(settings.max_connections)

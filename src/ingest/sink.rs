@@ -108,7 +108,9 @@ impl Sink {
         } else {
             Decoder::embedded()
         };
-        let pool = store::connect(&config.database, database_url.expose()).await?;
+        let pool = store::connect(&config.database, database_url.expose())
+            .await
+            .context("connecting to the database")?;
         crate::db::migrate(&pool, &config.database.db_schema)
             .await
             .context("migrating the database")?;

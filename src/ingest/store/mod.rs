@@ -54,7 +54,7 @@ const CREATE_STAGING: &str = "CREATE TEMP TABLE IF NOT EXISTS auditflow_staging 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
     /// The database (or the pool in front of it) failed.
-    #[error("database error: {0}")]
+    #[error(transparent)]
     Database(#[from] sqlx::Error),
     /// A migration failed.
     #[error("migration failed: {0}")]

@@ -122,7 +122,7 @@ pub(super) fn is_connection_problem(err: &sqlx::Error) -> bool {
 #[derive(Debug, thiserror::Error)]
 pub enum PartitionError {
     /// The database failed.
-    #[error("database error: {0}")]
+    #[error(transparent)]
     Database(#[from] sqlx::Error),
     /// Another replica holds the maintenance lock; nothing was changed.
     #[error("partition maintenance is running elsewhere (advisory lock held); retry later")]
