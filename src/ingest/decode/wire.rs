@@ -19,6 +19,7 @@ pub(crate) enum WireError {
     EnumIndex { index: i64, symbols: usize },
     BlockCount(i64),
     TooDeep,
+    InvalidBoolean(u8),
 }
 
 impl fmt::Display for WireError {
@@ -50,6 +51,9 @@ impl fmt::Display for WireError {
             }
             WireError::BlockCount(count) => write!(f, "invalid block count {count}"),
             WireError::TooDeep => write!(f, "nested deeper than {MAX_SKIP_DEPTH} levels"),
+            WireError::InvalidBoolean(byte) => {
+                write!(f, "boolean byte {byte:#04x} is neither 0 nor 1")
+            }
         }
     }
 }
@@ -179,9 +183,16 @@ impl<'a> Cursor<'a> {
         match wire {
             WireType::Null => {}
             WireType::Boolean => {
-                self.take(1)?;
+                // The specification allows only 0 and 1.
+                let byte = self.take(1)?[0];
+                if byte > 1 {
+                    return Err(WireError::InvalidBoolean(byte));
+                }
             }
-            WireType::Int | WireType::Long { .. } => {
+            WireType::Int => {
+                self.read_int()?;
+            }
+            WireType::Long { .. } => {
                 self.read_long()?;
             }
             WireType::Float => {
@@ -190,8 +201,12 @@ impl<'a> Cursor<'a> {
             WireType::Double => {
                 self.take(8)?;
             }
-            WireType::Bytes | WireType::String => {
+            WireType::Bytes => {
                 self.read_bytes()?;
+            }
+            // Skipped or not, a string must be UTF-8 for the datum to be valid Avro.
+            WireType::String => {
+                self.read_str()?;
             }
             WireType::Fixed(size) => {
                 self.take(*size)?;
@@ -215,7 +230,8 @@ impl<'a> Cursor<'a> {
             WireType::Map(value) => {
                 self.skip_blocks(
                     |cursor| {
-                        cursor.read_bytes()?;
+                        // Map keys are strings.
+                        cursor.read_str()?;
                         cursor.skip(value, records, depth + 1)
                     },
                     false,
