@@ -375,7 +375,7 @@ fn the_decoder_agrees_with_apache_avro_on_random_and_mutated_payloads() {
     // apache-avro sizes a Vec by an array's or map's declared count, capped only by this limit
     // (512 MiB by default, counted in items: a crafted count aborts the process trying to
     // allocate tens of gigabytes). The decoder never allocates by a declared length.
-    apache_avro::max_allocation_bytes(1 << 20);
+    apache_avro::util::max_allocation_bytes(1 << 20);
     let dir = tempfile::tempdir().unwrap();
     let (writers, reader) = writers(dir.path());
     let decoder = Decoder::from_dir(dir.path()).expect("v1, v2 and v3 load");
