@@ -449,3 +449,91 @@ async fn with_the_brokers_down_errors_are_one_line_per_interval_not_dozens_a_sec
         kafka_lines.join("\n")
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rebalance_storm_loses_nothing_and_stores_nothing_twice() {
+    // 48 partitions: the mock cluster keeps about 5 MB per partition.
+    let env = TestEnv::new(48).await;
+    const EVENTS: u64 = 200_000;
+    let replica_vars = [
+        ("AUDITFLOW_LOG_LEVEL", "info"),
+        ("AUDITFLOW_BATCH_MAX_EVENTS", "1000"),
+        ("AUDITFLOW_PARTITION_MAINTENANCE_INTERVAL_MS", "3600000"),
+    ];
+    let mut replicas = Vec::new();
+    let mut logs = Vec::new();
+    let mut spawn = |replicas: &mut Vec<common::SinkProcess>| {
+        let (replica, log) = env.spawn_sink_captured(&["run"], &replica_vars);
+        replicas.push(replica);
+        logs.push(log);
+    };
+    spawn(&mut replicas);
+    // Traffic for the whole storm, at a rate that spreads it over about 20 s.
+    let producing = {
+        let env = &env;
+        async move { env.produce_at(EVENTS, 0.02, 0.0, 21, Some(10_000.0)).await }
+    };
+    let storm = async {
+        let stop = |replica: &mut common::SinkProcess| signal(replica, "TERM");
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        for _ in 0..3 {
+            spawn(&mut replicas); // 1 -> 4
+        }
+        tokio::time::sleep(Duration::from_secs(5)).await;
+        for replica in replicas.iter_mut().take(2) {
+            stop(replica); // 4 -> 2
+        }
+        tokio::time::sleep(Duration::from_secs(5)).await;
+        for _ in 0..3 {
+            spawn(&mut replicas); // 2 -> 5
+        }
+        tokio::time::sleep(Duration::from_secs(5)).await;
+        let running: Vec<usize> = (2..replicas.len()).collect();
+        for &index in &running[..running.len() - 1] {
+            stop(&mut replicas[index]); // 5 -> 1
+        }
+    };
+    let (produced, ()) = tokio::join!(producing, storm);
+    let stored = env
+        .wait_for_rows(produced.distinct_valid as i64, Duration::from_secs(180))
+        .await;
+    for replica in replicas.iter_mut() {
+        if replica.try_wait().expect("try_wait").is_none() {
+            signal(replica, "TERM");
+        }
+        let status = wait_exit(replica, Duration::from_secs(60)).await;
+        assert!(status.success(), "a replica exited with {status}");
+    }
+    let revokes: Vec<f64> = logs
+        .iter()
+        .flat_map(|log| {
+            log.lock()
+                .unwrap()
+                .lines()
+                .filter(|line| line.contains("partitions revoked"))
+                .filter_map(|line| {
+                    let value = line.split("commit_ms=").nth(1)?;
+                    value.split_whitespace().next()?.parse().ok()
+                })
+                .collect::<Vec<f64>>()
+        })
+        .collect();
+    let slowest = revokes.iter().copied().fold(0.0, f64::max);
+    eprintln!(
+        "rebalance storm: {} events ({} distinct, {} producer duplicates), {} rows stored, \
+         {} distinct ids, {} revocations, slowest commit on revoke {slowest:.1} ms",
+        produced.total,
+        produced.distinct_valid,
+        produced.duplicates,
+        stored,
+        env.count_distinct_ids().await,
+        revokes.len()
+    );
+    assert_eq!(stored, produced.distinct_valid as i64, "nothing lost");
+    assert_eq!(
+        env.count_distinct_ids().await,
+        produced.distinct_valid as i64,
+        "nothing stored twice"
+    );
+    assert!(revokes.len() >= 4, "the storm rebalanced: {revokes:?}");
+}

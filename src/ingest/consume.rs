@@ -76,7 +76,7 @@ impl ConsumerContext for SinkContext {
             // Offsets stored so far are everything that is durable; commit them before another
             // replica takes over. Messages still in flight here are redelivered there and
             // deduplicated by the primary key.
-            commit_sync(consumer, "revoke");
+            let commit_took = commit_sync(consumer, "revoke");
             {
                 let mut membership = self.membership.lock();
                 membership.assigned = false;
@@ -90,7 +90,11 @@ impl ConsumerContext for SinkContext {
                 self.board
                     .remove_partition(&self.topic, element.partition());
             }
-            tracing::info!(partitions = ?partition_ids(partitions), "partitions revoked");
+            tracing::info!(
+                partitions = ?partition_ids(partitions),
+                commit_ms = commit_took.as_secs_f64() * 1e3,
+                "partitions revoked"
+            );
         }
     }
 
@@ -125,11 +129,36 @@ fn partition_ids(partitions: &TopicPartitionList) -> Vec<i32> {
 }
 
 /// Commits stored offsets synchronously; "nothing to commit" is not an error.
-pub(crate) fn commit_sync<C: Consumer<SinkContext>>(consumer: &C, when: &str) {
-    match consumer.commit_consumer_state(CommitMode::Sync) {
+///
+/// A synchronous commit waits for the group coordinator (one round trip, up to librdkafka's
+/// socket timeout when the coordinator is slow). The rebalance callback runs inside the
+/// consumer's poll, on a runtime worker, and must finish the commit before the partitions go, so
+/// the wait is announced to the runtime with `block_in_place`: the worker's other tasks move to
+/// another worker instead of stalling behind it. The duration is recorded
+/// (`auditflow_offset_commit_seconds{when}`).
+pub(crate) fn commit_sync<C: Consumer<SinkContext>>(consumer: &C, when: &'static str) -> Duration {
+    let started = std::time::Instant::now();
+    let result = blocking(|| consumer.commit_consumer_state(CommitMode::Sync));
+    let took = started.elapsed();
+    metrics::histogram!("auditflow_offset_commit_seconds", "when" => when)
+        .record(took.as_secs_f64());
+    match result {
         Ok(()) => tracing::debug!(when, "offsets committed"),
         Err(KafkaError::ConsumerCommit(RDKafkaErrorCode::NoOffset)) => {}
         Err(err) => tracing::warn!(error = %err, when, "offset commit failed"),
+    }
+    took
+}
+
+/// Runs a blocking call from code that may be on a runtime worker: through `block_in_place` on a
+/// multi-threaded runtime, directly elsewhere (a current-thread runtime cannot hand its tasks
+/// over, and a plain thread needs no help).
+pub(crate) fn blocking<T>(call: impl FnOnce() -> T) -> T {
+    match tokio::runtime::Handle::try_current() {
+        Ok(handle) if handle.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread => {
+            tokio::task::block_in_place(call)
+        }
+        _ => call(),
     }
 }
 

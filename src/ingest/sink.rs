@@ -382,6 +382,9 @@ impl Sink {
             }
         }
 
+        // The loop's handle goes now, so the sink's is the last one and closing happens off the
+        // runtime below.
+        drop(consumer);
         // Drain: hand over what is open, wait for the store within the drain timeout.
         let drain_deadline = Instant::now() + sink.config.sink.drain_timeout();
         let pending: Vec<Batch> = ready
@@ -408,7 +411,15 @@ impl Sink {
             abort.cancel();
             let _ = store_task.await;
         }
-        commit_sync(sink.consumer.as_ref(), "shutdown");
+        {
+            let consumer = Arc::clone(&sink.consumer);
+            if let Err(err) =
+                tokio::task::spawn_blocking(move || commit_sync(consumer.as_ref(), "shutdown"))
+                    .await
+            {
+                tracing::warn!(error = %err, "shutdown commit task failed");
+            }
+        }
         sink.board.set_joined(false);
         sink.consumer.unsubscribe();
         sink.notifier_shutdown.cancel();
@@ -434,8 +445,10 @@ impl Sink {
         match Arc::try_unwrap(sink) {
             Ok(sink) => {
                 let _ = tokio::time::timeout(Duration::from_secs(3), sink.notifier_task).await;
-                // Dropping the consumer closes it: it leaves the group.
-                drop(sink.consumer);
+                // Dropping the last handle closes the consumer: it leaves the group, a blocking
+                // exchange with the coordinator, so it happens off the runtime.
+                let consumer = sink.consumer;
+                let _ = tokio::task::spawn_blocking(move || drop(consumer)).await;
             }
             Err(_) => tracing::warn!("sink still referenced at shutdown"),
         }
