@@ -20,6 +20,7 @@ pub(crate) enum WireError {
     BlockCount(i64),
     TooDeep,
     InvalidBoolean(u8),
+    BlockSize { declared: usize, used: usize },
 }
 
 impl fmt::Display for WireError {
@@ -51,6 +52,9 @@ impl fmt::Display for WireError {
             }
             WireError::BlockCount(count) => write!(f, "invalid block count {count}"),
             WireError::TooDeep => write!(f, "nested deeper than {MAX_SKIP_DEPTH} levels"),
+            WireError::BlockSize { declared, used } => {
+                write!(f, "block declares {declared} bytes, its items take {used}")
+            }
             WireError::InvalidBoolean(byte) => {
                 write!(f, "boolean byte {byte:#04x} is neither 0 nor 1")
             }
@@ -262,29 +266,38 @@ impl<'a> Cursor<'a> {
             if count == 0 {
                 return Ok(());
             }
-            if count < 0 {
+            // A negative count is followed by the block's size in bytes. The items are read all
+            // the same, and must take exactly that many bytes: a size that lies is invalid.
+            let declared_size = if count < 0 {
                 if count == i64::MIN {
                     return Err(WireError::BlockCount(count));
                 }
                 let size = self.read_long()?;
-                let size = usize::try_from(size).map_err(|_| WireError::NegativeLength(size))?;
-                self.take(size)?;
-                continue;
+                Some(usize::try_from(size).map_err(|_| WireError::NegativeLength(size))?)
+            } else {
+                None
+            };
+            let before = self.bytes.len();
+            if !zero_width {
+                // Every item takes at least one byte, so a count beyond the remaining bytes is a
+                // lie that would otherwise cost a long loop before failing.
+                let count = usize::try_from(count.unsigned_abs())
+                    .map_err(|_| WireError::BlockCount(count))?;
+                if count > self.bytes.len() {
+                    return Err(WireError::Truncated {
+                        needed: count,
+                        remaining: self.bytes.len(),
+                    });
+                }
+                for _ in 0..count {
+                    skip_item(self)?;
+                }
             }
-            if zero_width {
-                continue;
-            }
-            // Every item takes at least one byte, so a count beyond the remaining bytes is a lie
-            // that would otherwise cost a long loop before failing.
-            let count = usize::try_from(count).map_err(|_| WireError::BlockCount(count))?;
-            if count > self.bytes.len() {
-                return Err(WireError::Truncated {
-                    needed: count,
-                    remaining: self.bytes.len(),
-                });
-            }
-            for _ in 0..count {
-                skip_item(self)?;
+            if let Some(declared) = declared_size {
+                let used = before - self.bytes.len();
+                if used != declared {
+                    return Err(WireError::BlockSize { declared, used });
+                }
             }
         }
     }
