@@ -437,8 +437,7 @@ fn the_decoder_agrees_with_apache_avro_on_random_and_mutated_payloads() {
                 stricter += 1
             }
             (Some(_), Err(DecodeError::Datum { reason, .. }))
-                if reason.contains("block declares")
-                    && !reencodes_to(&writer.plain, &datum) =>
+                if reason.contains("block declares") && !reencodes_to(&writer.plain, &datum) =>
             {
                 stricter += 1
             }

@@ -468,26 +468,28 @@ async fn a_rebalance_storm_loses_nothing_and_stores_nothing_twice() {
         logs.push(log);
     };
     spawn(&mut replicas);
-    // Traffic for the whole storm, at a rate that spreads it over about 20 s.
+    // Traffic for the whole storm: 7,000 events a second for about 29 s, keyed by resource, so
+    // it spreads over the partitions.
     let producing = {
         let env = &env;
-        async move { env.produce_at(EVENTS, 0.02, 0.0, 21, Some(10_000.0)).await }
+        async move { env.produce_at(EVENTS, 0.02, 0.0, 21, Some(7_000.0)).await }
     };
     let storm = async {
         let stop = |replica: &mut common::SinkProcess| signal(replica, "TERM");
-        tokio::time::sleep(Duration::from_secs(3)).await;
+        // Each step leaves the group time to settle (a rebalance takes seconds) before the next.
+        tokio::time::sleep(Duration::from_secs(6)).await;
         for _ in 0..3 {
             spawn(&mut replicas); // 1 -> 4
         }
-        tokio::time::sleep(Duration::from_secs(5)).await;
+        tokio::time::sleep(Duration::from_secs(8)).await;
         for replica in replicas.iter_mut().take(2) {
             stop(replica); // 4 -> 2
         }
-        tokio::time::sleep(Duration::from_secs(5)).await;
+        tokio::time::sleep(Duration::from_secs(8)).await;
         for _ in 0..3 {
             spawn(&mut replicas); // 2 -> 5
         }
-        tokio::time::sleep(Duration::from_secs(5)).await;
+        tokio::time::sleep(Duration::from_secs(8)).await;
         let running: Vec<usize> = (2..replicas.len()).collect();
         for &index in &running[..running.len() - 1] {
             stop(&mut replicas[index]); // 5 -> 1
@@ -529,6 +531,14 @@ async fn a_rebalance_storm_loses_nothing_and_stores_nothing_twice() {
         env.count_distinct_ids().await,
         revokes.len()
     );
+    if stored != produced.distinct_valid as i64 {
+        for (index, log) in logs.iter().enumerate() {
+            let path =
+                std::env::temp_dir().join(format!("storm-{}-replica-{index}.log", env.group));
+            let _ = std::fs::write(&path, log.lock().unwrap().as_bytes());
+            eprintln!("replica {index} log: {}", path.display());
+        }
+    }
     assert_eq!(stored, produced.distinct_valid as i64, "nothing lost");
     assert_eq!(
         env.count_distinct_ids().await,

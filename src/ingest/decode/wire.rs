@@ -21,6 +21,7 @@ pub(crate) enum WireError {
     TooDeep,
     InvalidBoolean(u8),
     BlockSize { declared: usize, used: usize },
+    NegativeBlockSize(i64),
 }
 
 impl fmt::Display for WireError {
@@ -52,6 +53,9 @@ impl fmt::Display for WireError {
             }
             WireError::BlockCount(count) => write!(f, "invalid block count {count}"),
             WireError::TooDeep => write!(f, "nested deeper than {MAX_SKIP_DEPTH} levels"),
+            WireError::NegativeBlockSize(size) => {
+                write!(f, "block declares a negative size {size}")
+            }
             WireError::BlockSize { declared, used } => {
                 write!(f, "block declares {declared} bytes, its items take {used}")
             }
@@ -273,7 +277,7 @@ impl<'a> Cursor<'a> {
                     return Err(WireError::BlockCount(count));
                 }
                 let size = self.read_long()?;
-                Some(usize::try_from(size).map_err(|_| WireError::NegativeLength(size))?)
+                Some(usize::try_from(size).map_err(|_| WireError::NegativeBlockSize(size))?)
             } else {
                 None
             };

@@ -192,8 +192,9 @@ pub enum RecordKind {
 /// One Kafka record to produce.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct GeneratedRecord {
-    /// The message key: the tenant id's bytes, so one tenant's events stay ordered in one
-    /// partition.
+    /// The message key: `tenant/resource type/resource id`, so the events of one resource stay
+    /// ordered in one partition (and a producer's retry lands where the original did) while a
+    /// tenant's traffic spreads over the topic.
     pub key: Vec<u8>,
     /// The message value.
     pub payload: Vec<u8>,
@@ -294,7 +295,7 @@ impl EventGenerator {
         let version = if self.rng.random_bool(V1_SHARE) { 1 } else { 2 };
         let event = self.make_event(version);
         let payload = self.encode(&event, version);
-        let key = event.tenant_id.into_bytes();
+        let key = record_key(&event);
         if self.recent.len() == DUPLICATE_WINDOW {
             self.recent.pop_front();
         }
@@ -356,7 +357,7 @@ impl EventGenerator {
         };
         self.stats.invalid += 1;
         GeneratedRecord {
-            key: event.tenant_id.into_bytes(),
+            key: record_key(&event),
             payload,
             kind: RecordKind::Invalid(defect.class()),
         }
@@ -454,6 +455,15 @@ impl Iterator for EventGenerator {
         let remaining = self.config.count.saturating_sub(self.stats.valid);
         (usize::try_from(remaining).unwrap_or(usize::MAX), None)
     }
+}
+
+/// The key a producer of this event would use (see [`GeneratedRecord::key`]).
+fn record_key(event: &AuditEvent) -> Vec<u8> {
+    format!(
+        "{}/{}/{}",
+        event.tenant_id, event.resource.resource_type, event.resource.id
+    )
+    .into_bytes()
 }
 
 fn non_negative(ratio: f64) -> f64 {
@@ -653,7 +663,7 @@ mod tests {
                 RecordKind::Valid => {
                     let decoded = result.unwrap();
                     let event = &decoded.event;
-                    assert_eq!(record.key, event.tenant_id.as_bytes());
+                    assert_eq!(record.key, record_key(event), "keyed by resource");
                     assert_eq!(event.event_id.get_version_num(), 4);
                     assert!(event.occurred_at <= now);
                     assert!(event.occurred_at > now - Duration::hours(3));
