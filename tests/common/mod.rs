@@ -372,6 +372,7 @@ pub fn copy_rows(events: &[auditflow::event::AuditEvent]) -> auditflow::ingest::
             auditflow::ingest::store::RowMeta {
                 content_hash: auditflow::event::content_hash(event),
                 schema_version: Some(2),
+                writer_schema_id: Some(2),
                 topic: "audit-events",
                 partition: 1,
                 offset: offset as i64,

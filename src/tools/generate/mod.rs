@@ -564,7 +564,7 @@ fn note_text(rng: &mut StdRng, length: usize) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::ingest::decode::{validate, AcceptWindow};
+    use crate::ingest::decode::{validate, AcceptWindow, WriterId};
     use chrono::TimeZone;
     use std::collections::HashSet;
 
@@ -660,7 +660,7 @@ mod tests {
                     assert!(event.trace_id.is_some());
                     assert!(event.details.is_some());
                     assert!(event_ids.insert(event.event_id), "ids are unique");
-                    if decoded.writer_version == 1 {
+                    if decoded.writer == WriterId::File(1) {
                         num_v1 += 1;
                         assert_eq!(event.session_id, None);
                     }
