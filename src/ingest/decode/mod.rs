@@ -43,6 +43,7 @@
 pub mod cache;
 mod fingerprint;
 pub(crate) mod plan;
+pub mod registry;
 
 mod rules;
 pub(crate) mod schema;
