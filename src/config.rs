@@ -32,6 +32,13 @@ pub const METRICS_OFF: &str = "off";
 #[error("invalid configuration: {0}")]
 pub struct ConfigError(String);
 
+impl ConfigError {
+    /// A problem to report; `message` must name the variable (or flag) to fix.
+    pub fn new(message: impl Into<String>) -> Self {
+        ConfigError(message.into())
+    }
+}
+
 /// A value that must never appear in logs or `Debug` output (passwords, URLs with credentials).
 #[derive(Clone, Deserialize, PartialEq, Eq)]
 #[serde(transparent)]

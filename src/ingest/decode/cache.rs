@@ -307,7 +307,7 @@ fn forget_fingerprints(state: &mut State, entry: &Entry, id: u32) {
 }
 
 /// The reason alone, without the file-oriented "schema vN" framing of [`SchemaLoadError`].
-fn load_error_reason(err: SchemaLoadError) -> String {
+pub(crate) fn load_error_reason(err: SchemaLoadError) -> String {
     match err {
         SchemaLoadError::Parse { reason, .. } => format!("not a valid avro schema: {reason}"),
         SchemaLoadError::Incompatible { reason, .. } => reason,

@@ -89,6 +89,24 @@ const EMBEDDED_SCHEMAS: [(u32, &str); 2] = [
     (READER_VERSION, READER_SCHEMA),
 ];
 
+/// The text of an embedded schema (`schemas/audit_event.v1.avsc`, `.v2.avsc`), for registering
+/// it with a schema registry.
+pub fn embedded_schema(version: u32) -> Option<&'static str> {
+    EMBEDDED_SCHEMAS
+        .iter()
+        .find(|(candidate, _)| *candidate == version)
+        .map(|(_, text)| *text)
+}
+
+/// Whether data written with `schema` (Avro JSON) can be resolved into the reader schema, by the
+/// same check and compilation the sink runs; why not when it cannot.
+pub fn check_resolvable(schema: &str) -> Result<(), String> {
+    let reader = Schema::parse_str(READER_SCHEMA).map_err(|err| err.to_string())?;
+    WriterSchema::load(WriterId::Registry(0), schema, &reader)
+        .map(|_| ())
+        .map_err(cache::load_error_reason)
+}
+
 pub(crate) const CONFLUENT_MAGIC: u8 = 0x00;
 pub(crate) const SINGLE_OBJECT_MAGIC: [u8; 2] = [0xC3, 0x01];
 const CONFLUENT_HEADER_LEN: usize = 5;
