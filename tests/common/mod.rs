@@ -3,6 +3,8 @@
 //! topics, a consumer group and a Redis channel of the test's own, all with random suffixes.
 #![allow(dead_code)]
 
+pub mod registry;
+
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
@@ -267,6 +269,30 @@ impl TestEnv {
             .await
             .expect("produce garbage");
         (delivered.partition, delivered.offset)
+    }
+
+    /// Writes `(key, payload)` records to the source topic, in order, and waits for every
+    /// acknowledgement.
+    pub async fn produce_payloads(&self, records: &[(Vec<u8>, Vec<u8>)]) {
+        let producer: rdkafka::producer::FutureProducer = ClientConfig::new()
+            .set("bootstrap.servers", self.kafka.brokers())
+            .set("linger.ms", "5")
+            .create()
+            .expect("producer");
+        let deliveries: Vec<_> = records
+            .iter()
+            .map(|(key, payload)| {
+                producer.send(
+                    rdkafka::producer::FutureRecord::to(&self.topic)
+                        .key(key)
+                        .payload(payload),
+                    Duration::from_secs(10),
+                )
+            })
+            .collect();
+        for delivery in futures::future::join_all(deliveries).await {
+            delivery.expect("record acknowledged");
+        }
     }
 
     /// Rows in the events table.
