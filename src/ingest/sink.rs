@@ -12,7 +12,7 @@
 //! waiting batch. Nothing is dead-lettered because a dependency is down: transient failures are
 //! retried, only records refused for their content go to the dead-letter topic.
 //!
-//! With a schema registry, a message whose schema id is not cached yet is held ([`super::hold`])
+//! With a schema registry, a message whose schema id is not cached yet is held (`ingest::hold`)
 //! while the id is fetched in the background, and decoded when the fetch settles; the consumer
 //! pauses the same way while the registry is unavailable or refuses auditflow, or while too
 //! many messages are held.

@@ -3,7 +3,7 @@
 //! configured.
 //!
 //! An id's schema never changes, so each is fetched once, parsed, checked against the reader
-//! schema and compiled into a plan once ([`WriterSchema::load`], the same code path as the local
+//! schema and compiled into a plan once (`WriterSchema::load`, the same code path as the local
 //! files), and kept for the life of the process. The verdict is kept too when it is final: a
 //! schema that cannot be read with the reader schema is remembered as unusable (its records are
 //! dead-lettered without asking again), and an id the registry does not know (404) is remembered

@@ -465,6 +465,20 @@ impl SchemaRegistry {
                     error_code: Some(SCHEMA_NOT_FOUND),
                     ..
                 } => RegistryError::SchemaNotFound(id),
+                // Only "schema not found" is a verdict on the id; any other refusal of a plain
+                // GET says something about auditflow's set-up, not about the records.
+                Failure::Status {
+                    url,
+                    status,
+                    error_code,
+                    message,
+                } => RegistryError::Unexpected {
+                    url,
+                    detail: format!(
+                        "HTTP {status} (error code {}) for schema id {id}: {message}",
+                        error_code.map_or_else(|| "none".to_owned(), |code| code.to_string())
+                    ),
+                },
                 other => other.into_error(),
             })?;
         parse_json(&url, &body)
