@@ -621,3 +621,47 @@ fn sink_process(env: &TestEnv, extra: &[(&str, &str)], log: std::fs::File) -> co
     }
     common::SinkProcess(command.spawn().expect("spawn auditflow"))
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn https_is_trusted_with_the_ca_file_and_refused_without_it() {
+    let test = "https_is_trusted_with_the_ca_file_and_refused_without_it";
+    let Some(owned) = OwnedRegistry::start_tls(test).await else {
+        return;
+    };
+    let registrar = Registrar::with_client(&owned.url(), owned.client());
+    let tag = common::suffix();
+    let subject = format!("tls-{tag}-value");
+    let id = registrar
+        .register(&subject, &registry::unique_schema(2, &tag))
+        .await;
+    let ca = tempfile::NamedTempFile::new().expect("ca file");
+    std::fs::write(ca.path(), owned.ca_pem().expect("tls")).expect("write ca");
+    let check = |ca_file: Option<&std::path::Path>| {
+        let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_auditflow"));
+        command
+            .args(["schemas", "check", "--subject", &subject])
+            .env_clear()
+            .env("AUDITFLOW_SCHEMA_REGISTRY_URL", owned.url())
+            .env("RUST_LOG", "off");
+        if let Some(path) = ca_file {
+            command.env("AUDITFLOW_SCHEMA_REGISTRY_CA_FILE", path);
+        }
+        command.output().expect("run schemas check")
+    };
+    let trusted = check(Some(ca.path()));
+    let text = String::from_utf8_lossy(&trusted.stdout);
+    assert_eq!(
+        trusted.status.code(),
+        Some(0),
+        "{text}{}",
+        String::from_utf8_lossy(&trusted.stderr)
+    );
+    assert!(
+        text.contains(&format!("version 1 (id {id}): auditflow reads it")),
+        "{text}"
+    );
+    let untrusted = check(None);
+    let errors = String::from_utf8_lossy(&untrusted.stderr);
+    assert_eq!(untrusted.status.code(), Some(1), "{errors}");
+    assert!(errors.contains("certificate"), "{errors}");
+}

@@ -84,8 +84,13 @@ pub struct Registrar {
 impl Registrar {
     /// For the registry at `url`.
     pub fn new(url: &str) -> Self {
+        Self::with_client(url, reqwest::Client::new())
+    }
+
+    /// For the registry at `url`, through `http` (e.g. one trusting a test CA).
+    pub fn with_client(url: &str, http: reqwest::Client) -> Self {
         Registrar {
-            http: reqwest::Client::new(),
+            http,
             url: url.to_owned(),
         }
     }
@@ -163,6 +168,53 @@ impl Registrar {
             .expect("set compatibility");
         assert!(response.status().is_success(), "{}", response.status());
     }
+}
+
+/// A self-signed certificate for `127.0.0.1` and its key, both PEM: the CA a test trusts and
+/// the certificate a TLS registry serves.
+pub fn self_signed_certificate() -> (Vec<u8>, Vec<u8>) {
+    use openssl::asn1::Asn1Time;
+    use openssl::bn::BigNum;
+    use openssl::hash::MessageDigest;
+    use openssl::pkey::PKey;
+    use openssl::rsa::Rsa;
+    use openssl::x509::extension::{BasicConstraints, SubjectAlternativeName};
+    use openssl::x509::{X509NameBuilder, X509};
+    let key = PKey::from_rsa(Rsa::generate(2048).unwrap()).unwrap();
+    let mut name = X509NameBuilder::new().unwrap();
+    name.append_entry_by_text("CN", "auditflow test registry")
+        .unwrap();
+    let name = name.build();
+    let mut builder = X509::builder().unwrap();
+    builder.set_version(2).unwrap();
+    builder
+        .set_serial_number(
+            &BigNum::from_u32(rand::random::<u32>() >> 1)
+                .unwrap()
+                .to_asn1_integer()
+                .unwrap(),
+        )
+        .unwrap();
+    builder.set_subject_name(&name).unwrap();
+    builder.set_issuer_name(&name).unwrap();
+    builder.set_pubkey(&key).unwrap();
+    builder
+        .set_not_before(&Asn1Time::days_from_now(0).unwrap())
+        .unwrap();
+    builder
+        .set_not_after(&Asn1Time::days_from_now(2).unwrap())
+        .unwrap();
+    builder
+        .append_extension(BasicConstraints::new().critical().ca().build().unwrap())
+        .unwrap();
+    let san = SubjectAlternativeName::new()
+        .ip("127.0.0.1")
+        .build(&builder.x509v3_context(None, None))
+        .unwrap();
+    builder.append_extension(san).unwrap();
+    builder.sign(&key, MessageDigest::sha256()).unwrap();
+    let certificate = builder.build().to_pem().unwrap();
+    (certificate, key.private_key_to_pem_pkcs8().unwrap())
 }
 
 /// A TCP proxy in front of a registry that records the HTTP request lines it forwards
@@ -274,6 +326,8 @@ async fn forward(inbound: TcpStream, outbound: TcpStream, log: Arc<Mutex<Vec<Str
 /// election group, on a port it keeps across restarts. Killed (SIGKILL, by pid) when dropped.
 pub struct OwnedRegistry {
     port: u16,
+    /// The CA (its own certificate) when it serves https.
+    tls_ca: Option<Vec<u8>>,
     python: PathBuf,
     karapace_dir: PathBuf,
     config_path: PathBuf,
@@ -286,6 +340,16 @@ impl OwnedRegistry {
     /// Starts one and waits until it serves; `None` (after saying why) when the registry
     /// environment of up.sh is not there.
     pub async fn start(test: &str) -> Option<Self> {
+        Self::start_with(test, false).await
+    }
+
+    /// Like [`OwnedRegistry::start`], serving https with a self-signed certificate for
+    /// 127.0.0.1 ([`OwnedRegistry::ca_pem`]).
+    pub async fn start_tls(test: &str) -> Option<Self> {
+        Self::start_with(test, true).await
+    }
+
+    async fn start_with(test: &str, tls: bool) -> Option<Self> {
         let brokers = env_or_skip("AUDITFLOW_TEST_REGISTRY_KAFKA_BROKERS", test)?;
         let state = std::env::var_os("AUDITFLOW_REGISTRY_STATE")
             .map(PathBuf::from)
@@ -320,16 +384,29 @@ impl OwnedRegistry {
         };
         let dir = tempfile::tempdir().expect("registry dir");
         let config_path = dir.path().join("karapace.json");
-        let config = serde_json::json!({
+        let mut config = serde_json::json!({
             "bootstrap_uri": brokers, "host": "127.0.0.1", "port": port,
             "advertised_hostname": "127.0.0.1", "topic_name": topic,
             "group_id": format!("schema-registry-{tag}"), "client_id": format!("sr-{tag}"),
             "replication_factor": 1, "master_eligibility": true, "karapace_rest": false,
             "karapace_registry": true, "compatibility": "BACKWARD", "log_level": "WARNING",
         });
+        let mut tls_ca = None;
+        if tls {
+            let (certificate, key) = self_signed_certificate();
+            let (cert_path, key_path) =
+                (dir.path().join("server.pem"), dir.path().join("server.key"));
+            std::fs::write(&cert_path, &certificate).expect("write certificate");
+            std::fs::write(&key_path, &key).expect("write key");
+            config["server_tls_certfile"] = cert_path.display().to_string().into();
+            config["server_tls_keyfile"] = key_path.display().to_string().into();
+            config["advertised_protocol"] = "https".into();
+            tls_ca = Some(certificate);
+        }
         std::fs::write(&config_path, config.to_string()).expect("write karapace config");
         let mut registry = OwnedRegistry {
             port,
+            tls_ca,
             python,
             karapace_dir,
             config_path,
@@ -344,7 +421,26 @@ impl OwnedRegistry {
 
     /// Its URL (the same across restarts).
     pub fn url(&self) -> String {
-        format!("http://127.0.0.1:{}", self.port)
+        let scheme = if self.tls_ca.is_some() {
+            "https"
+        } else {
+            "http"
+        };
+        format!("{scheme}://127.0.0.1:{}", self.port)
+    }
+
+    /// The certificate to trust for an https registry.
+    pub fn ca_pem(&self) -> Option<&[u8]> {
+        self.tls_ca.as_deref()
+    }
+
+    /// An HTTP client that trusts it.
+    pub fn client(&self) -> reqwest::Client {
+        let mut builder = reqwest::Client::builder();
+        if let Some(pem) = &self.tls_ca {
+            builder = builder.tls_certs_merge([reqwest::Certificate::from_pem(pem).expect("ca")]);
+        }
+        builder.build().expect("http client")
     }
 
     /// Kills it (SIGKILL, by pid) and waits until it is gone.
@@ -363,7 +459,7 @@ impl OwnedRegistry {
 
     /// Waits until `GET /subjects` answers 200.
     pub async fn wait_ready(&self, timeout: Duration) {
-        let http = reqwest::Client::new();
+        let http = self.client();
         let deadline = tokio::time::Instant::now() + timeout;
         loop {
             if let Ok(response) = http.get(format!("{}/subjects", self.url())).send().await {

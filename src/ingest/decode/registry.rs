@@ -1190,6 +1190,82 @@ mod tests {
     }
 
     #[test]
+    fn tls_files_load_and_bad_ones_name_their_variable() {
+        use openssl::asn1::Asn1Time;
+        use openssl::hash::MessageDigest;
+        use openssl::pkey::PKey;
+        use openssl::rsa::Rsa;
+        use openssl::x509::{X509NameBuilder, X509};
+        let key = PKey::from_rsa(Rsa::generate(2048).unwrap()).unwrap();
+        let mut name = X509NameBuilder::new().unwrap();
+        name.append_entry_by_text("CN", "auditflow client").unwrap();
+        let name = name.build();
+        let mut builder = X509::builder().unwrap();
+        builder.set_version(2).unwrap();
+        builder.set_subject_name(&name).unwrap();
+        builder.set_issuer_name(&name).unwrap();
+        builder.set_pubkey(&key).unwrap();
+        builder
+            .set_not_before(&Asn1Time::days_from_now(0).unwrap())
+            .unwrap();
+        builder
+            .set_not_after(&Asn1Time::days_from_now(1).unwrap())
+            .unwrap();
+        builder.sign(&key, MessageDigest::sha256()).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let write = |name: &str, bytes: &[u8]| {
+            let path = dir.path().join(name);
+            std::fs::write(&path, bytes).unwrap();
+            path.display().to_string()
+        };
+        let cert = write("client.pem", &builder.build().to_pem().unwrap());
+        // A traditional (PKCS#1) RSA key: converted for native-tls.
+        let rsa_key = write(
+            "client.key",
+            &key.rsa().unwrap().private_key_to_pem().unwrap(),
+        );
+        let garbage = write("garbage.pem", b"not pem at all");
+        let build = |pairs: &[(&str, &str)]| {
+            let mut vars = vec![(
+                "AUDITFLOW_SCHEMA_REGISTRY_URL".to_owned(),
+                "https://sr:8081".to_owned(),
+            )];
+            vars.extend(pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())));
+            let config = crate::Config::from_vars(vars).unwrap();
+            SchemaRegistry::new(&config.registry, BreakerConfig::INGEST)
+        };
+        build(&[
+            ("AUDITFLOW_SCHEMA_REGISTRY_CA_FILE", &cert),
+            ("AUDITFLOW_SCHEMA_REGISTRY_CERT_FILE", &cert),
+            ("AUDITFLOW_SCHEMA_REGISTRY_KEY_FILE", &rsa_key),
+        ])
+        .unwrap();
+        for (pairs, variable) in [
+            (
+                vec![("AUDITFLOW_SCHEMA_REGISTRY_CA_FILE", garbage.as_str())],
+                "AUDITFLOW_SCHEMA_REGISTRY_CA_FILE",
+            ),
+            (
+                vec![
+                    ("AUDITFLOW_SCHEMA_REGISTRY_CERT_FILE", cert.as_str()),
+                    ("AUDITFLOW_SCHEMA_REGISTRY_KEY_FILE", garbage.as_str()),
+                ],
+                "AUDITFLOW_SCHEMA_REGISTRY_KEY_FILE",
+            ),
+            (
+                vec![
+                    ("AUDITFLOW_SCHEMA_REGISTRY_CERT_FILE", garbage.as_str()),
+                    ("AUDITFLOW_SCHEMA_REGISTRY_KEY_FILE", rsa_key.as_str()),
+                ],
+                "AUDITFLOW_SCHEMA_REGISTRY_CERT_FILE",
+            ),
+        ] {
+            let err = build(&pairs).unwrap_err().to_string();
+            assert!(err.contains(variable), "{pairs:?}: {err}");
+        }
+    }
+
+    #[test]
     fn credentials_stay_out_of_debug_output() {
         let config = crate::Config::from_vars([
             (
