@@ -101,7 +101,9 @@ async fn events_from_two_registered_writer_schemas_are_stored_with_v2_session_id
     env.produce_payloads(&records).await;
 
     let proxy = CountingProxy::start(&url).await;
-    let summary = run_until_idle(&env, &[("AUDITFLOW_SCHEMA_REGISTRY_URL", &proxy.url())]).await;
+    // The first URL refuses connections: the next one is tried.
+    let urls = format!("http://127.0.0.1:{},{}", free_port(), proxy.url());
+    let summary = run_until_idle(&env, &[("AUDITFLOW_SCHEMA_REGISTRY_URL", &urls)]).await;
     assert_eq!(summary.stored, records.len() as u64);
     assert_eq!(summary.dead_lettered, 0);
     let rows = rows_by_writer(&env).await;
