@@ -32,6 +32,13 @@ pub const METRICS_OFF: &str = "off";
 #[error("invalid configuration: {0}")]
 pub struct ConfigError(String);
 
+impl ConfigError {
+    /// A problem to report; `message` must name the variable (or flag) to fix.
+    pub fn new(message: impl Into<String>) -> Self {
+        ConfigError(message.into())
+    }
+}
+
 /// A value that must never appear in logs or `Debug` output (passwords, URLs with credentials).
 #[derive(Clone, Deserialize, PartialEq, Eq)]
 #[serde(transparent)]
@@ -186,6 +193,211 @@ pub struct SinkConfig {
     /// `AUDITFLOW_REPLAY_RATE`: records per second `replay` writes when `--rate` is not given;
     /// changes live on SIGHUP.
     pub replay_rate: Option<f64>,
+}
+
+/// Where Confluent-framed schema ids are looked up: a Confluent-compatible schema registry
+/// (Confluent Schema Registry, Karapace, Apicurio's `/apis/ccompat/v7`, Redpanda). Unset URL:
+/// schema id `N` is the local file `audit_event.vN.avsc`, as without this section.
+#[derive(Debug, Clone, Deserialize)]
+pub struct RegistryConfig {
+    /// `AUDITFLOW_SCHEMA_REGISTRY_URL`: one or more base URLs (`http(s)://host:port[/path]`),
+    /// comma-separated, tried in turn when one is unreachable. Credentials do not belong in the
+    /// URL (it is logged and shown on `/status`): use the username, password or token variables.
+    pub schema_registry_url: Option<String>,
+    /// `AUDITFLOW_SCHEMA_REGISTRY_USERNAME`: HTTP basic-auth user; needs the password too.
+    pub schema_registry_username: Option<String>,
+    /// `AUDITFLOW_SCHEMA_REGISTRY_PASSWORD`: HTTP basic-auth password. Never logged or shown.
+    pub schema_registry_password: Option<Secret>,
+    /// `AUDITFLOW_SCHEMA_REGISTRY_BEARER_TOKEN`: sent as `Authorization: Bearer`; instead of basic
+    /// auth, not with it. Never logged or shown.
+    pub schema_registry_bearer_token: Option<Secret>,
+    /// `AUDITFLOW_SCHEMA_REGISTRY_CA_FILE`: PEM certificate(s) trusted for `https` URLs, on top of
+    /// the system's roots (OpenSSL, the TLS stack librdkafka also uses).
+    pub schema_registry_ca_file: Option<PathBuf>,
+    /// `AUDITFLOW_SCHEMA_REGISTRY_CERT_FILE`: PEM client certificate (chain) for mutual TLS; needs
+    /// the key file too.
+    pub schema_registry_cert_file: Option<PathBuf>,
+    /// `AUDITFLOW_SCHEMA_REGISTRY_KEY_FILE`: PEM private key of the client certificate (PKCS#8,
+    /// PKCS#1 RSA or SEC1 EC), unencrypted.
+    pub schema_registry_key_file: Option<PathBuf>,
+    /// `AUDITFLOW_SCHEMA_REGISTRY_TIMEOUT_MS`: the longest one request may take, connecting
+    /// included (default 5000). A timeout counts as the registry being unavailable: the
+    /// consumer pauses and retries, nothing is dead-lettered.
+    #[serde(default = "default_schema_registry_timeout_ms")]
+    pub schema_registry_timeout_ms: u64,
+    /// `AUDITFLOW_SCHEMA_REGISTRY_NOT_FOUND_TTL_MS`: how long an id the registry does not know
+    /// (404, error code 40403) is remembered (default 30000). Records with it are dead-lettered
+    /// as `schema` without asking again, so a burst of them costs one request; after this an id
+    /// registered late is looked up afresh.
+    #[serde(default = "default_schema_registry_not_found_ttl_ms")]
+    pub schema_registry_not_found_ttl_ms: u64,
+    /// `AUDITFLOW_SCHEMA_REGISTRY_CACHE_CAPACITY`: writer schemas kept compiled, by id (default
+    /// 1000). An id's schema never changes, so each is fetched once; past the bound the schema
+    /// fetched longest ago is dropped (counted in
+    /// `auditflow_schema_registry_cache_evictions_total`) and fetched again if it shows up again.
+    #[serde(default = "default_schema_registry_cache_capacity")]
+    pub schema_registry_cache_capacity: usize,
+}
+
+impl RegistryConfig {
+    /// The base URLs, in the order they are tried, without trailing slashes; empty when
+    /// `AUDITFLOW_SCHEMA_REGISTRY_URL` is unset.
+    pub fn urls(&self) -> Vec<String> {
+        self.schema_registry_url
+            .as_deref()
+            .map(parse_registry_urls)
+            .unwrap_or_default()
+    }
+
+    /// True when a registry is configured.
+    pub fn is_enabled(&self) -> bool {
+        !self.urls().is_empty()
+    }
+
+    /// The longest one request may take.
+    pub fn timeout(&self) -> Duration {
+        Duration::from_millis(self.schema_registry_timeout_ms)
+    }
+
+    /// How long an unknown id is remembered.
+    pub fn not_found_ttl(&self) -> Duration {
+        Duration::from_millis(self.schema_registry_not_found_ttl_ms)
+    }
+
+    /// Checks the section; also used by `produce --schema-registry`, which names its URLs on
+    /// the command line (`urls` then replaces `AUDITFLOW_SCHEMA_REGISTRY_URL`).
+    pub fn validate_with_urls(&self, urls: &[String], variable: &str) -> Result<(), ConfigError> {
+        for url in urls {
+            let Some(rest) = url
+                .strip_prefix("http://")
+                .or_else(|| url.strip_prefix("https://"))
+            else {
+                return Err(ConfigError(format!(
+                    "{variable} must list http:// or https:// URLs, comma-separated"
+                )));
+            };
+            let authority = rest.split(['/', '?', '#']).next().unwrap_or_default();
+            // The value is not echoed: it might be a URL with a password in it.
+            if authority.contains('@') {
+                return Err(ConfigError(format!(
+                    "{variable} must not carry credentials; use AUDITFLOW_SCHEMA_REGISTRY_USERNAME \
+                     and AUDITFLOW_SCHEMA_REGISTRY_PASSWORD, or AUDITFLOW_SCHEMA_REGISTRY_BEARER_TOKEN"
+                )));
+            }
+            if authority.is_empty() || url.contains(['?', '#', ' ']) {
+                return Err(ConfigError(format!(
+                    "{variable} must list base URLs (scheme, host, port, optional path), \
+                     without query or fragment"
+                )));
+            }
+        }
+        match (
+            &self.schema_registry_username,
+            &self.schema_registry_password,
+            &self.schema_registry_bearer_token,
+        ) {
+            (Some(_), None, _) => {
+                return Err(ConfigError(
+                    "AUDITFLOW_SCHEMA_REGISTRY_USERNAME needs AUDITFLOW_SCHEMA_REGISTRY_PASSWORD"
+                        .into(),
+                ))
+            }
+            (None, Some(_), _) => {
+                return Err(ConfigError(
+                    "AUDITFLOW_SCHEMA_REGISTRY_PASSWORD needs AUDITFLOW_SCHEMA_REGISTRY_USERNAME"
+                        .into(),
+                ))
+            }
+            (Some(_), Some(_), Some(_)) => return Err(ConfigError(
+                "AUDITFLOW_SCHEMA_REGISTRY_BEARER_TOKEN and AUDITFLOW_SCHEMA_REGISTRY_USERNAME \
+                     exclude each other: set one way to authenticate"
+                    .into(),
+            )),
+            _ => {}
+        }
+        match (
+            &self.schema_registry_cert_file,
+            &self.schema_registry_key_file,
+        ) {
+            (Some(_), None) => {
+                return Err(ConfigError(
+                    "AUDITFLOW_SCHEMA_REGISTRY_CERT_FILE needs AUDITFLOW_SCHEMA_REGISTRY_KEY_FILE"
+                        .into(),
+                ))
+            }
+            (None, Some(_)) => {
+                return Err(ConfigError(
+                    "AUDITFLOW_SCHEMA_REGISTRY_KEY_FILE needs AUDITFLOW_SCHEMA_REGISTRY_CERT_FILE"
+                        .into(),
+                ))
+            }
+            _ => {}
+        }
+        for (variable, path) in [
+            (
+                "AUDITFLOW_SCHEMA_REGISTRY_CA_FILE",
+                &self.schema_registry_ca_file,
+            ),
+            (
+                "AUDITFLOW_SCHEMA_REGISTRY_CERT_FILE",
+                &self.schema_registry_cert_file,
+            ),
+            (
+                "AUDITFLOW_SCHEMA_REGISTRY_KEY_FILE",
+                &self.schema_registry_key_file,
+            ),
+        ] {
+            if let Some(path) = path {
+                if !path.is_file() {
+                    return Err(ConfigError(format!(
+                        "{variable} names {}, which is not a readable file",
+                        path.display()
+                    )));
+                }
+            }
+        }
+        for (variable, value, max) in [
+            (
+                "AUDITFLOW_SCHEMA_REGISTRY_TIMEOUT_MS",
+                self.schema_registry_timeout_ms,
+                300_000,
+            ),
+            (
+                "AUDITFLOW_SCHEMA_REGISTRY_NOT_FOUND_TTL_MS",
+                self.schema_registry_not_found_ttl_ms,
+                86_400_000,
+            ),
+            (
+                "AUDITFLOW_SCHEMA_REGISTRY_CACHE_CAPACITY",
+                self.schema_registry_cache_capacity as u64,
+                1_000_000,
+            ),
+        ] {
+            if value == 0 || value > max {
+                return Err(ConfigError(format!(
+                    "{variable} must be between 1 and {max}, got {value}"
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        if self.schema_registry_url.is_some() && !self.is_enabled() {
+            return Err(ConfigError(
+                "AUDITFLOW_SCHEMA_REGISTRY_URL lists no URL".into(),
+            ));
+        }
+        self.validate_with_urls(&self.urls(), "AUDITFLOW_SCHEMA_REGISTRY_URL")
+    }
+}
+
+/// Splits a comma-separated URL list, dropping blanks and trailing slashes.
+pub fn parse_registry_urls(list: &str) -> Vec<String> {
+    list.split(',')
+        .map(|url| url.trim().trim_end_matches('/').to_owned())
+        .filter(|url| !url.is_empty())
+        .collect()
 }
 
 /// The lifecycle of the `events` table's partitions (see `auditflow partitions plan`).
@@ -455,6 +667,8 @@ pub struct Config {
     pub breakers: BreakerEnv,
     /// Partition lifecycle.
     pub partitions: PartitionConfig,
+    /// The schema registry, when Confluent ids are looked up there.
+    pub registry: RegistryConfig,
 }
 
 fn default_topic() -> String {
@@ -538,6 +752,15 @@ fn default_partition_maintenance_interval_ms() -> u64 {
 fn default_partition_lock_timeout_ms() -> u64 {
     2_000
 }
+fn default_schema_registry_timeout_ms() -> u64 {
+    5_000
+}
+fn default_schema_registry_not_found_ttl_ms() -> u64 {
+    30_000
+}
+fn default_schema_registry_cache_capacity() -> usize {
+    1_000
+}
 
 impl Config {
     /// Loads the configuration from the process environment and validates it.
@@ -570,6 +793,7 @@ impl Config {
             sink: load(&vars)?,
             breakers: load(&vars)?,
             partitions: load(&vars)?,
+            registry: load(&vars)?,
         };
         config.validate()?;
         Ok(config)
@@ -680,6 +904,7 @@ impl Config {
         }
         self.breakers.validate()?;
         self.partitions.validate(&self.sink)?;
+        self.registry.validate()?;
         if let Err(err) = crate::redis_client::open(
             self.redis.redis_url.expose(),
             self.redis.redis_ca_file.as_deref(),
@@ -1060,6 +1285,128 @@ mod tests {
             config.kafka.properties.get("log_level").map(Secret::expose),
             Some("6")
         );
+    }
+
+    #[test]
+    fn the_registry_is_off_by_default_and_takes_a_list_of_urls() {
+        let config = Config::from_vars(vars(&[])).unwrap();
+        assert!(!config.registry.is_enabled());
+        assert_eq!(config.registry.timeout(), Duration::from_secs(5));
+        assert_eq!(config.registry.not_found_ttl(), Duration::from_secs(30));
+        assert_eq!(config.registry.schema_registry_cache_capacity, 1_000);
+        let config = Config::from_vars(vars(&[(
+            "AUDITFLOW_SCHEMA_REGISTRY_URL",
+            "http://sr-1:8081/, https://sr-2.example:8443/apis/ccompat/v7",
+        )]))
+        .unwrap();
+        assert_eq!(
+            config.registry.urls(),
+            vec![
+                "http://sr-1:8081".to_owned(),
+                "https://sr-2.example:8443/apis/ccompat/v7".to_owned()
+            ]
+        );
+    }
+
+    #[test]
+    fn bad_registry_settings_name_their_variable_and_never_echo_secrets() {
+        for (pairs, variable) in [
+            (
+                vec![("AUDITFLOW_SCHEMA_REGISTRY_URL", "sr-1:8081")],
+                "AUDITFLOW_SCHEMA_REGISTRY_URL",
+            ),
+            (
+                vec![("AUDITFLOW_SCHEMA_REGISTRY_URL", " , ")],
+                "AUDITFLOW_SCHEMA_REGISTRY_URL",
+            ),
+            (
+                vec![(
+                    "AUDITFLOW_SCHEMA_REGISTRY_URL",
+                    "https://user:hunter2@sr-1:8081",
+                )],
+                "AUDITFLOW_SCHEMA_REGISTRY_URL",
+            ),
+            (
+                vec![
+                    ("AUDITFLOW_SCHEMA_REGISTRY_URL", "http://sr-1:8081"),
+                    ("AUDITFLOW_SCHEMA_REGISTRY_USERNAME", "auditflow"),
+                ],
+                "AUDITFLOW_SCHEMA_REGISTRY_PASSWORD",
+            ),
+            (
+                vec![
+                    ("AUDITFLOW_SCHEMA_REGISTRY_URL", "http://sr-1:8081"),
+                    ("AUDITFLOW_SCHEMA_REGISTRY_PASSWORD", "hunter2"),
+                ],
+                "AUDITFLOW_SCHEMA_REGISTRY_USERNAME",
+            ),
+            (
+                vec![
+                    ("AUDITFLOW_SCHEMA_REGISTRY_URL", "http://sr-1:8081"),
+                    ("AUDITFLOW_SCHEMA_REGISTRY_USERNAME", "auditflow"),
+                    ("AUDITFLOW_SCHEMA_REGISTRY_PASSWORD", "hunter2"),
+                    ("AUDITFLOW_SCHEMA_REGISTRY_BEARER_TOKEN", "hunter2"),
+                ],
+                "AUDITFLOW_SCHEMA_REGISTRY_BEARER_TOKEN",
+            ),
+            (
+                vec![
+                    ("AUDITFLOW_SCHEMA_REGISTRY_URL", "http://sr-1:8081"),
+                    ("AUDITFLOW_SCHEMA_REGISTRY_CERT_FILE", "/etc/hostname"),
+                ],
+                "AUDITFLOW_SCHEMA_REGISTRY_KEY_FILE",
+            ),
+            (
+                vec![
+                    ("AUDITFLOW_SCHEMA_REGISTRY_URL", "http://sr-1:8081"),
+                    ("AUDITFLOW_SCHEMA_REGISTRY_CA_FILE", "/nonexistent/ca.pem"),
+                ],
+                "AUDITFLOW_SCHEMA_REGISTRY_CA_FILE",
+            ),
+            (
+                vec![("AUDITFLOW_SCHEMA_REGISTRY_TIMEOUT_MS", "0")],
+                "AUDITFLOW_SCHEMA_REGISTRY_TIMEOUT_MS",
+            ),
+            (
+                vec![("AUDITFLOW_SCHEMA_REGISTRY_NOT_FOUND_TTL_MS", "soon")],
+                "AUDITFLOW_SCHEMA_REGISTRY_NOT_FOUND_TTL_MS",
+            ),
+            (
+                vec![("AUDITFLOW_SCHEMA_REGISTRY_CACHE_CAPACITY", "0")],
+                "AUDITFLOW_SCHEMA_REGISTRY_CACHE_CAPACITY",
+            ),
+        ] {
+            let err = Config::from_vars(vars(&pairs)).unwrap_err().to_string();
+            assert!(err.contains(variable), "{pairs:?}: {err}");
+            assert!(!err.contains("hunter2"), "{pairs:?}: {err}");
+        }
+    }
+
+    #[test]
+    fn registry_secrets_stay_out_of_debug_output() {
+        let config = Config::from_vars(vars(&[
+            ("AUDITFLOW_SCHEMA_REGISTRY_URL", "http://sr-1:8081"),
+            ("AUDITFLOW_SCHEMA_REGISTRY_USERNAME", "auditflow"),
+            ("AUDITFLOW_SCHEMA_REGISTRY_PASSWORD", "hunter2"),
+        ]))
+        .unwrap();
+        assert_eq!(
+            config
+                .registry
+                .schema_registry_password
+                .as_ref()
+                .map(Secret::expose),
+            Some("hunter2")
+        );
+        let printed = format!("{config:?}");
+        assert!(printed.contains("auditflow"), "{printed}");
+        assert!(!printed.contains("hunter2"), "{printed}");
+        let config = Config::from_vars(vars(&[
+            ("AUDITFLOW_SCHEMA_REGISTRY_URL", "http://sr-1:8081"),
+            ("AUDITFLOW_SCHEMA_REGISTRY_BEARER_TOKEN", "tok-hunter2"),
+        ]))
+        .unwrap();
+        assert!(!format!("{config:?}").contains("hunter2"));
     }
 
     #[test]

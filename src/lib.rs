@@ -27,10 +27,12 @@
 //! - [`observe`]: the status board a running replica reports into, and the HTTP server that
 //!   serves it.
 //! - [`ingest`]: the running pipeline ([`ingest::Sink`]; start there): [`ingest::consume`],
-//!   [`ingest::decode`], [`ingest::batch`], [`ingest::store`], [`ingest::isolate`],
+//!   [`ingest::decode`] (with [`ingest::decode::registry`], the schema registry client),
+//!   [`ingest::batch`], [`ingest::store`], [`ingest::isolate`],
 //!   [`ingest::dlq`], [`ingest::offsets`], [`ingest::notify`], [`ingest::stats`].
 //! - [`ops`]: operator commands: [`ops::partitions`] (plan, apply, holds, restore, and the
-//!   maintenance loop `run` starts) and [`ops::replay`] (redriving dead letters).
+//!   maintenance loop `run` starts), [`ops::replay`] (redriving dead letters) and
+//!   [`ops::schemas`] (can auditflow read a registry subject's versions).
 //! - [`tools`]: the load generator ([`tools::generate`], with the Avro encoder), `produce`,
 //!   `demo` and `bench`.
 //! - [`service`]: `auditflow run`, one replica: the sink, partition upkeep beside it and the

@@ -7,8 +7,11 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use auditflow::breaker::Breaker;
+use auditflow::config::{parse_registry_urls, ConfigError};
+use auditflow::ingest::decode::registry::SchemaRegistry;
 use auditflow::ops::partitions::{self, PartitionLifecycle};
 use auditflow::ops::replay::{self, OffsetRange, ReplayFilter, ReplayOptions};
+use auditflow::ops::schemas;
 use auditflow::reload::{ConfigSource, LiveConfig};
 use auditflow::service::Service;
 use auditflow::tools::produce::ProduceOptions;
@@ -55,6 +58,16 @@ enum Command {
         /// Random seed; the same seed writes the same records.
         #[arg(long)]
         seed: Option<u64>,
+        /// Register the writer schemas under `<topic>-value` in this schema registry
+        /// (comma-separated URLs) and write its ids, as Confluent's serializers do. Credentials
+        /// and TLS come from AUDITFLOW_SCHEMA_REGISTRY_*.
+        #[arg(long, value_name = "URL")]
+        schema_registry: Option<String>,
+    },
+    /// Schema registry checks for producer teams.
+    Schemas {
+        #[command(subcommand)]
+        command: SchemasCommand,
     },
     /// Re-publishes dead-lettered records to their source topic, up to the end of the
     /// dead-letter topic as it was at start; parks records replayed too often. Resumable: the
@@ -156,7 +169,12 @@ fn main() -> ExitCode {
         Err(err) => {
             tracing::error!(error = format!("{err:#}"), "auditflow failed");
             eprintln!("error: {err:#}");
-            ExitCode::FAILURE
+            // Bad configuration found once a command knows what it needs: exit 2, as at start.
+            if err.chain().any(|cause| cause.is::<ConfigError>()) {
+                ExitCode::from(2)
+            } else {
+                ExitCode::FAILURE
+            }
         }
     }
 }
@@ -195,6 +213,7 @@ async fn execute(command: Command, mut live: LiveConfig) -> anyhow::Result<()> {
             invalid_ratio,
             rate,
             seed,
+            schema_registry,
         } => {
             let options = ProduceOptions {
                 count,
@@ -204,8 +223,44 @@ async fn execute(command: Command, mut live: LiveConfig) -> anyhow::Result<()> {
                 seed: seed.unwrap_or_else(rand::random),
             };
             let brokers = config.require_brokers()?.to_owned();
-            let summary = produce::produce(&brokers, &config, &options).await?;
+            let summary = match schema_registry {
+                Some(urls) => {
+                    let registry = registry_client(&config, Some(&urls), "--schema-registry")?;
+                    produce::produce_registered(&brokers, &config, &options, &registry).await?
+                }
+                None => produce::produce(&brokers, &config, &options).await?,
+            };
             println!("{}", serde_json::to_string(&summary)?);
+            Ok(())
+        }
+        Command::Schemas {
+            command:
+                SchemasCommand::Check {
+                    subject,
+                    json,
+                    schema_registry,
+                },
+        } => {
+            let registry = registry_client(
+                &config,
+                schema_registry.as_deref(),
+                "AUDITFLOW_SCHEMA_REGISTRY_URL",
+            )?;
+            let subject = subject.unwrap_or_else(|| format!("{}-value", config.kafka.kafka_topic));
+            let report = schemas::check(&registry, &subject)
+                .await
+                .with_context(|| format!("reading subject {subject} from the schema registry"))?;
+            print_result(json, &report)?;
+            anyhow::ensure!(
+                report.all_readable(),
+                "{} of {} version(s) of {subject} cannot be read by auditflow",
+                if report.versions.is_empty() {
+                    0
+                } else {
+                    report.num_unreadable()
+                },
+                report.versions.len()
+            );
             Ok(())
         }
         Command::Replay {
@@ -273,6 +328,43 @@ async fn execute(command: Command, mut live: LiveConfig) -> anyhow::Result<()> {
             Ok(())
         }
     }
+}
+
+#[derive(Debug, Subcommand)]
+enum SchemasCommand {
+    /// Fetches every version of the subject from the schema registry and reports which can and
+    /// cannot be resolved into auditflow's reader schema; exits 0 when all can, 1 otherwise.
+    Check {
+        /// The subject (default: `<AUDITFLOW_KAFKA_TOPIC>-value`, the TopicNameStrategy).
+        #[arg(long)]
+        subject: Option<String>,
+        /// One JSON object instead of text.
+        #[arg(long)]
+        json: bool,
+        /// The registry (comma-separated URLs) instead of AUDITFLOW_SCHEMA_REGISTRY_URL.
+        #[arg(long, value_name = "URL")]
+        schema_registry: Option<String>,
+    },
+}
+
+/// A registry client for `urls` (or AUDITFLOW_SCHEMA_REGISTRY_URL), with the configured
+/// credentials and TLS; `origin` names where the URLs came from in errors.
+fn registry_client(
+    config: &Config,
+    urls: Option<&str>,
+    origin: &str,
+) -> anyhow::Result<SchemaRegistry> {
+    let urls = match urls {
+        Some(list) => parse_registry_urls(list),
+        None => config.registry.urls(),
+    };
+    if urls.is_empty() {
+        return Err(ConfigError::new(format!("{origin} is required and lists no URL")).into());
+    }
+    config.registry.validate_with_urls(&urls, origin)?;
+    let registry = SchemaRegistry::with_urls(&config.registry, urls, config.breakers.interactive())
+        .map_err(|err| ConfigError::new(err.to_string()))?;
+    Ok(registry)
 }
 
 #[derive(Debug, Subcommand)]

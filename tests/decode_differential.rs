@@ -448,7 +448,10 @@ fn the_decoder_agrees_with_apache_avro_on_random_and_mutated_payloads() {
                     "different values\n{}",
                     show()
                 );
-                assert_eq!(decoded.writer_version, writer.id);
+                assert_eq!(
+                    decoded.writer,
+                    auditflow::ingest::decode::WriterId::File(writer.id)
+                );
                 accepted += 1;
             }
             (Some(Expected::Event(event)), Err(err)) => {

@@ -608,3 +608,67 @@ async fn responses_carry_security_headers_and_the_page_may_not_be_framed() {
     );
     server.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn status_page_shows_the_schema_registry_and_why_the_replica_is_not_ready() {
+    use auditflow::observe::SchemaRegistryStatus;
+    let _serial = SERIAL.lock().await;
+    chromium_path();
+    let board = Arc::new(StatusBoard::new("replica-registry"));
+    let server = TestServer::start(&board).await;
+    board.set_joined(true);
+    board.register_breaker(Arc::new(Breaker::new(
+        "postgres",
+        breaker_config(Duration::from_secs(600)),
+    )));
+    let url = format!("http://{}/status", server.addr());
+
+    // Without a registry the section stays hidden and readiness does not mention it.
+    let dom = chromium(&url, &["--dump-dom".to_owned()]).await;
+    assert_eq!(text_by_id(&dom, "ready"), "ready", "{dom}");
+    assert!(dom.contains(r#"id="registry" hidden"#), "{dom}");
+
+    board.set_schema_registry(SchemaRegistryStatus {
+        state: "unauthorized",
+        urls: vec!["http://sr-1:8081".to_owned(), "http://sr-2:8081".to_owned()],
+        cached_ids: 3,
+        cache_capacity: 1000,
+        not_found_ids: 2,
+        last_error: Some(
+            "schema registry at http://sr-1:8081 refused the request: HTTP 401".into(),
+        ),
+        paused: false,
+    });
+    board.set_schema_registry_paused(true);
+    let dom = chromium(&url, &["--dump-dom".to_owned()]).await;
+    let (status, body) = {
+        let response = get(server.addr(), "/readyz").await;
+        (response.status, response.body)
+    };
+    assert_eq!(status, 503, "{body}");
+    assert!(body.contains("schema_registry_authorized"), "{body}");
+    assert_eq!(
+        text_by_id(&dom, "ready"),
+        "not ready: schema registry unauthorized",
+        "{dom}"
+    );
+    assert!(!dom.contains(r#"id="registry" hidden"#), "{dom}");
+    assert_eq!(text_by_id(&dom, "registry-state"), "unauthorized");
+    assert_eq!(text_by_id(&dom, "registry-cached"), "3 / 1,000");
+    assert_eq!(count_by_id(&dom, "registry-not-found"), 2.0);
+    assert_eq!(
+        text_by_id(&dom, "registry-urls"),
+        "http://sr-1:8081, http://sr-2:8081"
+    );
+    assert!(text_by_id(&dom, "registry-error").contains("HTTP 401"));
+    assert!(
+        !dom.contains(r#"id="registry-paused" hidden"#),
+        "paused is shown: {dom}"
+    );
+    let exposition = get(server.addr(), "/metrics").await.body;
+    assert_eq!(
+        metric(&exposition, "auditflow_schema_registry_paused", &[]),
+        Some(1.0)
+    );
+    server.stop().await;
+}

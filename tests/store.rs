@@ -259,3 +259,130 @@ async fn a_partition_dropped_out_of_band_is_recreated_and_nothing_is_refused() {
     .unwrap();
     assert_eq!(count, 1, "the recreated partition holds the new row");
 }
+
+/// Rows whose writer schema came from a registry carry its id, whatever its size, and no file
+/// version; rows from local files carry both.
+#[tokio::test]
+async fn writer_schema_ids_past_smallint_are_stored_and_file_versions_kept() {
+    let db = TestDb::new().await;
+    let events: Vec<AuditEvent> = (1..=4).map(|id| event(id, "tenant-wide")).collect();
+    let writers = [
+        (Some(2), Some(2)),
+        (None, Some(32_768)),
+        (None, Some(100_023)),
+        (None, Some(i32::MAX as u32)),
+    ];
+    let mut rows = store::CopyRows::new();
+    for (offset, (event, (schema_version, writer_schema_id))) in
+        events.iter().zip(writers).enumerate()
+    {
+        rows.push(
+            event,
+            store::RowMeta {
+                content_hash: auditflow::event::content_hash(event),
+                schema_version,
+                writer_schema_id,
+                topic: "audit-events",
+                partition: 0,
+                offset: offset as i64,
+                kafka_timestamp: None,
+            },
+        );
+    }
+    assert_eq!(db.store.write(&rows, 0..4).await.unwrap().stored, 4);
+    // The staging (duplicate-tolerant) path carries the column too.
+    assert_eq!(db.store.write(&rows, 0..4).await.unwrap().duplicates, 4);
+    let stored: Vec<(Option<i16>, Option<i64>)> = sqlx::query_as(&format!(
+        "SELECT schema_version, writer_schema_id FROM \"{}\".events ORDER BY event_id",
+        db.schema
+    ))
+    .fetch_all(db.store.pool())
+    .await
+    .unwrap();
+    assert_eq!(
+        stored,
+        vec![
+            (Some(2), Some(2)),
+            (None, Some(32_768)),
+            (None, Some(100_023)),
+            (None, Some(2_147_483_647)),
+        ]
+    );
+}
+
+/// A partition retired (detached) before migration 0003 missed its `ALTER TABLE events`; the
+/// migration gives it the column, so restoring it still works and its rows read NULL.
+#[tokio::test]
+async fn a_partition_retired_before_migration_0003_can_be_restored_after_it() {
+    use auditflow::config::PartitionConfig;
+    use auditflow::ops::partitions::PartitionLifecycle;
+    use std::borrow::Cow;
+
+    let schema = format!("audit_store_{}", common::suffix());
+    let _cleanup = SchemaGuard(schema.clone());
+    let config = Config::from_vars([("AUDITFLOW_DB_SCHEMA".to_string(), schema.clone())]).unwrap();
+    let pool = store::connect(&config.database, &common::database_url())
+        .await
+        .unwrap();
+    sqlx::query(&format!("CREATE SCHEMA \"{schema}\""))
+        .execute(&pool)
+        .await
+        .unwrap();
+    // The schema as a release before 0003 left it.
+    let before_0003 = sqlx::migrate::Migrator {
+        migrations: Cow::Owned(
+            auditflow::db::MIGRATOR
+                .migrations
+                .iter()
+                .filter(|migration| migration.version < 3)
+                .cloned()
+                .collect(),
+        ),
+        ..sqlx::migrate::Migrator::DEFAULT
+    };
+    before_0003.run(&pool).await.unwrap();
+    let day = NaiveDate::from_ymd_opt(2030, 6, 1).unwrap();
+    partition::ensure_day(&pool, &schema, day).await.unwrap();
+    sqlx::query(
+        "INSERT INTO events (event_id, occurred_at, tenant_id, actor_id, actor_type, action, \
+         resource_type, resource_id, outcome, content_hash, schema_version, kafka_topic, \
+         kafka_partition, kafka_offset) VALUES (gen_random_uuid(), '2030-06-01 12:00:00+00', \
+         't', 'a', 'USER', 'x.y', 'order', 'o-1', 'SUCCESS', '\\x00', 1, 'audit-events', 0, 7)",
+    )
+    .execute(&pool)
+    .await
+    .unwrap();
+    let partitions = PartitionConfig {
+        partition_retention_days: 31,
+        partition_premake: 0,
+        ..PartitionConfig::default()
+    };
+    let lifecycle = PartitionLifecycle::new(pool.clone(), schema.clone(), partitions);
+    let later: DateTime<Utc> = "2030-08-01T00:00:00Z".parse().unwrap();
+    let plan = lifecycle.plan(later).await.unwrap();
+    let report = lifecycle.apply(&plan).await.unwrap();
+    assert!(
+        report.to_string().contains("retired_events_p20300601"),
+        "{report}"
+    );
+
+    auditflow::db::migrate(&pool, &schema).await.unwrap();
+    lifecycle
+        .restore("retired_events_p20300601", later)
+        .await
+        .unwrap();
+    let restored: Vec<(Option<i16>, Option<i64>)> =
+        sqlx::query_as("SELECT schema_version, writer_schema_id FROM events")
+            .fetch_all(&pool)
+            .await
+            .unwrap();
+    assert_eq!(restored, vec![(Some(1), None)]);
+}
+
+struct SchemaGuard(String);
+
+impl Drop for SchemaGuard {
+    fn drop(&mut self) {
+        common::drop_schema_blocking(&self.0);
+    }
+}

@@ -141,7 +141,8 @@ impl Batch {
             event,
             RowMeta {
                 content_hash,
-                schema_version: Some(decoded.writer_version),
+                schema_version: decoded.writer.file_version(),
+                writer_schema_id: Some(decoded.writer.number()),
                 topic: &source.topic,
                 partition: source.partition,
                 offset: source.offset,
@@ -228,7 +229,7 @@ mod tests {
                 details: None,
                 session_id: None,
             },
-            writer_version: 2,
+            writer: crate::ingest::decode::WriterId::File(2),
             wire_format: crate::ingest::decode::WireFormat::Confluent,
         }
     }

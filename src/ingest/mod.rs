@@ -11,6 +11,7 @@
 //! [`sink::Sink`] wires the steps: [`consume`] owns the consumer and its rebalance hooks,
 //! [`decode`] turns payloads into events, [`batch`] collects them, [`store`] writes a batch in one
 //! transaction, [`isolate`] finds the rows the database refuses, [`dlq`] produces dead letters,
+//! `hold` keeps messages waiting for a schema from the registry ([`decode::registry`]),
 //! [`offsets`] decides which offsets may be committed, [`notify`] publishes invalidations, and
 //! [`stats`] measures the run.
 //!
@@ -22,6 +23,7 @@ pub mod batch;
 pub mod consume;
 pub mod decode;
 pub mod dlq;
+mod hold;
 pub mod isolate;
 pub mod notify;
 pub mod offsets;

@@ -74,6 +74,13 @@ impl OffsetTracker {
         self.partitions.contains_key(&partition)
     }
 
+    /// True while `delivery`'s assignment is the partition's current one.
+    pub fn is_current(&self, delivery: &Delivery) -> bool {
+        self.partitions
+            .get(&delivery.partition)
+            .is_some_and(|state| state.epoch == delivery.epoch)
+    }
+
     /// Records that a message entered the pipeline. Returns its delivery handle, or `None` when
     /// the partition is not assigned (a message fetched before a revoke was processed).
     pub fn begin(&mut self, partition: Partition, offset: i64) -> Option<Delivery> {

@@ -11,6 +11,11 @@
 //! the group and serves rebalances; it resumes once the breaker closes and the store takes the
 //! waiting batch. Nothing is dead-lettered because a dependency is down: transient failures are
 //! retried, only records refused for their content go to the dead-letter topic.
+//!
+//! With a schema registry, a message whose schema id is not cached yet is held (`ingest::hold`)
+//! while the id is fetched in the background, and decoded when the fetch settles; the consumer
+//! pauses the same way while the registry is unavailable or refuses auditflow, or while too
+//! many messages are held.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -31,11 +36,13 @@ use super::batch::{Batch, BatchLimits};
 use super::consume::{
     commit_sync, set_paused, Membership, SinkConsumer, SinkContext, TopicOffsets, PAUSE_AFTER,
 };
-use super::decode::{Decoder, Policy};
+use super::decode::registry::{RegistryState, SchemaRegistry};
+use super::decode::{DecodeError, Decoded, Decoder, Policy, RegistryCache};
 use super::dlq::{DeadLetter, DlqError, DlqProducer, Failure, SourceRecord};
+use super::hold::{Held, Refused, Waiting};
 use super::isolate::isolate;
 use super::notify::{self, Notifier, NotifyConfig};
-use super::offsets::{complete_and_store, OffsetTracker};
+use super::offsets::{complete_and_store, Delivery, OffsetTracker};
 use super::stats::{add_elapsed, nanos_to_s, peak_rss_mb, BatchReport, RunSummary, SinkStats};
 use super::store::{self, Store, StoreError, WriteOutcome};
 use crate::breaker::{Breaker, State as BreakerState};
@@ -58,6 +65,8 @@ pub struct Sink {
     config: Config,
     consumer: Arc<SinkConsumer>,
     decoder: Arc<Decoder>,
+    /// With `AUDITFLOW_SCHEMA_REGISTRY_URL`: the client and the cache the decoder reads.
+    registry: Option<(Arc<SchemaRegistry>, Arc<RegistryCache>)>,
     store: Arc<Store>,
     dlq: DlqProducer,
     notifier: Notifier,
@@ -101,12 +110,27 @@ impl Sink {
     pub async fn build_with_board(config: Config, board: Arc<StatusBoard>) -> anyhow::Result<Self> {
         let brokers = config.require_brokers()?.to_owned();
         let database_url = config.require_database_url()?.clone();
-        let decoder = if config.sink.schema_dir.is_dir() {
+        let mut decoder = if config.sink.schema_dir.is_dir() {
             Decoder::from_dir(&config.sink.schema_dir).with_context(|| {
                 format!("loading schemas from {}", config.sink.schema_dir.display())
             })?
         } else {
             Decoder::embedded()
+        };
+        let registry = if config.registry.is_enabled() {
+            let cache = Arc::new(RegistryCache::new(
+                config.registry.schema_registry_cache_capacity,
+                config.registry.not_found_ttl(),
+            )?);
+            let registry = SchemaRegistry::new(&config.registry, config.breakers.ingest())
+                .context("AUDITFLOW_SCHEMA_REGISTRY_URL")?
+                .with_board(Arc::clone(&board));
+            registry.publish(Some(&cache));
+            tracing::info!(urls = ?registry.urls(), "confluent schema ids are looked up in the schema registry");
+            decoder = decoder.with_registry(Arc::clone(&cache));
+            Some((Arc::new(registry), cache))
+        } else {
+            None
         };
         let pool = store::connect(&config.database, database_url.expose())
             .await
@@ -191,6 +215,7 @@ impl Sink {
             config,
             consumer: Arc::new(consumer),
             decoder: Arc::new(decoder),
+            registry,
             store: Arc::new(store),
             dlq,
             notifier,
@@ -227,15 +252,24 @@ impl Sink {
         &self.notifier
     }
 
+    /// The schema registry client, when Confluent ids are looked up in one.
+    pub fn schema_registry(&self) -> Option<&Arc<SchemaRegistry>> {
+        self.registry.as_ref().map(|(registry, _)| registry)
+    }
+
     /// The handle a live reload uses to retune this sink.
     pub fn tuning(&self) -> SinkTuning {
+        let mut breakers = vec![
+            Arc::clone(self.store.breaker()),
+            Arc::clone(self.dlq.breaker()),
+            self.notifier.breaker(),
+        ];
+        if let Some(registry) = self.schema_registry() {
+            breakers.push(Arc::clone(registry.breaker()));
+        }
         SinkTuning {
             limits: self.limits.clone(),
-            breakers: vec![
-                Arc::clone(self.store.breaker()),
-                Arc::clone(self.dlq.breaker()),
-                self.notifier.breaker(),
-            ],
+            breakers,
         }
     }
 
@@ -287,6 +321,22 @@ impl Sink {
         let consumer = Arc::clone(&sink.consumer);
         // With the brokers down, every poll fails: one line per interval, with the count.
         let consumer_errors = Throttle::default();
+        // Messages waiting for their schema from the registry, at most two batches' worth.
+        let hold_limit = sink.limits.borrow().max_events.saturating_mul(2).max(1_000);
+        let (mut held, mut settled_rx) = Held::new(hold_limit, sink.registry.clone());
+        let mut registry_rx = sink.schema_registry().map(|registry| registry.subscribe());
+        let mut registry_unavailable = false;
+        let mut registry_paused = false;
+        let mut revokes_seen = sink.stats.revokes.load(Ordering::Relaxed);
+        let reporter_shutdown = CancellationToken::new();
+        if let Some((registry, cache)) = sink.registry.clone() {
+            let shutdown = reporter_shutdown.clone();
+            tokio::spawn(async move {
+                registry
+                    .report_until(&cache, Duration::from_secs(1), shutdown)
+                    .await;
+            });
+        }
 
         loop {
             let limits = *sink.limits.borrow();
@@ -313,6 +363,10 @@ impl Sink {
                         database_unavailable = *breaker_rx.borrow_and_update() != BreakerState::Closed;
                     }
                 }
+                Some(id) = settled_rx.recv() => held.settled(id),
+                Some(state) = registry_changed(&mut registry_rx) => {
+                    registry_unavailable = state != RegistryState::Ok;
+                }
                 _ = sleep_until_opt(deadline), if ready.is_none() && deadline.is_some() => {
                     seq += 1;
                     ready = Some(std::mem::replace(&mut open, Batch::new(seq)));
@@ -326,7 +380,7 @@ impl Sink {
                             last_message = Instant::now();
                             sink.stats.message_arrived();
                             sink.board.add_consumed(1);
-                            sink.add_message(&mut open, &message);
+                            sink.add_message(&mut open, &mut held, &message);
                         }
                         Err(err) => {
                             consumer_errors.record(|repeated| {
@@ -336,6 +390,14 @@ impl Sink {
                     }
                 }
                 _ = tick.tick() => {
+                    // Held messages of revoked partitions go: their new owner reads them again.
+                    let revokes = sink.stats.revokes.load(Ordering::Relaxed);
+                    if revokes != revokes_seen && !held.is_empty() {
+                        let tracker = sink.tracker.lock();
+                        let dropped = held.retain(|delivery| tracker.is_current(delivery));
+                        tracing::debug!(dropped, "dropped held messages of revoked partitions");
+                    }
+                    revokes_seen = revokes;
                     // The tick also wakes the loop so a pause is re-applied after a rebalance.
                     if let Some(idle_for) = until_idle {
                         // Idle only counts while the group has assigned partitions: joining and
@@ -358,18 +420,35 @@ impl Sink {
                     }
                 }
             }
+            // Held messages whose schema settled go into the open batch, as far as it has room.
+            if held.is_dirty() {
+                held.drain(|waiting| sink.offer(&mut open, &limits, waiting));
+            }
             // A full batch goes out as soon as the slot is free, whichever branch freed it.
             if ready.is_none() && open.is_full(&limits) {
                 seq += 1;
                 ready = Some(std::mem::replace(&mut open, Batch::new(seq)));
                 waiting_since = Some(Instant::now());
             }
-            let want_paused = store_stalled || database_unavailable;
+            let holding_full = held.is_full();
+            let want_paused =
+                store_stalled || database_unavailable || registry_unavailable || holding_full;
+            let for_registry = want_paused && (registry_unavailable || holding_full);
+            if for_registry != registry_paused {
+                registry_paused = for_registry;
+                sink.board.set_schema_registry_paused(for_registry);
+            }
             let generation = sink.membership.lock().generation;
             // Partitions assigned after a pause start fetching: pause them too.
             if want_paused && paused_generation != Some(generation) {
                 if paused_generation.is_none() {
-                    tracing::warn!(store_stalled, database_unavailable, "pausing consumption");
+                    tracing::warn!(
+                        store_stalled,
+                        database_unavailable,
+                        registry_unavailable,
+                        held = held.len(),
+                        "pausing consumption"
+                    );
                     sink.stats.pauses.fetch_add(1, Ordering::Relaxed);
                 }
                 set_paused(&sink.consumer, true);
@@ -382,6 +461,18 @@ impl Sink {
             }
         }
 
+        // Held messages are not decided: their offsets stay uncommitted and they are redelivered.
+        held.stop();
+        reporter_shutdown.cancel();
+        if !held.is_empty() {
+            tracing::info!(
+                held = held.len(),
+                "messages waiting for their schema are left for redelivery"
+            );
+        }
+        if registry_paused {
+            sink.board.set_schema_registry_paused(false);
+        }
         // The loop's handle goes now, so the sink's is the last one and closing happens off the
         // runtime below.
         drop(consumer);
@@ -455,8 +546,9 @@ impl Sink {
         Ok(summary)
     }
 
-    /// Decodes one message into the open batch, or queues it for the dead-letter topic.
-    fn add_message(&self, batch: &mut Batch, message: &BorrowedMessage<'_>) {
+    /// Decodes one message into the open batch, or queues it for the dead-letter topic, or
+    /// holds it until its schema is fetched (and so every later message of its partition).
+    fn add_message(&self, batch: &mut Batch, held: &mut Held, message: &BorrowedMessage<'_>) {
         let Some(delivery) = self
             .tracker
             .lock()
@@ -466,6 +558,10 @@ impl Sink {
             return;
         };
         let source = SourceRecord::from_message(message);
+        if held.holds(delivery.partition) {
+            held.hold(delivery, source);
+            return;
+        }
         let decode_started = std::time::Instant::now();
         let decoded = self.decoder.decode_validated(
             message.payload().unwrap_or_default(),
@@ -473,6 +569,52 @@ impl Sink {
             &self.policy,
         );
         add_elapsed(&self.stats.decode_ns, decode_started);
+        match decoded {
+            Err(DecodeError::NotFetched(id)) => {
+                held.hold(delivery, source);
+                held.fetch(id);
+            }
+            decoded => self.add_decoded(batch, delivery, source, decoded),
+        }
+    }
+
+    /// Takes a held message into the open batch if there is room and its schema is settled.
+    fn offer(
+        &self,
+        batch: &mut Batch,
+        limits: &BatchLimits,
+        waiting: Waiting,
+    ) -> Result<(), (Waiting, Refused)> {
+        if batch.is_full(limits) {
+            return Err((waiting, Refused::Full));
+        }
+        if !self.tracker.lock().is_current(&waiting.delivery) {
+            // Revoked meanwhile: the new owner reads it again.
+            return Ok(());
+        }
+        let payload = waiting.source.payload.as_deref().unwrap_or_default();
+        let decode_started = std::time::Instant::now();
+        let decoded = self
+            .decoder
+            .decode_validated(payload, Utc::now(), &self.policy);
+        add_elapsed(&self.stats.decode_ns, decode_started);
+        match decoded {
+            Err(DecodeError::NotFetched(id)) => Err((waiting, Refused::Unfetched(id))),
+            decoded => {
+                self.add_decoded(batch, waiting.delivery, *waiting.source, decoded);
+                Ok(())
+            }
+        }
+    }
+
+    /// Adds a decoded event to the batch, or its permanent failure as a dead letter.
+    fn add_decoded(
+        &self,
+        batch: &mut Batch,
+        delivery: Delivery,
+        source: SourceRecord,
+        decoded: Result<Decoded, DecodeError>,
+    ) {
         match decoded {
             Ok(decoded) => {
                 let encode_started = std::time::Instant::now();
@@ -482,7 +624,7 @@ impl Sink {
             }
             Err(err) => {
                 tracing::debug!(
-                    error = %err, partition = message.partition(), offset = message.offset(),
+                    error = %err, partition = source.partition, offset = source.offset,
                     "undecodable record; dead-lettering"
                 );
                 batch.add_dead_letter(
@@ -629,6 +771,20 @@ impl Sink {
             topic: &self.config.kafka.kafka_topic,
         };
         complete_and_store(&mut self.tracker.lock(), &batch.deliveries, &offsets);
+    }
+}
+
+/// The registry's next state; never resolves without a registry.
+async fn registry_changed(
+    registry_rx: &mut Option<watch::Receiver<super::decode::registry::RegistryHealth>>,
+) -> Option<RegistryState> {
+    match registry_rx {
+        Some(rx) => match rx.changed().await {
+            Ok(()) => Some(rx.borrow_and_update().state),
+            // The registry client is gone only at shutdown.
+            Err(_) => std::future::pending().await,
+        },
+        None => std::future::pending().await,
     }
 }
 

@@ -28,6 +28,7 @@ pub(crate) const DUPLICATES_METRIC: &str = "auditflow_duplicates_skipped_total";
 pub(crate) const DEAD_LETTERED_METRIC: &str = "auditflow_events_dead_lettered_total";
 pub(crate) const LAG_METRIC: &str = "auditflow_consumer_lag_messages";
 pub(crate) const POOL_METRIC: &str = "auditflow_db_pool_connections";
+pub(crate) const REGISTRY_PAUSED_METRIC: &str = "auditflow_schema_registry_paused";
 
 /// Live state of one replica, shared by the sink (writer) and the HTTP server (reader).
 ///
@@ -54,6 +55,8 @@ pub struct StatusBoard {
     /// Counter samples, oldest first, no older than [`THROUGHPUT_WINDOW`] (plus the one just
     /// before it, so the window is always spanned once it has passed).
     samples: Mutex<VecDeque<Sample>>,
+    /// The schema registry, when Confluent ids are looked up in one.
+    schema_registry: Mutex<Option<SchemaRegistryStatus>>,
 }
 
 /// Dead letters of one error class.
@@ -95,6 +98,7 @@ impl StatusBoard {
                 consumed: 0,
                 stored: 0,
             }])),
+            schema_registry: Mutex::new(None),
         }
     }
 
@@ -206,6 +210,27 @@ impl StatusBoard {
         }
     }
 
+    /// Records the schema registry's state and cache (the registry client calls it on every
+    /// change and every second). Its state is part of readiness from then on.
+    pub fn set_schema_registry(&self, status: SchemaRegistryStatus) {
+        *self.schema_registry.lock() = Some(status);
+    }
+
+    /// Records whether consumption is paused because of the schema registry (unavailable,
+    /// refusing auditflow, or too many records waiting for schemas)
+    /// (`auditflow_schema_registry_paused`).
+    pub fn set_schema_registry_paused(&self, paused: bool) {
+        if let Some(status) = self.schema_registry.lock().as_mut() {
+            status.paused = paused;
+        }
+        metrics::gauge!(REGISTRY_PAUSED_METRIC).set(if paused { 1.0 } else { 0.0 });
+    }
+
+    /// The schema registry as last reported, if one is configured.
+    pub fn schema_registry(&self) -> Option<SchemaRegistryStatus> {
+        self.schema_registry.lock().clone()
+    }
+
     /// Records the database pool's connections in use and idle
     /// (`auditflow_db_pool_connections{state}`).
     pub fn set_pool(&self, in_use: u32, idle: u32) {
@@ -252,6 +277,11 @@ impl StatusBoard {
             .iter()
             .find(|breaker| breaker.dependency() == DATABASE_DEPENDENCY)
             .map(|breaker| breaker.state().as_str());
+        let schema_registry = self
+            .schema_registry
+            .lock()
+            .as_ref()
+            .map(|status| status.state);
         let mut missing = Vec::new();
         if !joined_group {
             missing.push("joined_group");
@@ -259,10 +289,17 @@ impl StatusBoard {
         if database_breaker != Some(BreakerState::Closed.as_str()) {
             missing.push("database_breaker_closed");
         }
+        match schema_registry {
+            None | Some("ok") => {}
+            Some("unauthorized") => missing.push("schema_registry_authorized"),
+            Some("misconfigured") => missing.push("schema_registry_configured"),
+            Some(_) => missing.push("schema_registry_available"),
+        }
         Readiness {
             ready: missing.is_empty(),
             joined_group,
             database_breaker,
+            schema_registry,
             missing,
         }
     }
@@ -350,6 +387,7 @@ impl StatusBoard {
                 in_use: self.pool_in_use.load(Ordering::Relaxed),
                 idle: self.pool_idle.load(Ordering::Relaxed),
             },
+            schema_registry: self.schema_registry(),
         }
     }
 
@@ -378,8 +416,32 @@ pub struct Readiness {
     pub joined_group: bool,
     /// The `postgres` breaker's state; `None` when none is registered.
     pub database_breaker: Option<&'static str>,
-    /// What keeps it from being ready: `joined_group`, `database_breaker_closed`.
+    /// The schema registry's state (`ok`, `unavailable`, `unauthorized`, `misconfigured`);
+    /// absent without a registry.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub schema_registry: Option<&'static str>,
+    /// What keeps it from being ready: `joined_group`, `database_breaker_closed`,
+    /// `schema_registry_available`, `schema_registry_authorized`, `schema_registry_configured`.
     pub missing: Vec<&'static str>,
+}
+
+/// The schema registry on `/status.json` (never its credentials).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct SchemaRegistryStatus {
+    /// `ok`, `unavailable`, `unauthorized` or `misconfigured`.
+    pub state: &'static str,
+    /// The base URLs, in the order configured.
+    pub urls: Vec<String>,
+    /// Writer schemas fetched and kept (compiled, or known unreadable).
+    pub cached_ids: usize,
+    /// The bound on `cached_ids`.
+    pub cache_capacity: usize,
+    /// Ids the registry answered 404 for, remembered for the not-found TTL.
+    pub not_found_ids: usize,
+    /// The error behind a state other than `ok`.
+    pub last_error: Option<String>,
+    /// Consumption is paused because of the registry.
+    pub paused: bool,
 }
 
 /// The `/status.json` body.
@@ -405,6 +467,9 @@ pub struct StatusSnapshot {
     pub dead_letters: DeadLetters,
     /// Database pool connections.
     pub pool: Pool,
+    /// The schema registry; absent without one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub schema_registry: Option<SchemaRegistryStatus>,
 }
 
 /// Counters since start.
@@ -554,6 +619,41 @@ mod tests {
         let readiness = board.readiness();
         assert_eq!(readiness.database_breaker, Some("open"));
         assert_eq!(readiness.missing, vec!["database_breaker_closed"]);
+    }
+
+    #[test]
+    fn a_registry_that_refuses_or_fails_makes_the_replica_not_ready() {
+        let board = StatusBoard::new("test");
+        board.set_joined(true);
+        board.register_breaker(Arc::new(Breaker::new("postgres", BreakerConfig::INGEST)));
+        assert!(board.readiness().ready, "no registry configured");
+        assert!(board.snapshot().schema_registry.is_none());
+        let status = |state| SchemaRegistryStatus {
+            state,
+            urls: vec!["http://sr:8081".to_owned()],
+            cached_ids: 3,
+            cache_capacity: 1000,
+            not_found_ids: 1,
+            last_error: None,
+            paused: false,
+        };
+        board.set_schema_registry(status("ok"));
+        assert!(board.readiness().ready);
+        for (state, missing) in [
+            ("unauthorized", "schema_registry_authorized"),
+            ("misconfigured", "schema_registry_configured"),
+            ("unavailable", "schema_registry_available"),
+        ] {
+            board.set_schema_registry(status(state));
+            let readiness = board.readiness();
+            assert!(!readiness.ready, "{state}");
+            assert_eq!(readiness.schema_registry, Some(state));
+            assert_eq!(readiness.missing, vec![missing]);
+        }
+        board.set_schema_registry_paused(true);
+        let shown = board.snapshot().schema_registry.unwrap();
+        assert!(shown.paused);
+        assert_eq!(shown.cached_ids, 3);
     }
 
     #[test]

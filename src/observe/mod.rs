@@ -4,9 +4,9 @@
 //! |---|---|---|
 //! | `/metrics` | Prometheus | the exposition text of every `auditflow_*` metric |
 //! | `/healthz` | liveness probes | `200 ok` while the process serves requests |
-//! | `/readyz` | readiness probes | `200` once the consumer joined its group and the `postgres` breaker is closed, else `503`; a JSON body says which is missing |
+//! | `/readyz` | readiness probes | `200` once the consumer joined its group, the `postgres` breaker is closed and the schema registry (if one is configured) answers and accepts auditflow, else `503`; a JSON body says which is missing |
 //! | `/status` | a person | a self-contained HTML page polling `/status.json` every second |
-//! | `/status.json` | scripts, the page | totals, throughput, lag per partition, breakers, recent dead-letter classes, pool |
+//! | `/status.json` | scripts, the page | totals, throughput, lag per partition, breakers, recent dead-letter classes, pool, schema registry |
 //!
 //! The sink reports into a [`StatusBoard`]: the page's numbers and the Prometheus counters come
 //! from the same calls ([`StatusBoard::add_stored`] increments both), so they always agree.
@@ -21,14 +21,14 @@ mod board;
 pub mod http;
 
 pub use board::{
-    BreakerStatus, DeadLetterClass, DeadLetters, PartitionLag, Pool, Readiness, StatusBoard,
-    StatusSnapshot, Throughput, Totals, DATABASE_DEPENDENCY, RECENT_DEAD_LETTERS,
-    THROUGHPUT_WINDOW,
+    BreakerStatus, DeadLetterClass, DeadLetters, PartitionLag, Pool, Readiness,
+    SchemaRegistryStatus, StatusBoard, StatusSnapshot, Throughput, Totals, DATABASE_DEPENDENCY,
+    RECENT_DEAD_LETTERS, THROUGHPUT_WINDOW,
 };
 
 use board::{
     CONSUMED_METRIC, DEAD_LETTERED_METRIC, DUPLICATES_METRIC, LAG_METRIC, POOL_METRIC,
-    STORED_METRIC,
+    REGISTRY_PAUSED_METRIC, STORED_METRIC,
 };
 use http::HttpLimits;
 
@@ -154,6 +154,44 @@ pub fn describe_metrics() {
         POOL_METRIC,
         Unit::Count,
         "database pool connections, by state (in_use, idle)"
+    );
+    describe_counter!(
+        "auditflow_schema_registry_lookups_total",
+        Unit::Count,
+        "confluent schema ids looked up in the schema registry cache (one per message)"
+    );
+    describe_counter!(
+        "auditflow_schema_registry_cache_hits_total",
+        Unit::Count,
+        "lookups the cache answered without asking the registry"
+    );
+    describe_counter!(
+        "auditflow_schema_registry_requests_total",
+        Unit::Count,
+        "http requests sent to the schema registry"
+    );
+    describe_counter!(
+        "auditflow_schema_registry_fetch_errors_total",
+        Unit::Count,
+        "schema fetches that failed, by kind (not_found, unusable, unreachable, timeout, server_error, request_timeout, throttled, unauthorized, unexpected_response, breaker_open)"
+    );
+    describe_counter!(
+        "auditflow_schema_registry_cache_evictions_total",
+        Unit::Count,
+        "compiled writer schemas dropped because the cache was full"
+    );
+    describe_gauge!(
+        "auditflow_schema_registry_cached_ids",
+        Unit::Count,
+        "writer schemas fetched from the registry and kept"
+    );
+    describe_gauge!(
+        "auditflow_schema_registry_state",
+        "schema registry state: 0 ok, 1 unavailable, 2 unauthorized, 3 misconfigured"
+    );
+    describe_gauge!(
+        REGISTRY_PAUSED_METRIC,
+        "1 while consumption is paused because of the schema registry, else 0"
     );
 }
 

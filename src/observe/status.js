@@ -43,6 +43,7 @@ function render(s) {
   setText("version", s.version);
   setText("uptime", duration(s.uptime_s));
   const why = s.readiness.missing.map((m) => m === "joined_group" ? "not in group"
+    : m.startsWith("schema_registry") ? "schema registry " + s.readiness.schema_registry
     : "database breaker " + (s.readiness.database_breaker || "missing").replace("_", "-"));
   pill("ready", s.readiness.ready, "ready", "not ready: " + why.join(", "));
   pill("joined", s.readiness.joined_group, "in consumer group", "not in consumer group");
@@ -75,6 +76,20 @@ function render(s) {
                 cell(p.lag === null ? "unknown" : count(p.lag), "lag-" + p.topic + "-" + p.partition, "num")]);
   }), "no partitions assigned", 3);
   setText("lag-total", lagKnown ? count(lagTotal) : "—");
+
+  const registry = s.schema_registry;
+  $("registry").hidden = !registry;
+  if (registry) {
+    const state = $("registry-state");
+    state.textContent = registry.state;
+    state.className = "pill " + (registry.state === "ok" ? "yes" : "no");
+    $("registry-paused").hidden = !registry.paused;
+    $("registry-paused").className = "pill no";
+    setText("registry-cached", count(registry.cached_ids) + " / " + count(registry.cache_capacity));
+    setText("registry-not-found", count(registry.not_found_ids));
+    setText("registry-urls", registry.urls.join(", "));
+    setText("registry-error", registry.last_error ? "last error: " + registry.last_error : "");
+  }
 
   setText("dl-window", duration(s.dead_letters.recent_window_s).replace(" 0s", ""));
   fill("dead-letters", s.dead_letters.classes.map((c) => row([

@@ -232,7 +232,8 @@ async fn measure_ceiling(
                 &decoded.event,
                 RowMeta {
                     content_hash: content_hash(&decoded.event),
-                    schema_version: Some(decoded.writer_version),
+                    schema_version: decoded.writer.file_version(),
+                    writer_schema_id: Some(decoded.writer.number()),
                     topic: "bench",
                     partition: 0,
                     offset: offset as i64,

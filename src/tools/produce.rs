@@ -1,6 +1,6 @@
 //! `auditflow produce`: writes generated audit traffic to the topic.
 
-use std::collections::VecDeque;
+use std::collections::{BTreeMap, VecDeque};
 use std::time::Duration;
 
 use anyhow::Context as _;
@@ -11,6 +11,8 @@ use serde::Serialize;
 use tokio::time::Instant;
 
 use crate::config::Config;
+use crate::ingest::decode::embedded_schema;
+use crate::ingest::decode::registry::SchemaRegistry;
 use crate::kafka;
 use crate::tools::generate::{EventGenerator, GeneratorConfig};
 
@@ -46,16 +48,52 @@ pub struct ProduceSummary {
     pub seed: u64,
     /// Wall time.
     pub elapsed_s: f64,
+    /// With `--schema-registry`: the id the registry gave each schema version, as written.
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub schema_ids: BTreeMap<u32, u32>,
 }
 
 /// Deliveries awaited at most at once; bounds memory while keeping the producer busy.
 const MAX_IN_FLIGHT: usize = 20_000;
 
-/// Writes the generated stream and waits until every record is acknowledged.
+/// Writes the generated stream and waits until every record is acknowledged. Confluent headers
+/// carry the schema file versions (1, 2), as `schemas/` maps them without a registry.
 pub async fn produce(
     brokers: &str,
     config: &Config,
     options: &ProduceOptions,
+) -> anyhow::Result<ProduceSummary> {
+    produce_with_ids(brokers, config, options, BTreeMap::new()).await
+}
+
+/// Registers the writer schemas (v1, v2) under `<topic>-value` (TopicNameStrategy) and writes
+/// the stream with the ids the registry gave them, as Confluent's serializers do.
+pub async fn produce_registered(
+    brokers: &str,
+    config: &Config,
+    options: &ProduceOptions,
+    registry: &SchemaRegistry,
+) -> anyhow::Result<ProduceSummary> {
+    let subject = format!("{}-value", config.kafka.kafka_topic);
+    let mut ids = BTreeMap::new();
+    for version in [1, 2] {
+        let schema = embedded_schema(version)
+            .with_context(|| format!("schema v{version} is not embedded"))?;
+        let id = registry
+            .register(&subject, schema)
+            .await
+            .with_context(|| format!("registering schema v{version} under {subject}"))?;
+        tracing::info!(subject, version, schema_id = id, "writer schema registered");
+        ids.insert(version, id);
+    }
+    produce_with_ids(brokers, config, options, ids).await
+}
+
+async fn produce_with_ids(
+    brokers: &str,
+    config: &Config,
+    options: &ProduceOptions,
+    schema_ids: BTreeMap<u32, u32>,
 ) -> anyhow::Result<ProduceSummary> {
     for (name, ratio) in [
         ("--duplicate-ratio", options.duplicate_ratio),
@@ -84,7 +122,8 @@ pub async fn produce(
         invalid_ratio: options.invalid_ratio,
         seed: options.seed,
         now: Utc::now(),
-    });
+    })
+    .with_schema_ids(schema_ids.clone());
     let started = Instant::now();
     let interval = options.rate.map(|rate| Duration::from_secs_f64(1.0 / rate));
     let mut in_flight: VecDeque<DeliveryFuture> = VecDeque::new();
@@ -131,6 +170,7 @@ pub async fn produce(
         topic: topic.to_owned(),
         seed: options.seed,
         elapsed_s: started.elapsed().as_secs_f64(),
+        schema_ids,
     })
 }
 

@@ -3,6 +3,8 @@
 //! topics, a consumer group and a Redis channel of the test's own, all with random suffixes.
 #![allow(dead_code)]
 
+pub mod registry;
+
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
@@ -269,6 +271,30 @@ impl TestEnv {
         (delivered.partition, delivered.offset)
     }
 
+    /// Writes `(key, payload)` records to the source topic, in order, and waits for every
+    /// acknowledgement.
+    pub async fn produce_payloads(&self, records: &[(Vec<u8>, Vec<u8>)]) {
+        let producer: rdkafka::producer::FutureProducer = ClientConfig::new()
+            .set("bootstrap.servers", self.kafka.brokers())
+            .set("linger.ms", "5")
+            .create()
+            .expect("producer");
+        let deliveries: Vec<_> = records
+            .iter()
+            .map(|(key, payload)| {
+                producer.send(
+                    rdkafka::producer::FutureRecord::to(&self.topic)
+                        .key(key)
+                        .payload(payload),
+                    Duration::from_secs(10),
+                )
+            })
+            .collect();
+        for delivery in futures::future::join_all(deliveries).await {
+            delivery.expect("record acknowledged");
+        }
+    }
+
     /// Rows in the events table.
     pub async fn count_rows(&self) -> i64 {
         sqlx::query_scalar(&format!("SELECT count(*) FROM \"{}\".events", self.schema))
@@ -413,6 +439,7 @@ pub fn copy_rows(events: &[auditflow::event::AuditEvent]) -> auditflow::ingest::
             auditflow::ingest::store::RowMeta {
                 content_hash: auditflow::event::content_hash(event),
                 schema_version: Some(2),
+                writer_schema_id: Some(2),
                 topic: "audit-events",
                 partition: 1,
                 offset: offset as i64,

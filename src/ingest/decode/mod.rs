@@ -3,7 +3,10 @@
 //! Two wire formats are accepted, told apart per message by their first bytes:
 //!
 //! - Confluent framing: `0x00`, a 4-byte big-endian schema id, then the Avro binary datum. Without a
-//!   registry, schema id `N` means `schemas/audit_event.vN.avsc`.
+//!   registry, schema id `N` means `schemas/audit_event.vN.avsc`. With one
+//!   (`AUDITFLOW_SCHEMA_REGISTRY_URL`), it is the registry's id, looked up in the [`RegistryCache`]
+//!   that [`registry`] fills; an id not cached yet is [`DecodeError::NotFetched`], the one
+//!   error that is not the payload's fault: the caller fetches the schema and decodes again.
 //! - Avro single-object encoding: `0xC3 0x01`, the 8-byte little-endian CRC-64-AVRO fingerprint of
 //!   the writer schema's Parsing Canonical Form, then the datum.
 //!
@@ -33,10 +36,15 @@
 //! binary; `fingerprint` computes canonical forms; `rules` holds the content rules
 //! ([`validate`]). The encoder the load generator uses lives in `tools::generate::encode`.
 //!
-//! Pure: decoding touches no network and no file after the [`Decoder`] is built.
+//! Pure: decoding touches no network and no file after the [`Decoder`] is built; [`registry`]
+//! (the HTTP client of a schema registry) is the only part that talks to the network, and only
+//! to fill the cache, off the decode path.
 
+pub mod cache;
 mod fingerprint;
 pub(crate) mod plan;
+pub mod registry;
+
 mod rules;
 pub(crate) mod schema;
 #[cfg(test)]
@@ -44,12 +52,15 @@ mod tests;
 pub(crate) mod types;
 mod wire;
 
+pub use cache::RegistryCache;
 pub use rules::{validate, AcceptWindow, Policy, SizeLimits};
 pub(crate) use schema::WriterSchema;
 
 use std::collections::{BTreeMap, HashMap};
 use std::fmt;
+use std::ops::Deref;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use apache_avro::Schema;
 use chrono::{DateTime, Utc};
@@ -73,6 +84,24 @@ const EMBEDDED_SCHEMAS: [(u32, &str); 2] = [
     ),
     (READER_VERSION, READER_SCHEMA),
 ];
+
+/// The text of an embedded schema (`schemas/audit_event.v1.avsc`, `.v2.avsc`), for registering
+/// it with a schema registry.
+pub fn embedded_schema(version: u32) -> Option<&'static str> {
+    EMBEDDED_SCHEMAS
+        .iter()
+        .find(|(candidate, _)| *candidate == version)
+        .map(|(_, text)| *text)
+}
+
+/// Whether data written with `schema` (Avro JSON) can be resolved into the reader schema, by the
+/// same check and compilation the sink runs; why not when it cannot.
+pub fn check_resolvable(schema: &str) -> Result<(), String> {
+    let reader = Schema::parse_str(READER_SCHEMA).map_err(|err| err.to_string())?;
+    WriterSchema::load(WriterId::Registry(0), schema, &reader)
+        .map(|_| ())
+        .map_err(cache::load_error_reason)
+}
 
 pub(crate) const CONFLUENT_MAGIC: u8 = 0x00;
 pub(crate) const SINGLE_OBJECT_MAGIC: [u8; 2] = [0xC3, 0x01];
@@ -135,8 +164,45 @@ impl fmt::Display for WireFormat {
     }
 }
 
-/// Why a payload was refused. Every variant is permanent for that payload: retrying it gives the
-/// same answer, so the caller dead-letters it under [`DecodeError::class`].
+/// Which writer schema a payload was decoded with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum WriterId {
+    /// `schemas/audit_event.vN.avsc` (or the embedded v1 and v2): the Confluent id is the file's
+    /// version.
+    File(u32),
+    /// The id a schema registry gave the schema (any value up to 2^31-1).
+    Registry(u32),
+}
+
+impl WriterId {
+    /// The file version or the registry id.
+    pub fn number(self) -> u32 {
+        match self {
+            WriterId::File(number) | WriterId::Registry(number) => number,
+        }
+    }
+
+    /// The file version, when the schema came from a file.
+    pub fn file_version(self) -> Option<u32> {
+        match self {
+            WriterId::File(version) => Some(version),
+            WriterId::Registry(_) => None,
+        }
+    }
+}
+
+impl fmt::Display for WriterId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            WriterId::File(version) => write!(f, "v{version}"),
+            WriterId::Registry(id) => write!(f, "registry id {id}"),
+        }
+    }
+}
+
+/// Why a payload was refused. Every variant but [`DecodeError::NotFetched`] is permanent for that
+/// payload: retrying it gives the same answer, so the caller dead-letters it under
+/// [`DecodeError::class`] ([`DecodeError::is_permanent`] tells which).
 #[derive(Debug, thiserror::Error)]
 pub enum DecodeError {
     /// The payload has no bytes at all.
@@ -163,15 +229,33 @@ pub enum DecodeError {
     /// A Confluent schema id that names no loaded schema.
     #[error("unknown schema id {0}: no audit_event.v{0}.avsc is loaded")]
     UnknownSchemaId(u32),
+    /// Not a verdict: the schema registry has not been asked about this id yet (or its 404 is no
+    /// longer remembered). The caller fetches it and decodes the payload again.
+    #[error("schema id {0} has not been fetched from the schema registry yet")]
+    NotFetched(u32),
+    /// The schema registry does not know this id (404, error code 40403).
+    #[error("schema id {0} is not registered in the schema registry (404, error code 40403)")]
+    NotRegistered(u32),
+    /// The registry's schema for this id cannot be read with the reader schema (or is not an
+    /// Avro schema at all).
+    #[error(
+        "writer schema id {id} from the schema registry cannot be read with reader schema v2: {reason}"
+    )]
+    RegistrySchemaUnusable {
+        /// The registry id.
+        id: u32,
+        /// Why not.
+        reason: String,
+    },
     /// A single-object fingerprint that matches no loaded schema.
     #[error("unknown writer schema fingerprint {0:#018x}")]
     UnknownFingerprint(u64),
     /// The datum does not decode with its writer schema (truncated, bad varint, bad UTF-8, trailing
     /// bytes, out-of-range union or enum index).
-    #[error("datum written with schema v{version} does not decode at {field}: {reason}")]
+    #[error("datum written with schema {writer} does not decode at {field}: {reason}")]
     Datum {
-        /// The writer schema version.
-        version: u32,
+        /// The writer schema.
+        writer: WriterId,
         /// The field being read, as a dotted path.
         field: String,
         /// What was wrong with the bytes.
@@ -179,10 +263,10 @@ pub enum DecodeError {
     },
     /// The datum decoded, but its value has no place in the reader schema (a writer enum symbol the
     /// reader lacks, a null for a required field).
-    #[error("datum written with schema v{version} cannot be resolved at {field}: {reason}")]
+    #[error("datum written with schema {writer} cannot be resolved at {field}: {reason}")]
     Unresolvable {
-        /// The writer schema version.
-        version: u32,
+        /// The writer schema.
+        writer: WriterId,
         /// The reader field, as a dotted path.
         field: &'static str,
         /// Why the value cannot be resolved.
@@ -223,6 +307,12 @@ pub enum DecodeError {
 }
 
 impl DecodeError {
+    /// False only for [`DecodeError::NotFetched`]: the payload is not at fault and must not be
+    /// dead-lettered; everything else gives the same answer however often it is retried.
+    pub fn is_permanent(&self) -> bool {
+        !matches!(self, DecodeError::NotFetched(_))
+    }
+
     /// Returns the class written to the dead-letter header.
     pub fn class(&self) -> ErrorClass {
         match self {
@@ -231,6 +321,9 @@ impl DecodeError {
             | DecodeError::TruncatedHeader { .. }
             | DecodeError::Datum { .. } => ErrorClass::Decode,
             DecodeError::UnknownSchemaId(_)
+            | DecodeError::NotFetched(_)
+            | DecodeError::NotRegistered(_)
+            | DecodeError::RegistrySchemaUnusable { .. }
             | DecodeError::UnknownFingerprint(_)
             | DecodeError::Unresolvable { .. } => ErrorClass::Schema,
             DecodeError::Invalid { .. } | DecodeError::TooLarge { .. } => ErrorClass::Validation,
@@ -295,8 +388,8 @@ pub enum SchemaLoadError {
 pub struct Decoded {
     /// The event, resolved into the reader schema.
     pub event: AuditEvent,
-    /// The version of the schema the producer wrote with.
-    pub writer_version: u32,
+    /// The schema the producer wrote with.
+    pub writer: WriterId,
     /// The framing the payload arrived in.
     pub wire_format: WireFormat,
 }
@@ -308,6 +401,26 @@ pub struct Decoder {
     writers: Vec<WriterSchema>,
     by_version: HashMap<u32, usize>,
     by_fingerprint: HashMap<u64, usize>,
+    /// With a registry: where Confluent ids are looked up instead of `by_version`.
+    registry: Option<Arc<RegistryCache>>,
+}
+
+/// The writer a payload names: a local file's, or one from the registry cache (an `Arc`, so the
+/// cache's lock is not held while the datum is read).
+enum Writer<'d> {
+    Local(&'d WriterSchema),
+    Registry(Arc<WriterSchema>),
+}
+
+impl Deref for Writer<'_> {
+    type Target = WriterSchema;
+
+    fn deref(&self) -> &WriterSchema {
+        match self {
+            Writer::Local(writer) => writer,
+            Writer::Registry(writer) => writer,
+        }
+    }
 }
 
 impl Decoder {
@@ -369,9 +482,11 @@ impl Decoder {
             writers: Vec::with_capacity(sources.len()),
             by_version: HashMap::new(),
             by_fingerprint: HashMap::new(),
+            registry: None,
         };
         for (version, text) in sources {
-            let (writer, legacy_fingerprint) = WriterSchema::load(version, &text, &reader)?;
+            let (writer, legacy_fingerprint) =
+                WriterSchema::load(WriterId::File(version), &text, &reader)?;
             let index = decoder.writers.len();
             decoder.by_version.insert(version, index);
             // Identical canonical forms (schemas differing only in docs) share a fingerprint; the
@@ -387,6 +502,19 @@ impl Decoder {
             decoder.writers.push(writer);
         }
         Ok(decoder)
+    }
+
+    /// Looks Confluent ids up in `cache` (filled from a schema registry) instead of the local
+    /// files. Single-object payloads still resolve against the local files first, then against
+    /// every schema the cache holds.
+    pub fn with_registry(mut self, cache: Arc<RegistryCache>) -> Self {
+        self.registry = Some(cache);
+        self
+    }
+
+    /// The registry cache, when Confluent ids are looked up in a registry.
+    pub fn registry(&self) -> Option<&Arc<RegistryCache>> {
+        self.registry.as_ref()
     }
 
     /// Returns the loaded writer schema versions, ascending.
@@ -409,7 +537,7 @@ impl Decoder {
         let event = writer.read_event(datum)?;
         Ok(Decoded {
             event,
-            writer_version: writer.version,
+            writer: writer.id,
             wire_format,
         })
     }
@@ -443,14 +571,17 @@ impl Decoder {
     fn frame<'p>(
         &self,
         payload: &'p [u8],
-    ) -> Result<(&WriterSchema, WireFormat, &'p [u8]), DecodeError> {
+    ) -> Result<(Writer<'_>, WireFormat, &'p [u8]), DecodeError> {
         match payload {
             [] => Err(DecodeError::Empty),
             [CONFLUENT_MAGIC, ..] => {
                 let (header, datum) =
                     split_header(payload, WireFormat::Confluent, CONFLUENT_HEADER_LEN)?;
                 let id = u32::from_be_bytes([header[1], header[2], header[3], header[4]]);
-                let writer = self.writer(id).ok_or(DecodeError::UnknownSchemaId(id))?;
+                let writer = match &self.registry {
+                    Some(cache) => Writer::Registry(cache.writer(id)?),
+                    None => Writer::Local(self.writer(id).ok_or(DecodeError::UnknownSchemaId(id))?),
+                };
                 Ok((writer, WireFormat::Confluent, datum))
             }
             [0xC3] | [0xC3, 0x01, ..] => {
@@ -459,11 +590,16 @@ impl Decoder {
                 let mut fingerprint_bytes = [0u8; 8];
                 fingerprint_bytes.copy_from_slice(&header[2..]);
                 let fingerprint = u64::from_le_bytes(fingerprint_bytes);
-                let index = self
-                    .by_fingerprint
-                    .get(&fingerprint)
-                    .ok_or(DecodeError::UnknownFingerprint(fingerprint))?;
-                Ok((&self.writers[*index], WireFormat::SingleObject, datum))
+                let writer = match self.by_fingerprint.get(&fingerprint) {
+                    Some(&index) => Writer::Local(&self.writers[index]),
+                    None => self
+                        .registry
+                        .as_ref()
+                        .and_then(|cache| cache.writer_by_fingerprint(fingerprint))
+                        .map(Writer::Registry)
+                        .ok_or(DecodeError::UnknownFingerprint(fingerprint))?,
+                };
+                Ok((writer, WireFormat::SingleObject, datum))
             }
             _ => Err(DecodeError::UnknownFormat {
                 prefix: payload

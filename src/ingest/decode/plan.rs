@@ -7,7 +7,7 @@ use uuid::Uuid;
 
 use super::rules::invalid;
 use super::types::{RecordDef, WireType};
-use super::{DecodeError, QUOTE_CHARS};
+use super::{DecodeError, WriterId, QUOTE_CHARS};
 use crate::event::{Actor, ActorType, AuditEvent, Outcome, Resource};
 
 /// A leaf field of the reader schema.
@@ -390,9 +390,9 @@ impl<'a> Fields<'a> {
         Ok(())
     }
 
-    pub(crate) fn into_event(self, version: u32) -> Result<AuditEvent, DecodeError> {
+    pub(crate) fn into_event(self, writer: WriterId) -> Result<AuditEvent, DecodeError> {
         let missing = |slot: Slot| DecodeError::Unresolvable {
-            version,
+            writer,
             field: slot.path(),
             reason: "the writer provided no value and the reader field has no default".to_owned(),
         };

@@ -9,13 +9,14 @@ use super::fingerprint::{canonical_form, crc64_avro};
 use super::plan::{compile_plan, Fields, Slot, Step, EVENT_FIELDS};
 use super::types::{Compiler, RecordDef, WireType};
 use super::wire::{Cursor, ReadError, WireError};
-use super::{DecodeError, SchemaLoadError};
+use super::{DecodeError, SchemaLoadError, WriterId};
 use crate::event::AuditEvent;
 
 /// One writer schema, compiled against the reader schema.
 #[derive(Debug)]
 pub(crate) struct WriterSchema {
-    pub(crate) version: u32,
+    /// The file version or registry id it was loaded as.
+    pub(crate) id: WriterId,
     /// CRC-64-AVRO of the spec's Parsing Canonical Form.
     pub(crate) fingerprint: u64,
     /// One step per writer field of the top-level record, in writer order.
@@ -28,10 +29,11 @@ impl WriterSchema {
     /// Parses, checks and compiles one schema. Also returns the fingerprint apache-avro computes for
     /// it, which Rust producers put in single-object headers.
     pub(crate) fn load(
-        version: u32,
+        id: WriterId,
         text: &str,
         reader: &Schema,
     ) -> Result<(Self, u64), SchemaLoadError> {
+        let version = id.number();
         let parse_error = |reason: String| SchemaLoadError::Parse { version, reason };
         let incompatible = |reason: String| SchemaLoadError::Incompatible { version, reason };
         let schema = Schema::parse_str(text).map_err(|err| parse_error(err.to_string()))?;
@@ -68,7 +70,7 @@ impl WriterSchema {
             )));
         }
         let writer = WriterSchema {
-            version,
+            id,
             fingerprint,
             steps,
             records: compiler.records,
@@ -82,12 +84,12 @@ impl WriterSchema {
         self.run_steps(&self.steps, &mut cursor, &mut fields)?;
         if !cursor.bytes.is_empty() {
             return Err(DecodeError::Datum {
-                version: self.version,
+                writer: self.id,
                 field: "end of record".to_owned(),
                 reason: format!("{} trailing bytes after the datum", cursor.bytes.len()),
             });
         }
-        fields.into_event(self.version)
+        fields.into_event(self.id)
     }
 
     fn run_steps<'a>(
@@ -120,7 +122,7 @@ impl WriterSchema {
 
     fn datum_error(&self, field: &str, err: WireError) -> DecodeError {
         DecodeError::Datum {
-            version: self.version,
+            writer: self.id,
             field: field.to_owned(),
             reason: err.to_string(),
         }
@@ -128,7 +130,7 @@ impl WriterSchema {
 
     fn unresolvable(&self, field: &'static str, reason: String) -> DecodeError {
         DecodeError::Unresolvable {
-            version: self.version,
+            writer: self.id,
             field,
             reason,
         }

@@ -10,6 +10,7 @@ use apache_avro::types::Value;
 use chrono::Duration;
 use chrono::TimeZone;
 use serde_json::Value as Json;
+use std::sync::Arc;
 use uuid::Uuid;
 
 /// A change applied to a copy of the sample event.
@@ -134,7 +135,7 @@ fn confluent_v2_round_trips_every_field() {
     assert_eq!(&payload[..5], &[0, 0, 0, 0, 2]);
     let decoded = decoder.decode(&payload).unwrap();
     assert_eq!(decoded.event, event);
-    assert_eq!(decoded.writer_version, 2);
+    assert_eq!(decoded.writer, WriterId::File(2));
     assert_eq!(decoded.wire_format, WireFormat::Confluent);
 }
 
@@ -145,7 +146,7 @@ fn confluent_v1_is_resolved_with_no_session() {
     let payload = decoder.encode_confluent(&event, 1).unwrap();
     let decoded = decoder.decode(&payload).unwrap();
     assert_eq!(decoded.event, without_session(event));
-    assert_eq!(decoded.writer_version, 1);
+    assert_eq!(decoded.writer, WriterId::File(1));
 }
 
 #[test]
@@ -160,7 +161,7 @@ fn single_object_v1_and_v2_decode() {
             &decoder.fingerprint(version).unwrap().to_le_bytes()
         );
         let decoded = decoder.decode(&payload).unwrap();
-        assert_eq!(decoded.writer_version, version);
+        assert_eq!(decoded.writer, WriterId::File(version));
         assert_eq!(decoded.wire_format, WireFormat::SingleObject);
         let expected = if version == 1 {
             without_session(event.clone())
@@ -306,7 +307,7 @@ fn single_object_from_apache_avro_writer_decodes() {
     // ... which is still recognised.
     let decoded = decoder.decode(&payload).unwrap();
     assert_eq!(decoded.event, event);
-    assert_eq!(decoded.writer_version, 2);
+    assert_eq!(decoded.writer, WriterId::File(2));
 }
 
 #[test]
@@ -385,7 +386,7 @@ fn v3_with_an_extra_optional_field_decodes_as_v2() {
     ] {
         let decoded = decoder.decode(&payload).unwrap();
         assert_eq!(decoded.event, event);
-        assert_eq!(decoded.writer_version, 3);
+        assert_eq!(decoded.writer, WriterId::File(3));
     }
 }
 
@@ -465,7 +466,7 @@ fn v3_extra_fields_of_every_kind_are_skipped() {
     assert!(datum.len() > ours.len() - 5);
     let decoded = decoder.decode(&confluent(3, &datum)).unwrap();
     assert_eq!(decoded.event, event);
-    assert_eq!(decoded.writer_version, 3);
+    assert_eq!(decoded.writer, WriterId::File(3));
 }
 
 #[test]
@@ -979,6 +980,112 @@ fn error_classes_have_stable_names() {
     assert_eq!(ErrorClass::OutOfWindow.to_string(), "out_of_window");
 }
 
+/// A payload written with local schema `version`, framed with registry id `id`.
+fn framed_with_id(decoder: &Decoder, event: &AuditEvent, version: u32, id: u32) -> Vec<u8> {
+    let mut payload = decoder.encode_confluent(event, version).unwrap();
+    payload[1..5].copy_from_slice(&id.to_be_bytes());
+    payload
+}
+
+fn registry_decoder() -> (Decoder, Arc<RegistryCache>) {
+    let cache = Arc::new(RegistryCache::new(100, std::time::Duration::from_secs(30)).unwrap());
+    (decoder().with_registry(Arc::clone(&cache)), cache)
+}
+
+#[test]
+fn with_a_registry_confluent_ids_are_registry_ids_not_file_versions() {
+    let (decoder, cache) = registry_decoder();
+    let event = sample_event();
+    // Id 2 is a local file version, but with a registry it means the registry's id 2.
+    let payload = framed_with_id(&decoder, &event, 2, 2);
+    let err = decoder.decode(&payload).unwrap_err();
+    assert!(matches!(err, DecodeError::NotFetched(2)), "{err:?}");
+    assert!(!err.is_permanent());
+
+    cache
+        .install(
+            2,
+            include_str!(concat!(
+                env!("CARGO_MANIFEST_DIR"),
+                "/schemas/audit_event.v1.avsc"
+            )),
+        )
+        .unwrap();
+    cache.install(100_023, READER_SCHEMA).unwrap();
+    // Registry id 2 is v1's text: the v1 bytes written under it decode, without session_id.
+    let v1_payload = framed_with_id(&decoder, &event, 1, 2);
+    let decoded = decoder.decode(&v1_payload).unwrap();
+    assert_eq!(decoded.writer, WriterId::Registry(2));
+    assert_eq!(decoded.event, without_session(event.clone()));
+    let v2_payload = framed_with_id(&decoder, &event, 2, 100_023);
+    let decoded = decoder
+        .decode_validated(&v2_payload, now(), &Policy::default())
+        .unwrap();
+    assert_eq!(decoded.writer, WriterId::Registry(100_023));
+    assert_eq!(decoded.event, event);
+    assert_eq!(decoded.writer.file_version(), None);
+    assert_eq!(decoded.writer.number(), 100_023);
+    assert_eq!(cache.num_lookups(), 3);
+    assert_eq!(cache.num_misses(), 1);
+}
+
+#[test]
+fn registry_verdicts_are_permanent_schema_errors_naming_the_id() {
+    let (decoder, cache) = registry_decoder();
+    let event = sample_event();
+    cache.remember_not_found(4_812);
+    let err = decoder
+        .decode(&framed_with_id(&decoder, &event, 2, 4_812))
+        .unwrap_err();
+    assert!(matches!(err, DecodeError::NotRegistered(4_812)), "{err:?}");
+    assert!(err.is_permanent());
+    assert_eq!(err.class(), ErrorClass::Schema);
+    assert!(err.to_string().contains("4812"), "{err}");
+
+    let mut incompatible: Json = serde_json::from_str(READER_SCHEMA).unwrap();
+    assert_eq!(incompatible["fields"][1]["name"], "occurred_at");
+    incompatible["fields"][1]["type"] = Json::from("string");
+    let incompatible = incompatible.to_string();
+    let reason = cache.install(17, &incompatible).unwrap_err();
+    assert!(reason.contains("occurred_at"), "{reason}");
+    let err = decoder
+        .decode(&framed_with_id(&decoder, &event, 2, 17))
+        .unwrap_err();
+    assert!(
+        matches!(err, DecodeError::RegistrySchemaUnusable { id: 17, .. }),
+        "{err:?}"
+    );
+    assert_eq!(err.class(), ErrorClass::Schema);
+    assert!(err.to_string().contains("occurred_at"), "{err}");
+
+    // A bad datum under a registry schema names the registry id.
+    cache.install(18, READER_SCHEMA).unwrap();
+    let mut truncated = framed_with_id(&decoder, &event, 2, 18);
+    truncated.truncate(20);
+    let err = decoder.decode(&truncated).unwrap_err();
+    assert_eq!(err.class(), ErrorClass::Decode);
+    assert!(err.to_string().contains("registry id 18"), "{err}");
+}
+
+#[test]
+fn single_object_payloads_resolve_against_schemas_fetched_so_far() {
+    let (decoder, cache) = registry_decoder();
+    let v3 = v3_schema(V3_EXTRA_FIELD, "");
+    let (_dir, v3_decoder) = decoder_with_v3(&v3);
+    let event = sample_event();
+    let payload = v3_decoder.encode_single_object(&event, 3).unwrap();
+    let err = decoder.decode(&payload).unwrap_err();
+    assert!(matches!(err, DecodeError::UnknownFingerprint(_)), "{err:?}");
+    cache.install(30_001, &v3).unwrap();
+    let decoded = decoder.decode(&payload).unwrap();
+    assert_eq!(decoded.writer, WriterId::Registry(30_001));
+    assert_eq!(decoded.wire_format, WireFormat::SingleObject);
+    assert_eq!(decoded.event, event);
+    // Local files still come first.
+    let local = decoder.encode_single_object(&event, 2).unwrap();
+    assert_eq!(decoder.decode(&local).unwrap().writer, WriterId::File(2));
+}
+
 /// Measures decode + validate per event. Run with
 /// `cargo test --release --lib decode::tests::decode_benchmark -- --ignored --nocapture`.
 #[test]
@@ -1007,6 +1114,36 @@ fn decode_benchmark() {
         std::hint::black_box(decoder.decode(std::hint::black_box(&payload)).unwrap());
     }
     let decode_only = started.elapsed().as_secs_f64() * 1e6 / f64::from(iterations);
+
+    // The same payload through a registry-backed decoder, warm (the id is cached): the
+    // registry must add nothing measurable per event. Rounds alternate so drift hits both.
+    let (registry_decoder, cache) = registry_decoder();
+    cache.install(100_023, READER_SCHEMA).unwrap();
+    let registry_payload = framed_with_id(&decoder, &event, 2, 100_023);
+    let time_per_event = |decoder: &Decoder, payload: &[u8]| {
+        let started = std::time::Instant::now();
+        for _ in 0..iterations {
+            let decoded = decoder
+                .decode_validated(std::hint::black_box(payload), now(), &Policy::default())
+                .unwrap();
+            std::hint::black_box(decoded);
+        }
+        started.elapsed().as_secs_f64() * 1e6 / f64::from(iterations)
+    };
+    let (mut local_runs, mut registry_runs) = (Vec::new(), Vec::new());
+    for _ in 0..5 {
+        local_runs.push(time_per_event(&decoder, &payload));
+        registry_runs.push(time_per_event(&registry_decoder, &registry_payload));
+    }
+    let median = |runs: &mut Vec<f64>| {
+        runs.sort_by(f64::total_cmp);
+        runs[runs.len() / 2]
+    };
+    let (local, registry) = (median(&mut local_runs), median(&mut registry_runs));
+    println!(
+        "decode+validate per event, median of 5 x {iterations}: local files {local:.3} us, registry warm {registry:.3} us ({:+.1}%)",
+        (registry / local - 1.0) * 100.0
+    );
 
     let (v2, avro_iterations) = (parse(2), 20_000);
     let started = std::time::Instant::now();

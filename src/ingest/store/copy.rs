@@ -21,8 +21,12 @@ pub struct CopyRows {
 pub struct RowMeta<'a> {
     /// See [`crate::event::content_hash`].
     pub content_hash: [u8; 16],
-    /// The writer schema version, when known.
+    /// `schema_version`: the writer schema's file version, when it came from `schemas/` (NULL
+    /// when it came from a schema registry, whose ids are not versions).
     pub schema_version: Option<u32>,
+    /// `writer_schema_id`: the writer schema's Confluent id as the producer wrote it, i.e. the
+    /// registry id, or the file version without a registry. Up to 2^32-1 (`bigint`).
+    pub writer_schema_id: Option<u32>,
     /// Source topic.
     pub topic: &'a str,
     /// Source partition.
@@ -68,12 +72,14 @@ impl CopyRows {
             // Writing into a Vec cannot fail.
             let _ = write!(buf, "{byte:02x}");
         }
-        buf.push(b'\t');
-        match meta.schema_version {
-            Some(version) => {
-                let _ = write!(buf, "{version}");
+        for number in [meta.schema_version, meta.writer_schema_id] {
+            buf.push(b'\t');
+            match number {
+                Some(number) => {
+                    let _ = write!(buf, "{number}");
+                }
+                None => buf.extend_from_slice(b"\\N"),
             }
-            None => buf.extend_from_slice(b"\\N"),
         }
         buf.push(b'\t');
         write_text(buf, meta.topic);

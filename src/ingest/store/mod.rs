@@ -38,7 +38,8 @@ use crate::db::retry::{classify, is_partition_missing, Retry};
 /// Columns in COPY order. The staging table has the same ones.
 const COLUMNS: &str = "event_id, occurred_at, tenant_id, actor_id, actor_type, actor_ip, \
     actor_user_agent, action, resource_type, resource_id, outcome, reason, trace_id, details, \
-    session_id, content_hash, schema_version, kafka_topic, kafka_partition, kafka_offset, kafka_timestamp";
+    session_id, content_hash, schema_version, writer_schema_id, kafka_topic, kafka_partition, \
+    kafka_offset, kafka_timestamp";
 
 /// Per-connection staging table for the duplicate-tolerant path; emptied at every commit.
 const CREATE_STAGING: &str = "CREATE TEMP TABLE IF NOT EXISTS auditflow_staging (
@@ -46,7 +47,8 @@ const CREATE_STAGING: &str = "CREATE TEMP TABLE IF NOT EXISTS auditflow_staging 
     actor_id text NOT NULL, actor_type text NOT NULL, actor_ip text, actor_user_agent text,
     action text NOT NULL, resource_type text NOT NULL, resource_id text NOT NULL,
     outcome text NOT NULL, reason text, trace_id text, details jsonb, session_id text,
-    content_hash bytea NOT NULL, schema_version smallint, kafka_topic text NOT NULL,
+    content_hash bytea NOT NULL, schema_version smallint, writer_schema_id bigint,
+    kafka_topic text NOT NULL,
     kafka_partition integer NOT NULL, kafka_offset bigint NOT NULL, kafka_timestamp timestamptz
 ) ON COMMIT DELETE ROWS";
 

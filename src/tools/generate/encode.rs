@@ -100,7 +100,7 @@ impl WriterSchema {
                     let value = slot.value_of(event, event_id);
                     write_slot(out, &value, wire).map_err(|reason| {
                         EncodeError::Unrepresentable {
-                            version: self.version,
+                            version: self.id.number(),
                             field: slot.path().to_owned(),
                             reason,
                         }
@@ -113,7 +113,7 @@ impl WriterSchema {
                     default,
                 } => {
                     let unrepresentable = |reason: String| EncodeError::Unrepresentable {
-                        version: self.version,
+                        version: self.id.number(),
                         field: path.clone(),
                         reason,
                     };

@@ -32,6 +32,10 @@ pub const DUPLICATE_WINDOW: usize = 1000;
 /// The schema id that no schema file defines, used for the `schema` class of invalid records.
 pub const UNKNOWN_SCHEMA_ID: u32 = 99;
 
+/// The schema id used instead with a registry ([`EventGenerator::with_schema_ids`]): registries
+/// number from 1 up, so the largest id one allows is the last to be taken.
+pub const UNKNOWN_REGISTRY_SCHEMA_ID: u32 = i32::MAX as u32;
+
 /// How far back valid events' `occurred_at` may lie; well inside the default accept window.
 const MAX_EVENT_AGE_SECONDS: i64 = 3 * 60 * 60;
 
@@ -264,6 +268,9 @@ pub struct EventGenerator {
     recent: VecDeque<(Vec<u8>, Vec<u8>)>,
     next_defect: usize,
     stats: GeneratorStats,
+    /// Schema version to the id written in the Confluent header; empty: the version itself.
+    schema_ids: std::collections::BTreeMap<u32, u32>,
+    unknown_schema_id: u32,
 }
 
 impl EventGenerator {
@@ -283,6 +290,27 @@ impl EventGenerator {
             recent: VecDeque::with_capacity(DUPLICATE_WINDOW),
             next_defect: 0,
             stats: GeneratorStats::default(),
+            schema_ids: std::collections::BTreeMap::new(),
+            unknown_schema_id: UNKNOWN_SCHEMA_ID,
+        }
+    }
+
+    /// Writes the id a schema registry gave each schema version (e.g. `{1: 4812, 2: 4813}`)
+    /// in the Confluent header instead of the version, as Confluent's serializers do, and
+    /// [`UNKNOWN_REGISTRY_SCHEMA_ID`] for the `schema` class of invalid records.
+    /// An empty map changes nothing.
+    pub fn with_schema_ids(mut self, ids: std::collections::BTreeMap<u32, u32>) -> Self {
+        if !ids.is_empty() {
+            self.unknown_schema_id = UNKNOWN_REGISTRY_SCHEMA_ID;
+        }
+        self.schema_ids = ids;
+        self
+    }
+
+    /// Puts the id that stands for `version` into a Confluent header.
+    fn frame_id(&self, payload: &mut [u8], version: u32) {
+        if let Some(id) = self.schema_ids.get(&version) {
+            payload[1..5].copy_from_slice(&id.to_be_bytes());
         }
     }
 
@@ -336,15 +364,18 @@ impl EventGenerator {
             }
             Defect::UnknownSchema => {
                 let mut payload = self.encode(&event, 2);
-                payload[1..5].copy_from_slice(&UNKNOWN_SCHEMA_ID.to_be_bytes());
+                payload[1..5].copy_from_slice(&self.unknown_schema_id.to_be_bytes());
                 payload
             }
             Defect::BadEventId => {
                 let event_id =
                     format!("evt-{:012}", self.rng.random_range(0..1_000_000_000_000u64));
-                self.decoder
+                let mut payload = self
+                    .decoder
                     .encode_confluent_with_event_id(&event, &event_id, 2)
-                    .expect("the embedded v2 schema encodes every generated event")
+                    .expect("the embedded v2 schema encodes every generated event");
+                self.frame_id(&mut payload, 2);
+                payload
             }
             Defect::DetailsNotObject => {
                 event.details = Some(r#"["details", "must", "be", "an", "object"]"#.to_owned());
@@ -364,9 +395,12 @@ impl EventGenerator {
     }
 
     fn encode(&self, event: &AuditEvent, version: u32) -> Vec<u8> {
-        self.decoder
+        let mut payload = self
+            .decoder
             .encode_confluent(event, version)
-            .expect("the embedded schemas encode every generated event")
+            .expect("the embedded schemas encode every generated event");
+        self.frame_id(&mut payload, version);
+        payload
     }
 
     /// Makes a valid event whose payload, written with schema `version`, is padded to a target
@@ -574,7 +608,7 @@ fn note_text(rng: &mut StdRng, length: usize) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::ingest::decode::{validate, Policy};
+    use crate::ingest::decode::{validate, Policy, WriterId};
     use chrono::TimeZone;
     use std::collections::HashSet;
 
@@ -670,7 +704,7 @@ mod tests {
                     assert!(event.trace_id.is_some());
                     assert!(event.details.is_some());
                     assert!(event_ids.insert(event.event_id), "ids are unique");
-                    if decoded.writer_version == 1 {
+                    if decoded.writer == WriterId::File(1) {
                         num_v1 += 1;
                         assert_eq!(event.session_id, None);
                     }
@@ -715,6 +749,36 @@ mod tests {
         assert!(EventGenerator::new(config.clone()).all(|record| record.kind == RecordKind::Valid));
         config.count = 0;
         assert_eq!(EventGenerator::new(config).count(), 0);
+    }
+
+    #[test]
+    fn with_registry_ids_the_headers_carry_them_and_the_rest_is_unchanged() {
+        let plain: Vec<GeneratedRecord> = EventGenerator::new(config(300, 5)).collect();
+        let ids = [(1, 4_812), (2, 100_023)].into_iter().collect();
+        let registered: Vec<GeneratedRecord> = EventGenerator::new(config(300, 5))
+            .with_schema_ids(ids)
+            .collect();
+        assert_eq!(plain.len(), registered.len());
+        let id_of =
+            |payload: &[u8]| u32::from_be_bytes([payload[1], payload[2], payload[3], payload[4]]);
+        let mut seen = std::collections::BTreeSet::new();
+        for (plain, registered) in plain.iter().zip(&registered) {
+            assert_eq!(plain.kind, registered.kind);
+            if plain.payload[0] != 0 {
+                assert_eq!(plain.payload, registered.payload, "garbage stays garbage");
+                continue;
+            }
+            assert_eq!(plain.payload[5..], registered.payload[5..], "same datum");
+            let expected = match id_of(&plain.payload) {
+                1 => 4_812,
+                2 => 100_023,
+                UNKNOWN_SCHEMA_ID => UNKNOWN_REGISTRY_SCHEMA_ID,
+                other => panic!("unexpected id {other}"),
+            };
+            assert_eq!(id_of(&registered.payload), expected);
+            seen.insert(expected);
+        }
+        assert_eq!(seen.len(), 3, "{seen:?}");
     }
 
     #[test]
