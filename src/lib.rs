@@ -23,7 +23,8 @@
 //! - [`db`]: what every part shares with PostgreSQL: the pool, migrations, error
 //!   classification ([`db::retry`]) and the partitions of `events` as the database sees them
 //!   ([`db::partition`]).
-//! - [`event`]: the decoded audit event and its identity digest.
+//! - [`event`]: the decoded audit event and its identity digest; [`chain`]: the hash chain's
+//!   digests (rows, days, links), shared by the store that appends and `verify` that checks.
 //! - [`observe`]: the status board a running replica reports into, and the HTTP server that
 //!   serves it.
 //! - [`ingest`]: the running pipeline ([`ingest::Sink`]; start there): [`ingest::consume`],
@@ -42,6 +43,7 @@
 #![deny(missing_docs)]
 
 pub mod breaker;
+pub mod chain;
 pub mod config;
 pub mod db;
 pub mod event;
