@@ -9,3 +9,4 @@
 pub mod partitions;
 pub mod replay;
 pub mod schemas;
+pub mod verify;
