@@ -18,6 +18,10 @@ use crate::breaker::BreakerConfig;
 use crate::db::partition::PartitionInterval;
 use crate::db::PoolSettings;
 
+mod serve;
+
+pub use serve::ServeConfig;
+
 /// Every variable auditflow reads starts with this.
 pub const ENV_PREFIX: &str = "AUDITFLOW_";
 
@@ -119,6 +123,11 @@ pub struct RedisConfig {
     /// and counted, so a Redis outage never slows ingestion.
     #[serde(default = "default_invalidation_queue")]
     pub invalidation_queue: usize,
+    /// `AUDITFLOW_INVALIDATION_QUEUE_BYTES`: encoded bytes of invalidations waiting for Redis
+    /// (default 16 MiB, at least 262144, the largest message); beyond it they are dropped and
+    /// counted, whatever the count bound says.
+    #[serde(default = "default_invalidation_queue_bytes")]
+    pub invalidation_queue_bytes: usize,
 }
 
 /// When a batch is flushed: whichever limit is reached first.
@@ -669,6 +678,8 @@ pub struct Config {
     pub partitions: PartitionConfig,
     /// The schema registry, when Confluent ids are looked up there.
     pub registry: RegistryConfig,
+    /// The read side (`auditflow serve`).
+    pub serve: ServeConfig,
 }
 
 fn default_topic() -> String {
@@ -697,6 +708,9 @@ fn default_invalidation_channel() -> String {
 }
 fn default_invalidation_queue() -> usize {
     1_024
+}
+fn default_invalidation_queue_bytes() -> usize {
+    16 * 1024 * 1024
 }
 fn default_batch_max_events() -> usize {
     5_000
@@ -794,6 +808,7 @@ impl Config {
             breakers: load(&vars)?,
             partitions: load(&vars)?,
             registry: load(&vars)?,
+            serve: load(&vars)?,
         };
         config.validate()?;
         Ok(config)
@@ -864,6 +879,12 @@ impl Config {
                 return Err(ConfigError(format!("{variable} must be greater than zero")));
             }
         }
+        if self.redis.invalidation_queue_bytes < 262_144 {
+            return Err(ConfigError(format!(
+                "AUDITFLOW_INVALIDATION_QUEUE_BYTES must be at least 262144 (the largest invalidation message), got {}",
+                self.redis.invalidation_queue_bytes
+            )));
+        }
         if self.batch.batch_max_events > 1_000_000 {
             return Err(ConfigError(
                 "AUDITFLOW_BATCH_MAX_EVENTS must be at most 1000000".into(),
@@ -904,6 +925,7 @@ impl Config {
         }
         self.breakers.validate()?;
         self.partitions.validate(&self.sink)?;
+        self.serve.validate()?;
         self.registry.validate()?;
         if let Err(err) = crate::redis_client::open(
             self.redis.redis_url.expose(),

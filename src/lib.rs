@@ -36,6 +36,8 @@
 //!   [`ops::schemas`] (can auditflow read a registry subject's versions).
 //! - [`tools`]: the load generator ([`tools::generate`], with the Avro encoder), `produce`,
 //!   `demo` and `bench`.
+//! - [`serve`]: `auditflow serve`, the read side: the query API, its caches and their
+//!   invalidation (reads the table and the committed-batch log; never touches `ingest`).
 //! - [`service`]: `auditflow run`, one replica: the sink, partition upkeep beside it and the
 //!   observability endpoints, built and stopped together.
 //! - `main.rs`: the command line, which only parses, sets up telemetry and calls the library.
@@ -53,6 +55,7 @@ pub mod observe;
 pub mod ops;
 pub mod redis_client;
 pub mod reload;
+pub mod serve;
 pub mod service;
 pub mod telemetry;
 pub mod tools;

@@ -125,11 +125,34 @@ enum Command {
         #[arg(long, default_value_t = 10)]
         latency_seconds: u64,
     },
+    /// Measures `auditflow serve` on a generated table: latency cold and warm, staleness,
+    /// RSS under key churn, database load with Redis up and down, a 1,000,000-row export;
+    /// prints one JSON line (see BENCHMARKS.md).
+    BenchServe {
+        /// Rows generated in the scratch schema.
+        #[arg(long, default_value_t = 5_000_000)]
+        rows: u64,
+        /// Daily partitions they spread over.
+        #[arg(long, default_value_t = 10)]
+        days: u32,
+        /// Seconds of each staleness phase.
+        #[arg(long, default_value_t = 15)]
+        staleness_seconds: u64,
+        /// The reconciliation interval of the instance measured, ms.
+        #[arg(long, default_value_t = 1000)]
+        reconcile_interval_ms: u64,
+        /// The L1 bound of the instance measured, bytes.
+        #[arg(long, default_value_t = 32 * 1024 * 1024)]
+        cache_bytes: u64,
+    },
     /// The partition lifecycle of the events table: plan, apply, legal holds, restore.
     Partitions {
         #[command(subcommand)]
         command: PartitionsCommand,
     },
+    /// Serves the query API, the viewer page and its metrics on AUDITFLOW_SERVE_ADDR until
+    /// SIGINT/SIGTERM; SIGHUP reloads the tokens file. Reads only; never migrates.
+    Serve,
     /// Runs the whole flow on an embedded broker (or AUDITFLOW_KAFKA_BROKERS) and prints a summary.
     Demo {
         /// Distinct valid events to produce.
@@ -320,7 +343,31 @@ async fn execute(command: Command, mut live: LiveConfig) -> anyhow::Result<()> {
             println!("{}", serde_json::to_string(&report)?);
             Ok(())
         }
+        Command::BenchServe {
+            rows,
+            days,
+            staleness_seconds,
+            reconcile_interval_ms,
+            cache_bytes,
+        } => {
+            let options = auditflow::tools::bench_serve::BenchServeOptions {
+                rows,
+                days,
+                staleness_seconds,
+                reconcile_interval_ms,
+                cache_bytes,
+            };
+            let report = auditflow::tools::bench_serve::run(config, &options).await?;
+            println!("{}", serde_json::to_string(&report)?);
+            Ok(())
+        }
         Command::Partitions { command } => partitions_command(command, &config).await,
+        Command::Serve => {
+            let shutdown = shutdown_on_signal();
+            let serve = auditflow::serve::Serve::build(&config).await?;
+            let _reloader = live.spawn_on_sighup(shutdown.clone());
+            serve.run_until_stopped(shutdown).await
+        }
         Command::Demo { count } => {
             let shutdown = shutdown_on_signal();
             let report = demo::run(config, count, shutdown).await?;

@@ -41,6 +41,7 @@ fn notify_config(redis_url: String, channel: &str, queue_capacity: usize) -> Not
         redis_ca_file: None,
         channel: channel.to_owned(),
         queue_capacity,
+        queue_bytes: 16 * 1024 * 1024,
         publish_timeout: Duration::from_millis(500),
         breaker: BreakerConfig::INGEST,
     }
@@ -150,14 +151,14 @@ async fn subscriber_receives_exact_json_of_each_invalidation_in_order() {
 
     assert_eq!(
         next_payload(&mut messages).await,
-        r#"{"batch_seq":1,"count":3,"tenants":["acme","globex"],"resources":[{"type":"order","id":"42"},{"type":"user","id":"7"}],"truncated":false}"#
+        r#"{"version":2,"publisher":"00000000-0000-0000-0000-000000000000","batch_seq":1,"count":3,"tenants":["acme","globex"],"ranges":{},"resources":[{"type":"order","id":"42"},{"type":"user","id":"7"}],"truncated":false}"#
     );
     let received_large = next_payload(&mut messages).await;
     assert_eq!(received_large, expected_large);
     assert!(received_large.ends_with(r#""truncated":true}"#));
     assert_eq!(
         next_payload(&mut messages).await,
-        r#"{"batch_seq":3,"count":1,"tenants":["initech"],"resources":[{"type":"invoice","id":"INV-9"}],"truncated":false}"#
+        r#"{"version":2,"publisher":"00000000-0000-0000-0000-000000000000","batch_seq":3,"count":1,"tenants":["initech"],"ranges":{},"resources":[{"type":"invoice","id":"INV-9"}],"truncated":false}"#
     );
 
     let stats = notifier.stats();
@@ -370,4 +371,51 @@ async fn unresponsive_redis_cannot_hang_the_worker_or_its_shutdown() {
     assert_eq!(stats.published(), 0);
     assert_eq!(stats.published() + stats.failed() + stats.dropped(), 3);
     accept_task.abort();
+}
+
+#[tokio::test]
+async fn with_redis_down_high_cardinality_notices_stay_under_the_byte_bound_and_drops_are_counted()
+{
+    const NUM_PUBLISHED: u64 = 300;
+    const QUEUE_BYTES: usize = 2 * 1024 * 1024;
+    let shutdown = CancellationToken::new();
+    let config = NotifyConfig {
+        queue_bytes: QUEUE_BYTES,
+        ..notify_config("redis://127.0.0.1:1".to_owned(), &random_channel(), 1024)
+    };
+    let (notifier, worker) = spawn(config, shutdown.clone());
+    let stats = notifier.stats();
+    for batch_seq in 0..NUM_PUBLISHED {
+        let mut notice = Invalidation::new(batch_seq);
+        // A thousand tenants and a thousand resources: a message of ~100 KB.
+        for index in 0..MAX_RESOURCES_PER_MESSAGE {
+            notice.add(
+                &format!("tenant-{batch_seq}-{index:04}"),
+                "order",
+                &format!("{batch_seq}-{index:040}"),
+            );
+        }
+        notifier.publish(notice);
+    }
+    assert!(
+        stats.peak_queued_bytes() <= QUEUE_BYTES,
+        "{}",
+        stats.peak_queued_bytes()
+    );
+    assert!(
+        stats.peak_queued_bytes() > QUEUE_BYTES / 2,
+        "the bound is what stopped it"
+    );
+    assert!(
+        stats.dropped() >= NUM_PUBLISHED - 40,
+        "{} dropped",
+        stats.dropped()
+    );
+    stop_worker(&shutdown, worker).await;
+    assert_eq!(
+        stats.dropped(),
+        NUM_PUBLISHED,
+        "nothing reached redis, all counted"
+    );
+    assert_eq!(stats.queued_bytes(), 0, "the flush released every byte");
 }

@@ -386,3 +386,118 @@ impl Drop for SchemaGuard {
         common::drop_schema_blocking(&self.0);
     }
 }
+
+fn event_at(id: u128, tenant: &str, occurred_at: DateTime<Utc>) -> AuditEvent {
+    AuditEvent {
+        occurred_at,
+        ..event(id, tenant)
+    }
+}
+
+#[tokio::test]
+async fn each_transaction_that_stores_rows_logs_one_gapless_batch_with_its_exact_summary() {
+    let db = TestDb::new().await;
+    // Microseconds: the precision of timestamptz.
+    let base = DateTime::from_timestamp_micros(Utc::now().timestamp_micros()).unwrap()
+        - chrono::Duration::hours(2);
+    let at = |seconds: i64| base + chrono::Duration::seconds(seconds);
+    let first: Vec<AuditEvent> = vec![
+        event_at(1, "acme", at(10)),
+        event_at(2, "acme", at(5)),
+        event_at(3, "globex", at(7)),
+    ];
+    // Fast path (after a clean staging batch the store copies straight in), then an
+    // all-duplicate batch (takes no number), then a staging batch that stores part of its rows.
+    let (outcome, committed) = db
+        .store
+        .write_committed(&common::copy_rows(&first), 0..3)
+        .await
+        .unwrap();
+    assert_eq!(outcome.stored, 3);
+    let committed = committed.expect("a batch that stored rows is logged");
+    assert_eq!(committed.batch_seq, 1);
+    assert_eq!(committed.publisher, db.store.publisher());
+    let acme = committed.summary.tenants["acme"];
+    assert_eq!((acme.from, acme.to, acme.count), (at(5), at(10), 2));
+    assert_eq!(committed.summary.tenants["globex"].count, 1);
+
+    let (outcome, committed) = db
+        .store
+        .write_committed(&common::copy_rows(&first), 0..3)
+        .await
+        .unwrap();
+    assert_eq!((outcome.stored, outcome.duplicates), (0, 3));
+    assert!(committed.is_none(), "stored nothing, takes no number");
+
+    let mut mixed = first.clone();
+    mixed.push(event_at(4, "initech", at(1)));
+    mixed.push(event_at(5, "acme", at(20)));
+    let (outcome, committed) = db
+        .store
+        .write_committed(&common::copy_rows(&mixed), 0..5)
+        .await
+        .unwrap();
+    assert_eq!((outcome.stored, outcome.duplicates), (2, 3));
+    let committed = committed.expect("logged");
+    assert_eq!(
+        committed.batch_seq, 2,
+        "gapless: the duplicate batch took no number"
+    );
+    assert_eq!(
+        committed.summary.tenants.keys().collect::<Vec<_>>(),
+        ["acme", "initech"],
+        "only what this transaction stored"
+    );
+    let acme = committed.summary.tenants["acme"];
+    assert_eq!((acme.from, acme.to, acme.count), (at(20), at(20), 1));
+
+    let logged: Vec<(Uuid, i64, i32, String)> = sqlx::query_as(&format!(
+        "SELECT p.publisher, b.batch_seq, b.row_count, b.summary::text \
+         FROM \"{0}\".batches b JOIN \"{0}\".publishers p USING (publisher_id) \
+         ORDER BY b.batch_seq",
+        db.schema
+    ))
+    .fetch_all(db.store.pool())
+    .await
+    .unwrap();
+    assert_eq!(logged.len(), 2);
+    assert_eq!((logged[0].1, logged[0].2), (1, 3));
+    assert_eq!((logged[1].1, logged[1].2), (2, 2));
+    assert!(logged.iter().all(|row| row.0 == db.store.publisher()));
+    let summary: serde_json::Value = serde_json::from_str(&logged[1].3).unwrap();
+    assert_eq!(summary["tenants"]["initech"]["count"], 1);
+    assert_eq!(summary["truncated"], false);
+}
+
+#[tokio::test]
+async fn a_failed_transaction_leaves_no_batch_and_no_hole_in_the_sequence() {
+    let db = TestDb::new().await;
+    let good = vec![event(10, "acme")];
+    db.store
+        .write_committed(&common::copy_rows(&good), 0..1)
+        .await
+        .unwrap();
+    // A row the database refuses (a details value that is not an object) rolls back its
+    // transaction, the batches row with it.
+    let mut bad = event(11, "acme");
+    bad.details = Some("[1,2]".into());
+    assert!(db
+        .store
+        .write_committed(&common::copy_rows(&[bad]), 0..1)
+        .await
+        .is_err());
+    let (_, committed) = db
+        .store
+        .write_committed(&common::copy_rows(&[event(12, "acme")]), 0..1)
+        .await
+        .unwrap();
+    assert_eq!(committed.expect("logged").batch_seq, 2);
+    let seqs: Vec<i64> = sqlx::query_scalar(&format!(
+        "SELECT batch_seq FROM \"{}\".batches ORDER BY batch_seq",
+        db.schema
+    ))
+    .fetch_all(db.store.pool())
+    .await
+    .unwrap();
+    assert_eq!(seqs, [1, 2]);
+}

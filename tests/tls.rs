@@ -128,6 +128,7 @@ async fn redis_over_tls_with_a_ca_file_carries_invalidations() {
             redis_ca_file: Some(ca.cert_file.clone()),
             channel: channel.clone(),
             queue_capacity: 16,
+            queue_bytes: 1024 * 1024,
             publish_timeout: Duration::from_secs(2),
             breaker: BreakerConfig::INGEST,
         },

@@ -5,35 +5,60 @@
 //! truth: notices are best effort, so a Redis outage never stops or slows ingestion, and a
 //! subscriber that cannot tolerate a missed notice still needs a TTL on its cache.
 //!
-//! # Message format
+//! # Message format (version 2)
 //!
-//! This is a public contract for every service that caches the audit table. Each committed batch
-//! produces at most one message: a UTF-8 JSON object such as
+//! This is a public contract for every service that caches the audit table. Each committed
+//! transaction that stored rows produces exactly one message (a transaction whose rows were all
+//! duplicates stores nothing and publishes nothing): a UTF-8 JSON object such as
 //!
 //! ```json
-//! {"batch_seq":17,"count":3,"tenants":["acme","globex"],"resources":[{"type":"order","id":"42"},{"type":"user","id":"7"}],"truncated":false}
+//! {"version":2,"publisher":"6f1c0f7e-1b7a-4c39-9a38-3f9d8d0f4a51","batch_seq":17,"count":3,
+//!  "tenants":["acme","globex"],
+//!  "ranges":{"acme":{"from":"2026-03-01T10:00:00.000000Z","to":"2026-03-01T10:00:02.500000Z","count":2},
+//!            "globex":{"from":"2026-03-01T09:59:59.000001Z","to":"2026-03-01T09:59:59.000001Z","count":1}},
+//!  "resources":[{"type":"order","id":"42"},{"type":"user","id":"7"}],"truncated":false}
 //! ```
 //!
-//! - `batch_seq` (unsigned integer): the sequence number the pipeline gave the committed batch.
-//!   Messages are published in the order the pipeline handed them over, but messages can be lost
-//!   (see below), so a gap in `batch_seq` says nothing.
-//! - `count` (unsigned integer): how many events the batch committed, duplicates of the same
-//!   resource included.
-//! - `tenants` (array of strings): every distinct tenant the batch touched, sorted. Never
-//!   truncated.
-//! - `resources` (array of `{"type": string, "id": string}`): the distinct resources the batch
-//!   touched, sorted by type then id, at most [`MAX_RESOURCES_PER_MESSAGE`] entries.
-//! - `truncated` (boolean): `true` when `resources` was cut to [`MAX_RESOURCES_PER_MESSAGE`]
-//!   entries; the subscriber must then invalidate everything it caches for each tenant in
-//!   `tenants`.
+//! (one line on the wire). Fields:
+//!
+//! - `version` (integer, new in 2): the format version. A message without it is version 1 (the
+//!   fields below marked *new in 2* are absent).
+//! - `publisher` (UUID string, new in 2): the publisher epoch, a random id per store stream per
+//!   sink process start, registered in the `publishers` table.
+//! - `batch_seq` (unsigned integer): the publisher's sequence number of this committed
+//!   transaction, **gapless**: it advances only when a transaction that stored rows commits, and
+//!   the same number is in the `batches` table (written in that transaction). Within one
+//!   publisher, messages are published in order, so a subscriber that receives `n` and then
+//!   `n + 2` lost `n + 1`; a publisher it has never seen whose first message is not `1` means it
+//!   lost that publisher's earlier messages. (In version 1 it was a per-batch counter whose gaps
+//!   said nothing.)
+//! - `count` (unsigned integer): rows the transaction stored.
+//! - `tenants` (array of strings): the distinct tenants it stored rows for, sorted, at most
+//!   [`MAX_TENANTS_PER_SUMMARY`] (then `truncated`).
+//! - `ranges` (object, new in 2): per tenant in `tenants`, `from` and `to` (RFC 3339 UTC with
+//!   microseconds, both inclusive) the earliest and latest `occurred_at` stored, and `count`, the
+//!   rows stored for that tenant. A cached result for tenant T over `[a, b)` can only be affected
+//!   if `from < b` and `to >= a`.
+//! - `resources` (array of `{"type": string, "id": string}`): distinct resources of the batch
+//!   (possibly a superset of the stored rows' when the database refused some rows), sorted by
+//!   type then id, at most [`MAX_RESOURCES_PER_MESSAGE`] entries.
+//! - `truncated` (boolean): `true` when `tenants`/`ranges` or `resources` were cut (too many
+//!   entries, or the message would exceed [`MAX_MESSAGE_BYTES`]). The subscriber must then
+//!   invalidate **everything** it caches: the transaction may have touched any tenant. (In
+//!   version 1 only `resources` could be cut, and invalidating the listed tenants sufficed.)
 //!
 //! Subscribers must ignore fields they do not know: new fields may be added, existing ones keep
 //! their meaning. Redis pub/sub keeps nothing for absent subscribers: a subscriber that
-//! (re)connects has missed whatever was published meanwhile and should treat its cache as stale.
+//! (re)connects has missed whatever was published meanwhile and must treat its cache as stale.
+//! A publisher that dies right after a message was dropped leaves no later message to reveal
+//! the gap: compare what was received with the `batches` table periodically (`auditflow serve`
+//! does, see `src/serve/`).
 //!
 //! # Delivery
 //!
-//! [`Notifier::publish`] only puts the notice on a bounded queue; it never waits. One background
+//! [`Notifier::publish`] encodes the notice and puts it on a queue bounded both by count
+//! ([`NotifyConfig::queue_capacity`]) and by encoded bytes ([`NotifyConfig::queue_bytes`]); it
+//! never waits. One background
 //! [`NotifyWorker`] owns the Redis connection and publishes the queue in order. While Redis is
 //! unreachable the worker stops taking from the queue and reconnects with jittered exponential
 //! backoff, so notices wait in the queue and those that do not fit are dropped. A notice whose
@@ -41,9 +66,9 @@
 //! up counted exactly once in [`NotifyStats`] (and the matching Prometheus counter) as published,
 //! failed or dropped, once the worker has stopped.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -56,11 +81,21 @@ use tokio::task::JoinHandle;
 use tokio::time::{timeout, timeout_at, Instant};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn};
+use uuid::Uuid;
 
+pub use super::store::MAX_TENANTS_PER_SUMMARY;
+use super::store::{BatchSummary, CommittedBatch, TenantRange};
 use crate::breaker::{Breaker, BreakerConfig};
 
 /// Caps the `resources` array of one message; beyond it the message is marked `truncated`.
 pub const MAX_RESOURCES_PER_MESSAGE: usize = 1000;
+
+/// Caps one encoded message: resources, then tenants, are cut (and the message marked
+/// `truncated`) until it fits. The byte bound of the queue must be at least this.
+pub const MAX_MESSAGE_BYTES: usize = 256 * 1024;
+
+/// The message format version published.
+pub const MESSAGE_VERSION: u32 = 2;
 
 /// Counts notices Redis acknowledged (the PUBLISH returned, whatever the number of subscribers).
 pub const PUBLISHED_METRIC: &str = "auditflow_invalidations_published_total";
@@ -93,6 +128,9 @@ pub struct NotifyConfig {
     /// down, the queue fills after this many batches and later notices are dropped, so size it
     /// for the outage to ride out, not for throughput.
     pub queue_capacity: usize,
+    /// How many encoded bytes may wait for Redis, at least [`MAX_MESSAGE_BYTES`]: with
+    /// high-cardinality batches the count bound alone could hold gigabytes.
+    pub queue_bytes: usize,
     /// Bounds each connection attempt and each PUBLISH, and the whole shutdown: the worker stops
     /// within this long of cancellation, counting what it could not flush as dropped. Must be
     /// greater than zero.
@@ -117,6 +155,12 @@ impl NotifyConfig {
                 reason: "must be at least 1",
             });
         }
+        if self.queue_bytes < MAX_MESSAGE_BYTES {
+            return Err(NotifyError::InvalidConfig {
+                field: "queue_bytes",
+                reason: "must be at least 262144 (the largest message)",
+            });
+        }
         if self.publish_timeout.is_zero() {
             return Err(NotifyError::InvalidConfig {
                 field: "publish_timeout",
@@ -134,6 +178,7 @@ impl fmt::Debug for NotifyConfig {
             .field("redis_url", &redact_url_credentials(&self.redis_url))
             .field("channel", &self.channel)
             .field("queue_capacity", &self.queue_capacity)
+            .field("queue_bytes", &self.queue_bytes)
             .field("publish_timeout", &self.publish_timeout)
             .finish()
     }
@@ -156,31 +201,59 @@ pub enum NotifyError {
     },
 }
 
-/// What one committed batch changed, accumulated event by event and published as one message.
+/// What one committed transaction changed, published as one message.
+///
+/// A batch accumulates the resources it touches event by event ([`Invalidation::add`]); once a
+/// transaction commits, [`Invalidation::committed`] makes the message of that transaction from
+/// its committed-batch log entry.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Invalidation {
-    /// Sequence number of the committed batch.
+    /// The publisher epoch (nil until committed).
+    pub publisher: Uuid,
+    /// Gapless sequence number of the committed transaction within its publisher.
     pub batch_seq: u64,
-    /// Number of events added, duplicates included.
+    /// Number of rows stored.
     pub count: u64,
     /// Distinct tenants touched.
     pub tenants: BTreeSet<String>,
+    /// Per tenant, the `occurred_at` range and count stored.
+    pub ranges: BTreeMap<String, TenantRange>,
     /// Distinct `(resource type, resource id)` pairs touched.
     pub resources: BTreeSet<(String, String)>,
+    /// Tenants were left out upstream (the summary was capped).
+    pub tenants_truncated: bool,
 }
 
 impl Invalidation {
     /// Starts an empty notice for batch `batch_seq`.
     pub fn new(batch_seq: u64) -> Self {
         Self {
+            publisher: Uuid::nil(),
             batch_seq,
             count: 0,
             tenants: BTreeSet::new(),
+            ranges: BTreeMap::new(),
             resources: BTreeSet::new(),
+            tenants_truncated: false,
         }
     }
 
-    /// Records one committed event touching `resource_type`/`resource_id` of `tenant`.
+    /// The message of one committed transaction: its publisher, sequence number and per-tenant
+    /// summary, with the resources the batch touched.
+    pub fn committed(committed: &CommittedBatch, resources: &BTreeSet<(String, String)>) -> Self {
+        let BatchSummary { tenants, truncated } = &committed.summary;
+        Self {
+            publisher: committed.publisher,
+            batch_seq: committed.batch_seq,
+            count: committed.num_rows,
+            tenants: tenants.keys().cloned().collect(),
+            ranges: tenants.clone(),
+            resources: resources.clone(),
+            tenants_truncated: *truncated,
+        }
+    }
+
+    /// Records one event touching `resource_type`/`resource_id` of `tenant`.
     pub fn add(&mut self, tenant: &str, resource_type: &str, resource_id: &str) -> &mut Self {
         self.count += 1;
         if !self.tenants.contains(tenant) {
@@ -196,21 +269,54 @@ impl Invalidation {
         self.count == 0
     }
 
-    /// Encodes the message described in the [module documentation](self), capping `resources`
-    /// at [`MAX_RESOURCES_PER_MESSAGE`].
+    /// Encodes the message described in the [module documentation](self), capping `tenants`
+    /// and `ranges` at [`MAX_TENANTS_PER_SUMMARY`], `resources` at [`MAX_RESOURCES_PER_MESSAGE`],
+    /// and the whole at [`MAX_MESSAGE_BYTES`].
     pub fn to_json(&self) -> Result<String, serde_json::Error> {
+        let mut num_resources = self.resources.len().min(MAX_RESOURCES_PER_MESSAGE);
+        let mut num_tenants = self.tenants.len().min(MAX_TENANTS_PER_SUMMARY);
+        loop {
+            let encoded = self.encode(num_tenants, num_resources)?;
+            if encoded.len() <= MAX_MESSAGE_BYTES || (num_resources == 0 && num_tenants == 0) {
+                return Ok(encoded);
+            }
+            // Too big: halve resources first (they only narrow an invalidation), then tenants.
+            if num_resources > 0 {
+                num_resources /= 2;
+            } else {
+                num_tenants /= 2;
+            }
+        }
+    }
+
+    fn encode(
+        &self,
+        num_tenants: usize,
+        num_resources: usize,
+    ) -> Result<String, serde_json::Error> {
         let resources: Vec<ResourceRef<'_>> = self
             .resources
             .iter()
-            .take(MAX_RESOURCES_PER_MESSAGE)
+            .take(num_resources)
             .map(|(resource_type, id)| ResourceRef { resource_type, id })
             .collect();
+        let tenants: Vec<&String> = self.tenants.iter().take(num_tenants).collect();
+        let ranges: BTreeMap<&String, &TenantRange> = tenants
+            .iter()
+            .filter_map(|tenant| self.ranges.get(*tenant).map(|range| (*tenant, range)))
+            .collect();
+        let truncated = self.tenants_truncated
+            || tenants.len() < self.tenants.len()
+            || resources.len() < self.resources.len();
         serde_json::to_string(&InvalidationMessage {
+            version: MESSAGE_VERSION,
+            publisher: self.publisher,
             batch_seq: self.batch_seq,
             count: self.count,
-            tenants: &self.tenants,
-            truncated: self.resources.len() > resources.len(),
+            tenants,
+            ranges,
             resources,
+            truncated,
         })
     }
 }
@@ -218,9 +324,12 @@ impl Invalidation {
 /// Wire shape of a notice; field order is the order in the JSON.
 #[derive(Serialize)]
 struct InvalidationMessage<'a> {
+    version: u32,
+    publisher: Uuid,
     batch_seq: u64,
     count: u64,
-    tenants: &'a BTreeSet<String>,
+    tenants: Vec<&'a String>,
+    ranges: BTreeMap<&'a String, &'a TenantRange>,
     resources: Vec<ResourceRef<'a>>,
     truncated: bool,
 }
@@ -232,6 +341,13 @@ struct ResourceRef<'a> {
     id: &'a str,
 }
 
+/// One encoded notice waiting for Redis.
+#[derive(Debug)]
+struct Queued {
+    batch_seq: u64,
+    payload: String,
+}
+
 /// Running totals of notice outcomes, shared by every [`Notifier`] clone and the worker.
 ///
 /// Each total only grows. Once the worker has stopped, `published + failed + dropped` equals the
@@ -241,6 +357,8 @@ pub struct NotifyStats {
     published: AtomicU64,
     failed: AtomicU64,
     dropped: AtomicU64,
+    queued_bytes: AtomicUsize,
+    peak_queued_bytes: AtomicUsize,
 }
 
 impl NotifyStats {
@@ -257,6 +375,40 @@ impl NotifyStats {
     /// Returns how many notices were discarded without a publish attempt.
     pub fn dropped(&self) -> u64 {
         self.dropped.load(Ordering::Relaxed)
+    }
+
+    /// Returns the encoded bytes waiting in the queue now.
+    pub fn queued_bytes(&self) -> usize {
+        self.queued_bytes.load(Ordering::Relaxed)
+    }
+
+    /// Returns the most encoded bytes that ever waited in the queue at once.
+    pub fn peak_queued_bytes(&self) -> usize {
+        self.peak_queued_bytes.load(Ordering::Relaxed)
+    }
+
+    /// Takes `num_bytes` of the queue's byte budget `limit`; false (nothing taken) if they do
+    /// not fit.
+    fn reserve_bytes(&self, num_bytes: usize, limit: usize) -> bool {
+        let reserved =
+            self.queued_bytes
+                .fetch_update(Ordering::AcqRel, Ordering::Acquire, |queued| {
+                    queued
+                        .checked_add(num_bytes)
+                        .filter(|total| *total <= limit)
+                });
+        match reserved {
+            Ok(before) => {
+                self.peak_queued_bytes
+                    .fetch_max(before + num_bytes, Ordering::Relaxed);
+                true
+            }
+            Err(_) => false,
+        }
+    }
+
+    fn release_bytes(&self, num_bytes: usize) {
+        self.queued_bytes.fetch_sub(num_bytes, Ordering::AcqRel);
     }
 
     fn record_published(&self) {
@@ -297,9 +449,10 @@ pub fn describe_metrics() {
 /// The worker stops on its own once every clone is dropped and the queue is empty.
 #[derive(Debug, Clone)]
 pub struct Notifier {
-    invalidation_tx: mpsc::Sender<Invalidation>,
+    invalidation_tx: mpsc::Sender<Queued>,
     stats: Arc<NotifyStats>,
     breaker: Arc<Breaker>,
+    queue_bytes: usize,
 }
 
 impl Notifier {
@@ -308,10 +461,30 @@ impl Notifier {
     /// When the queue is full (Redis slow or down) or the worker has stopped, the notice is
     /// discarded and counted as dropped.
     pub fn publish(&self, invalidation: Invalidation) {
-        let reason = match self.invalidation_tx.try_send(invalidation) {
-            Ok(()) => return,
-            Err(TrySendError::Full(_)) => "queue full",
-            Err(TrySendError::Closed(_)) => "worker stopped",
+        let batch_seq = invalidation.batch_seq;
+        let payload = match invalidation.to_json() {
+            Ok(payload) => payload,
+            Err(err) => {
+                self.stats.record_failed();
+                error!(error = %err, batch_seq, "cannot encode invalidation notice");
+                return;
+            }
+        };
+        let num_bytes = payload.len();
+        let reason = if self.stats.reserve_bytes(num_bytes, self.queue_bytes) {
+            match self.invalidation_tx.try_send(Queued { batch_seq, payload }) {
+                Ok(()) => return,
+                Err(TrySendError::Full(_)) => {
+                    self.stats.release_bytes(num_bytes);
+                    "queue full"
+                }
+                Err(TrySendError::Closed(_)) => {
+                    self.stats.release_bytes(num_bytes);
+                    "worker stopped"
+                }
+            }
+        } else {
+            "queue bytes full"
         };
         let num_dropped = self.stats.record_dropped(1);
         // Logs at 1, 2, 4, 8, ... drops so a long outage cannot flood the log.
@@ -353,6 +526,7 @@ pub fn spawn(config: NotifyConfig, shutdown: CancellationToken) -> (Notifier, Jo
                 invalidation_tx,
                 stats: Arc::new(NotifyStats::default()),
                 breaker: Arc::new(Breaker::new("redis", breaker_config)),
+                queue_bytes: MAX_MESSAGE_BYTES,
             };
             (notifier, tokio::spawn(async {}))
         }
@@ -365,7 +539,7 @@ pub struct NotifyWorker {
     manager_config: ConnectionManagerConfig,
     channel: String,
     publish_timeout: Duration,
-    invalidation_rx: mpsc::Receiver<Invalidation>,
+    invalidation_rx: mpsc::Receiver<Queued>,
     stats: Arc<NotifyStats>,
     shutdown: CancellationToken,
     /// `None` while Redis is unreachable: the worker then reconnects before taking the next
@@ -407,6 +581,7 @@ impl NotifyWorker {
             invalidation_tx,
             stats: Arc::clone(&stats),
             breaker: Arc::clone(&breaker),
+            queue_bytes: config.queue_bytes,
         };
         let worker = NotifyWorker {
             client,
@@ -448,7 +623,10 @@ impl NotifyWorker {
                 biased;
                 () = shutdown.cancelled() => break,
                 received = self.invalidation_rx.recv() => match received {
-                    Some(invalidation) => invalidation,
+                    Some(queued) => {
+                        self.stats.release_bytes(queued.payload.len());
+                        queued
+                    }
                     None => {
                         info!("every notifier handle dropped, invalidation publisher stopped");
                         return;
@@ -487,6 +665,7 @@ impl NotifyWorker {
         self.invalidation_rx.close();
         let mut num_abandoned: u64 = 0;
         while let Ok(invalidation) = self.invalidation_rx.try_recv() {
+            self.stats.release_bytes(invalidation.payload.len());
             if self.connection.is_none() {
                 let connect = connect_with_backoff(
                     &self.client,
@@ -504,7 +683,8 @@ impl NotifyWorker {
             }
             self.publish_one(&invalidation, deadline).await;
         }
-        while self.invalidation_rx.try_recv().is_ok() {
+        while let Ok(queued) = self.invalidation_rx.try_recv() {
+            self.stats.release_bytes(queued.payload.len());
             num_abandoned += 1;
         }
         if num_abandoned > 0 {
@@ -518,16 +698,9 @@ impl NotifyWorker {
 
     /// Publishes one notice and records its outcome; forgets the connection when the failure
     /// says Redis is unreachable, so the caller reconnects before taking the next one.
-    async fn publish_one(&mut self, invalidation: &Invalidation, deadline: Instant) {
-        let batch_seq = invalidation.batch_seq;
-        let payload = match invalidation.to_json() {
-            Ok(payload) => payload,
-            Err(err) => {
-                self.stats.record_failed();
-                error!(error = %err, batch_seq, "cannot encode invalidation notice");
-                return;
-            }
-        };
+    async fn publish_one(&mut self, queued: &Queued, deadline: Instant) {
+        let batch_seq = queued.batch_seq;
+        let payload = queued.payload.as_str();
         let Some(connection) = self.connection.as_mut() else {
             // Callers connect first; treated like a lost connection should that ever change.
             self.stats.record_dropped(1);
@@ -652,9 +825,136 @@ mod tests {
             redis_ca_file: None,
             channel: "auditflow.test".to_owned(),
             queue_capacity,
+            queue_bytes: 16 * 1024 * 1024,
             publish_timeout: Duration::from_millis(200),
             breaker: BreakerConfig::INGEST,
         }
+    }
+
+    fn committed(
+        batch_seq: u64,
+        tenants: &[(&str, i64, i64, u64)],
+        truncated: bool,
+    ) -> CommittedBatch {
+        let mut summary = BatchSummary::default();
+        for (tenant, from, to, count) in tenants {
+            summary.add(
+                tenant,
+                TenantRange {
+                    from: chrono::DateTime::from_timestamp(*from, 0).unwrap(),
+                    to: chrono::DateTime::from_timestamp(*to, 0).unwrap(),
+                    count: *count,
+                },
+            );
+        }
+        summary.truncated = truncated;
+        CommittedBatch {
+            publisher: Uuid::from_u128(0x6f1c0f7e_1b7a_4c39_9a38_3f9d8d0f4a51),
+            batch_seq,
+            num_rows: summary.num_rows(),
+            summary,
+        }
+    }
+
+    #[test]
+    fn a_committed_batch_message_carries_the_epoch_sequence_and_ranges_per_tenant() {
+        let mut resources = BTreeSet::new();
+        resources.insert(("order".to_owned(), "42".to_owned()));
+        let message = Invalidation::committed(
+            &committed(
+                17,
+                &[
+                    ("globex", 1_700_000_000, 1_700_000_000, 1),
+                    ("acme", 1_700_000_000, 1_700_000_060, 2),
+                ],
+                false,
+            ),
+            &resources,
+        );
+
+        assert_eq!(
+            message.to_json().expect("encodes"),
+            r#"{"version":2,"publisher":"6f1c0f7e-1b7a-4c39-9a38-3f9d8d0f4a51","batch_seq":17,"count":3,"tenants":["acme","globex"],"ranges":{"acme":{"from":"2023-11-14T22:13:20.000000Z","to":"2023-11-14T22:14:20.000000Z","count":2},"globex":{"from":"2023-11-14T22:13:20.000000Z","to":"2023-11-14T22:13:20.000000Z","count":1}},"resources":[{"type":"order","id":"42"}],"truncated":false}"#
+        );
+    }
+
+    #[test]
+    fn a_summary_truncated_upstream_marks_the_message_truncated() {
+        let message =
+            Invalidation::committed(&committed(3, &[("acme", 0, 0, 1)], true), &BTreeSet::new());
+        let json: serde_json::Value =
+            serde_json::from_str(&message.to_json().expect("encodes")).expect("valid json");
+        assert_eq!(json["truncated"], serde_json::json!(true));
+    }
+
+    #[test]
+    fn a_message_too_big_for_its_byte_cap_is_cut_and_marked_truncated() {
+        let mut invalidation = Invalidation::new(9);
+        // 500 resources of 2 KB each: a megabyte before the cap.
+        let long_id = "x".repeat(2000);
+        for index in 0..500 {
+            invalidation.add("acme", "order", &format!("{index:04}{long_id}"));
+        }
+        let encoded = invalidation.to_json().expect("encodes");
+        assert!(encoded.len() <= MAX_MESSAGE_BYTES, "{}", encoded.len());
+        let json: serde_json::Value = serde_json::from_str(&encoded).expect("valid json");
+        assert_eq!(json["truncated"], serde_json::json!(true));
+        assert_eq!(json["tenants"], serde_json::json!(["acme"]));
+        assert!(!json["resources"].as_array().unwrap().is_empty());
+    }
+
+    #[test]
+    fn tenants_beyond_the_cap_are_cut_and_marked_truncated() {
+        let mut invalidation = Invalidation::new(4);
+        for index in 0..=MAX_TENANTS_PER_SUMMARY {
+            invalidation.add(&format!("tenant-{index:05}"), "order", "1");
+        }
+        let json: serde_json::Value =
+            serde_json::from_str(&invalidation.to_json().expect("encodes")).expect("valid json");
+        assert_eq!(
+            json["tenants"].as_array().map(Vec::len),
+            Some(MAX_TENANTS_PER_SUMMARY)
+        );
+        assert_eq!(json["truncated"], serde_json::json!(true));
+    }
+
+    #[test]
+    fn the_queue_never_holds_more_bytes_than_its_bound_and_counts_what_it_drops() {
+        // High-cardinality notices (~100 KB each) with the worker never running (Redis down):
+        // the count bound alone (1024) would hold ~100 MB.
+        let config = NotifyConfig {
+            queue_bytes: 1024 * 1024,
+            ..test_config(1024)
+        };
+        let (notifier, _worker) =
+            NotifyWorker::new(config, CancellationToken::new()).expect("valid config");
+        for batch_seq in 0..200 {
+            let mut invalidation = Invalidation::new(batch_seq);
+            for index in 0..MAX_RESOURCES_PER_MESSAGE {
+                invalidation.add("acme", "order", &format!("{batch_seq}-{index:060}"));
+            }
+            notifier.publish(invalidation);
+        }
+        let stats = notifier.stats();
+        assert!(stats.peak_queued_bytes() <= 1024 * 1024);
+        assert!(stats.queued_bytes() > 512 * 1024, "the bound is used");
+        assert!(stats.dropped() >= 180, "{} dropped", stats.dropped());
+        assert_eq!(stats.published(), 0);
+    }
+
+    #[test]
+    fn a_queue_byte_bound_below_the_largest_message_is_rejected() {
+        let config = NotifyConfig {
+            queue_bytes: 1000,
+            ..test_config(8)
+        };
+        assert!(matches!(
+            config.validate(),
+            Err(NotifyError::InvalidConfig {
+                field: "queue_bytes",
+                ..
+            })
+        ));
     }
 
     #[test]
@@ -668,7 +968,7 @@ mod tests {
         assert_eq!(invalidation.count, 3);
         assert_eq!(
             invalidation.to_json().expect("encodes"),
-            r#"{"batch_seq":17,"count":3,"tenants":["acme","globex"],"resources":[{"type":"order","id":"42"},{"type":"user","id":"7"}],"truncated":false}"#
+            r#"{"version":2,"publisher":"00000000-0000-0000-0000-000000000000","batch_seq":17,"count":3,"tenants":["acme","globex"],"ranges":{},"resources":[{"type":"order","id":"42"},{"type":"user","id":"7"}],"truncated":false}"#
         );
     }
 
@@ -679,7 +979,7 @@ mod tests {
         assert!(invalidation.is_empty());
         assert_eq!(
             invalidation.to_json().expect("encodes"),
-            r#"{"batch_seq":0,"count":0,"tenants":[],"resources":[],"truncated":false}"#
+            r#"{"version":2,"publisher":"00000000-0000-0000-0000-000000000000","batch_seq":0,"count":0,"tenants":[],"ranges":{},"resources":[],"truncated":false}"#
         );
     }
 

@@ -44,7 +44,7 @@ use super::isolate::isolate;
 use super::notify::{self, Notifier, NotifyConfig};
 use super::offsets::{complete_and_store, Delivery, OffsetTracker};
 use super::stats::{add_elapsed, nanos_to_s, peak_rss_mb, BatchReport, RunSummary, SinkStats};
-use super::store::{self, Store, StoreError, WriteOutcome};
+use super::store::{self, CommittedBatch, Store, StoreError, WriteOutcome};
 use crate::breaker::{Breaker, State as BreakerState};
 use crate::config::Config;
 use crate::db::retry::Retry;
@@ -144,7 +144,12 @@ impl Sink {
             config.database.db_schema.clone(),
             Arc::new(Breaker::new("postgres", breaker_config)),
         )
-        .with_partition_interval(config.partitions.partition_interval);
+        .with_partition_interval(config.partitions.partition_interval)
+        .with_instance(config.instance_id());
+        store
+            .register_publisher()
+            .await
+            .context("registering the publisher epoch")?;
         let today = Utc::now().date_naive();
         store
             .ensure_partitions(
@@ -199,6 +204,7 @@ impl Sink {
                 redis_ca_file: config.redis.redis_ca_file.clone(),
                 channel: config.redis.invalidation_channel.clone(),
                 queue_capacity: config.redis.invalidation_queue,
+                queue_bytes: config.redis.invalidation_queue_bytes,
                 publish_timeout: Duration::from_secs(2),
                 breaker: breaker_config,
             },
@@ -651,7 +657,8 @@ impl Sink {
         abort: &CancellationToken,
     ) -> Result<BatchReport, BatchError> {
         let started = std::time::Instant::now();
-        let (outcome, refused) = self.write_isolating(&batch, abort).await?;
+        let (written, refused) = self.write_isolating(&batch, abort).await?;
+        let outcome = written.outcome;
         let letters: Vec<&DeadLetter> = batch.dead_letters.iter().chain(refused.iter()).collect();
         futures::future::try_join_all(letters.iter().map(|letter| self.dlq.deliver(letter, abort)))
             .await
@@ -684,10 +691,13 @@ impl Sink {
             metrics::histogram!("auditflow_end_to_end_latency_seconds")
                 .record((now_ms - ts).max(0) as f64 / 1000.0);
         }
-        if outcome.stored > 0 {
-            let mut invalidation = batch.invalidation;
-            invalidation.count = outcome.stored;
-            self.notifier.publish(invalidation);
+        // One message per committed transaction that stored rows, in commit order: the
+        // publisher's sequence has no gap unless a message is lost.
+        for committed in &written.commits {
+            self.notifier.publish(notify::Invalidation::committed(
+                committed,
+                &batch.invalidation.resources,
+            ));
         }
         Ok(BatchReport {
             outcome: WriteOutcome {
@@ -705,7 +715,7 @@ impl Sink {
         &self,
         batch: &Batch,
         abort: &CancellationToken,
-    ) -> Result<(WriteOutcome, Vec<DeadLetter>), BatchError> {
+    ) -> Result<(Written, Vec<DeadLetter>), BatchError> {
         let isolated = isolate(batch.rows.len(), |range| {
             self.write_retrying(batch, range, abort)
         })
@@ -744,13 +754,22 @@ impl Sink {
         batch: &Batch,
         range: std::ops::Range<usize>,
         abort: &CancellationToken,
-    ) -> Result<Result<WriteOutcome, StoreError>, BatchError> {
+    ) -> Result<Result<Written, StoreError>, BatchError> {
         let backoff = ExponentialBuilder::default()
             .with_min_delay(Duration::from_millis(100))
             .with_max_delay(Duration::from_secs(5))
             .with_jitter()
             .without_max_times();
-        let attempt = || self.store.write(&batch.rows, range.clone());
+        let attempt = || async {
+            let (outcome, committed) = self
+                .store
+                .write_committed(&batch.rows, range.clone())
+                .await?;
+            Ok::<_, StoreError>(Written {
+                outcome,
+                commits: committed.into_iter().collect(),
+            })
+        };
         let result = tokio::select! {
             result = attempt
                 .retry(backoff)
@@ -785,6 +804,21 @@ async fn registry_changed(
             Err(_) => std::future::pending().await,
         },
         None => std::future::pending().await,
+    }
+}
+
+/// What the writes of one batch did, summed over the transactions isolation needed.
+#[derive(Debug, Default)]
+struct Written {
+    outcome: WriteOutcome,
+    /// The transactions that stored rows, in commit order.
+    commits: Vec<CommittedBatch>,
+}
+
+impl std::ops::AddAssign for Written {
+    fn add_assign(&mut self, other: Self) {
+        self.outcome += other.outcome;
+        self.commits.extend(other.commits);
     }
 }
 

@@ -1,11 +1,12 @@
 //! Rows of one batch encoded as PostgreSQL COPY text while the batch is filled, so the store only
 //! streams bytes.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, HashMap};
 use std::io::Write as _;
 
 use chrono::{DateTime, NaiveDate, Utc};
 
+use super::summary::{BatchSummary, TenantRange};
 use crate::event::AuditEvent;
 
 /// Rows of one batch, already encoded as COPY text.
@@ -14,6 +15,11 @@ pub struct CopyRows {
     data: Vec<u8>,
     row_ends: Vec<usize>,
     days: BTreeSet<NaiveDate>,
+    /// Per row: its tenant (an index into `tenants`) and `occurred_at`, for the summary of
+    /// what a range stores.
+    row_keys: Vec<(u32, DateTime<Utc>)>,
+    tenants: Vec<String>,
+    tenant_index: HashMap<String, u32>,
 }
 
 /// Everything a row carries besides the event.
@@ -91,6 +97,36 @@ impl CopyRows {
         buf.push(b'\n');
         self.row_ends.push(buf.len());
         self.days.insert(event.occurred_at.date_naive());
+        let tenant = match self.tenant_index.get(event.tenant_id.as_str()) {
+            Some(index) => *index,
+            None => {
+                let index = u32::try_from(self.tenants.len()).unwrap_or(u32::MAX);
+                self.tenants.push(event.tenant_id.clone());
+                self.tenant_index.insert(event.tenant_id.clone(), index);
+                index
+            }
+        };
+        self.row_keys.push((tenant, event.occurred_at));
+    }
+
+    /// Per tenant, the `occurred_at` range and count of rows `range`: what a transaction that
+    /// stores exactly those rows stored (capped, see [`BatchSummary::capped`]).
+    pub fn summary(&self, range: std::ops::Range<usize>) -> BatchSummary {
+        let mut per_tenant: HashMap<u32, TenantRange> = HashMap::new();
+        for (tenant, occurred_at) in &self.row_keys[range] {
+            let row = TenantRange::at(*occurred_at);
+            per_tenant
+                .entry(*tenant)
+                .and_modify(|existing| existing.merge(row))
+                .or_insert(row);
+        }
+        let mut summary = BatchSummary::default();
+        for (tenant, range) in per_tenant {
+            if let Some(name) = self.tenants.get(tenant as usize) {
+                summary.add(name, range);
+            }
+        }
+        summary.capped()
     }
 
     /// Number of rows.

@@ -13,12 +13,21 @@
 //! Skipped rows whose content differs from the stored row (same id, different event) are counted
 //! and logged, never merged.
 //!
-//! May touch: rows of `events` (COPY and INSERT only), its own temporary staging table, and
-//! partitions only through [`crate::db::partition::ensure_partition`].
+//! Committed-batch log: every transaction that stores rows also inserts one row into `batches`
+//! (publisher, gapless `batch_seq`, per-tenant summary; see `migrations/0004`), and the store
+//! registers its publisher epoch in `publishers` once, at start. The sequence number is taken as
+//! `max + 1` inside the transaction, so a rollback or a commit whose outcome was lost never leaves
+//! a hole: a hole in the sequence a reader received always means a lost message.
+//!
+//! May touch: rows of `events` (COPY and INSERT only), rows of `publishers` and `batches`
+//! (INSERT only), its own temporary staging table, and partitions only through
+//! [`crate::db::partition::ensure_partition`].
 
 mod copy;
+mod summary;
 
 pub use copy::{CopyRows, RowMeta};
+pub use summary::{rfc3339_micros, BatchSummary, TenantRange, MAX_TENANTS_PER_SUMMARY};
 
 use std::collections::BTreeSet;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -28,6 +37,7 @@ use parking_lot::Mutex;
 
 use chrono::{DateTime, NaiveDate, Utc};
 use sqlx::{Connection, PgPool};
+use uuid::Uuid;
 
 use crate::breaker::{Breaker, BreakerError};
 use crate::config::DatabaseConfig;
@@ -105,6 +115,19 @@ impl std::ops::AddAssign for WriteOutcome {
     }
 }
 
+/// One committed transaction that stored rows, as the committed-batch log records it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CommittedBatch {
+    /// The store's publisher epoch.
+    pub publisher: Uuid,
+    /// Its gapless sequence number within the publisher.
+    pub batch_seq: u64,
+    /// What it stored, per tenant.
+    pub summary: BatchSummary,
+    /// Rows it stored.
+    pub num_rows: u64,
+}
+
 /// The database side of the sink: a pool, the schema, and which partitions are known to exist.
 #[derive(Debug)]
 pub struct Store {
@@ -115,6 +138,11 @@ pub struct Store {
     breaker: Arc<Breaker>,
     num_writes: AtomicU64,
     partition_interval: PartitionInterval,
+    /// The epoch of this store's stream of committed batches: new at every process start.
+    publisher: Uuid,
+    instance: String,
+    /// `publishers.publisher_id`, once registered.
+    publisher_id: tokio::sync::OnceCell<i32>,
 }
 
 /// Opens the ingest pool: the database settings, plus the per-connection staging table the
@@ -138,7 +166,72 @@ impl Store {
             breaker,
             num_writes: AtomicU64::new(0),
             partition_interval: PartitionInterval::Day,
+            publisher: Uuid::new_v4(),
+            instance: "unknown".to_owned(),
+            publisher_id: tokio::sync::OnceCell::new(),
         }
+    }
+
+    /// Names the replica (`AUDITFLOW_INSTANCE_ID`) in the `publishers` row.
+    pub fn with_instance(mut self, instance: impl Into<String>) -> Self {
+        self.instance = instance.into();
+        self
+    }
+
+    /// The publisher epoch of this store (the `publisher` of its invalidation messages).
+    pub fn publisher(&self) -> Uuid {
+        self.publisher
+    }
+
+    /// Registers the publisher epoch in `publishers` (once; later calls return the same id).
+    /// The sink calls it at start; a write registers on first use otherwise.
+    pub async fn register_publisher(&self) -> Result<i32, StoreError> {
+        let id = self
+            .publisher_id
+            .get_or_try_init(|| async {
+                // ON CONFLICT: an earlier attempt may have committed without us learning it.
+                sqlx::query_scalar::<_, i32>(&format!(
+                    "INSERT INTO {}.publishers (publisher, instance) VALUES ($1, $2) \
+                     ON CONFLICT (publisher) DO UPDATE SET instance = EXCLUDED.instance \
+                     RETURNING publisher_id",
+                    quote_ident(&self.schema)
+                ))
+                .bind(self.publisher)
+                .bind(&self.instance)
+                .fetch_one(&self.pool)
+                .await
+            })
+            .await?;
+        Ok(*id)
+    }
+
+    /// Appends the committed-batch log row of a transaction that stored rows; returns its
+    /// sequence number (max + 1 within the publisher, so gapless whatever failed before).
+    async fn record_batch(
+        &self,
+        tx: &mut sqlx::PgConnection,
+        publisher_id: i32,
+        summary: BatchSummary,
+        num_rows: u64,
+    ) -> Result<CommittedBatch, StoreError> {
+        let batch_seq: i64 = sqlx::query_scalar(&format!(
+            "INSERT INTO {schema}.batches (publisher_id, batch_seq, row_count, summary) \
+             SELECT $1, coalesce(max(batch_seq), 0) + 1, $2, $3::jsonb \
+             FROM {schema}.batches WHERE publisher_id = $1 \
+             RETURNING batch_seq",
+            schema = quote_ident(&self.schema)
+        ))
+        .bind(publisher_id)
+        .bind(i32::try_from(num_rows).unwrap_or(i32::MAX))
+        .bind(summary.to_json())
+        .fetch_one(&mut *tx)
+        .await?;
+        Ok(CommittedBatch {
+            publisher: self.publisher,
+            batch_seq: u64::try_from(batch_seq).unwrap_or_default(),
+            summary,
+            num_rows,
+        })
     }
 
     /// Creates missing partitions with `interval` (`AUDITFLOW_PARTITION_INTERVAL`) instead of
@@ -193,8 +286,18 @@ impl Store {
         rows: &CopyRows,
         range: std::ops::Range<usize>,
     ) -> Result<WriteOutcome, StoreError> {
+        Ok(self.write_committed(rows, range).await?.0)
+    }
+
+    /// Like [`Store::write`], also returning the committed-batch log entry when the transaction
+    /// stored rows (`None` when every row was a duplicate: such a transaction takes no number).
+    pub async fn write_committed(
+        &self,
+        rows: &CopyRows,
+        range: std::ops::Range<usize>,
+    ) -> Result<(WriteOutcome, Option<CommittedBatch>), StoreError> {
         if range.is_empty() {
-            return Ok(WriteOutcome::default());
+            return Ok((WriteOutcome::default(), None));
         }
         let result = self
             .breaker
@@ -224,8 +327,9 @@ impl Store {
         &self,
         rows: &CopyRows,
         range: std::ops::Range<usize>,
-    ) -> Result<WriteOutcome, StoreError> {
+    ) -> Result<(WriteOutcome, Option<CommittedBatch>), StoreError> {
         self.num_writes.fetch_add(1, Ordering::Relaxed);
+        let publisher_id = self.register_publisher().await?;
         self.ensure_partitions(rows.days().iter().copied()).await?;
         let data = rows.bytes_of(range.clone());
         let num_rows = range.len() as u64;
@@ -240,11 +344,15 @@ impl Store {
             .await
             {
                 Ok(_) => {
+                    let committed = self
+                        .record_batch(&mut tx, publisher_id, rows.summary(range.clone()), num_rows)
+                        .await?;
                     tx.commit().await?;
-                    return Ok(WriteOutcome {
+                    let outcome = WriteOutcome {
                         stored: num_rows,
                         ..WriteOutcome::default()
-                    });
+                    };
+                    return Ok((outcome, Some(committed)));
                 }
                 Err(sqlx::Error::Database(db)) if db.code().as_deref() == Some("23505") => {
                     tx.rollback().await?;
@@ -255,14 +363,33 @@ impl Store {
         }
         let mut tx = conn.begin().await?;
         copy_into(&mut tx, "pg_temp.auditflow_staging", data).await?;
-        let stored = sqlx::query(&format!(
-            "INSERT INTO {}.events ({COLUMNS}) SELECT {COLUMNS} FROM pg_temp.auditflow_staging \
-             ON CONFLICT DO NOTHING",
-            quote_ident(&self.schema)
-        ))
-        .execute(&mut *tx)
-        .await?
-        .rows_affected();
+        // The insert reports, per tenant, the range of what it stored: the summary of exactly
+        // the rows this transaction adds.
+        let stored_per_tenant: Vec<(String, DateTime<Utc>, DateTime<Utc>, i64)> =
+            sqlx::query_as(&format!(
+                "WITH stored AS (INSERT INTO {}.events ({COLUMNS}) \
+                   SELECT {COLUMNS} FROM pg_temp.auditflow_staging \
+                   ON CONFLICT DO NOTHING RETURNING tenant_id, occurred_at) \
+                 SELECT tenant_id, min(occurred_at), max(occurred_at), count(*) \
+                 FROM stored GROUP BY tenant_id",
+                quote_ident(&self.schema)
+            ))
+            .fetch_all(&mut *tx)
+            .await?;
+        let mut summary = BatchSummary::default();
+        for (tenant, from, to, count) in &stored_per_tenant {
+            let count = u64::try_from(*count).unwrap_or_default();
+            summary.add(
+                tenant,
+                TenantRange {
+                    from: *from,
+                    to: *to,
+                    count,
+                },
+            );
+        }
+        let stored = summary.num_rows();
+        let summary = summary.capped();
         let duplicates = num_rows - stored;
         let mut conflicts = 0;
         if duplicates > 0 {
@@ -283,15 +410,24 @@ impl Store {
                 );
             }
         }
+        let committed = if stored > 0 {
+            Some(
+                self.record_batch(&mut tx, publisher_id, summary, stored)
+                    .await?,
+            )
+        } else {
+            None
+        };
         tx.commit().await?;
         if duplicates == 0 {
             self.expect_duplicates.store(false, Ordering::Relaxed);
         }
-        Ok(WriteOutcome {
+        let outcome = WriteOutcome {
             stored,
             duplicates,
             conflicts,
-        })
+        };
+        Ok((outcome, committed))
     }
 }
 
