@@ -93,6 +93,11 @@ pub struct KafkaConfig {
 pub struct DatabaseConfig {
     /// `AUDITFLOW_DATABASE_URL`: `postgres://user:password@host:port/db`. Never logged.
     pub database_url: Option<Secret>,
+    /// `AUDITFLOW_MAINTENANCE_DATABASE_URL`: the schema owner's URL, for partition retention
+    /// (detach, rename, drop) inside `auditflow run`. Without it, a writer that does not own
+    /// `events` only premakes partitions (through `auditflow_create_partition`) and retention is
+    /// left to `auditflow partitions apply` run as the owner. Never logged.
+    pub maintenance_database_url: Option<Secret>,
     /// `AUDITFLOW_DB_SCHEMA`: the schema holding the `events` table and the migration history.
     /// Tests give each run its own schema.
     #[serde(default = "default_db_schema")]

@@ -32,8 +32,14 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
-    /// Creates or upgrades the database schema.
-    Migrate,
+    /// Creates or upgrades the database schema (run it as the schema's owner).
+    Migrate {
+        /// Also grant ROLE exactly what `auditflow run` needs and nothing more (idempotent):
+        /// SELECT and INSERT on the trail, partitions only through a function. See the README's
+        /// "Deploying with least privilege".
+        #[arg(long, value_name = "ROLE")]
+        grant_writer: Option<String>,
+    },
     /// Runs the sink until SIGINT/SIGTERM (or until idle).
     Run {
         /// Exit 0 once everything received is stored and committed and nothing new arrived for
@@ -145,6 +151,22 @@ enum Command {
         #[arg(long, default_value_t = 32 * 1024 * 1024)]
         cache_bytes: u64,
     },
+    /// Verifies the hash chain: every link's digests, then every stored row recomputed into its
+    /// link's per-day digests. Exits 0 when the trail is intact, 1 naming the first broken link.
+    /// Reads only.
+    Verify {
+        /// Recompute rows only for links committed at or after this time (every link's digests
+        /// are still checked).
+        #[arg(long, value_name = "TIME", value_parser = replay::parse_time)]
+        since: Option<DateTime<Utc>>,
+        /// A chain head (hex link digest, from an invalidation message's `head` or the sink's
+        /// periodic log line) kept outside the database, which must still be in the chain.
+        #[arg(long, value_name = "HEX")]
+        expect_head: Option<String>,
+        /// One JSON line instead of text.
+        #[arg(long)]
+        json: bool,
+    },
     /// The partition lifecycle of the events table: plan, apply, legal holds, restore.
     Partitions {
         #[command(subcommand)]
@@ -205,15 +227,22 @@ fn main() -> ExitCode {
 async fn execute(command: Command, mut live: LiveConfig) -> anyhow::Result<()> {
     let config: Config = live.config().clone();
     match command {
-        Command::Migrate => {
+        Command::Migrate { grant_writer } => {
             let url = config.require_database_url()?;
             let pool = auditflow::db::connect(url.expose(), &config.database.pool_settings())
                 .await
                 .context("connecting to the database")?;
-            auditflow::db::migrate(&pool, &config.database.db_schema)
+            let schema = &config.database.db_schema;
+            auditflow::db::migrate(&pool, schema)
                 .await
                 .context("migrating the database")?;
-            tracing::info!(schema = %config.database.db_schema, "database schema is up to date");
+            tracing::info!(%schema, "database schema is up to date");
+            if let Some(role) = grant_writer {
+                auditflow::db::grant_writer(&pool, schema, &role)
+                    .await
+                    .with_context(|| format!("granting the writer role {role:?}"))?;
+                tracing::info!(%schema, role, "writer role granted");
+            }
             Ok(())
         }
         Command::Run { until_idle } => {
@@ -362,6 +391,35 @@ async fn execute(command: Command, mut live: LiveConfig) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Partitions { command } => partitions_command(command, &config).await,
+        Command::Verify {
+            since,
+            expect_head,
+            json,
+        } => {
+            let url = config.require_database_url()?;
+            let pool = auditflow::db::connect(url.expose(), &config.database.pool_settings())
+                .await
+                .context("connecting to the database")?;
+            let options = auditflow::ops::verify::VerifyOptions {
+                since,
+                until: None,
+                expect_head,
+            };
+            let report =
+                auditflow::ops::verify::verify(&pool, &config.database.db_schema, &options)
+                    .await
+                    .context("verifying the hash chain")?;
+            print_result(json, &report)?;
+            anyhow::ensure!(
+                report.is_intact(),
+                "the audit trail does not verify: {}",
+                match &report.broken {
+                    Some(broken) => broken.to_string(),
+                    None => "the expected head is not in the chain".to_owned(),
+                }
+            );
+            Ok(())
+        }
         Command::Serve => {
             let shutdown = shutdown_on_signal();
             let serve = auditflow::serve::Serve::build(&config).await?;

@@ -3,8 +3,9 @@
 //! together and stopped together.
 //!
 //! The endpoints outlive the sink's drain, so `/metrics` and `/readyz` tell the truth until the
-//! process exits. Upkeep runs on the sink's pool; the maintenance advisory lock makes one
-//! replica do each round.
+//! process exits. Upkeep runs on the owner's connection (`AUDITFLOW_MAINTENANCE_DATABASE_URL`)
+//! or, when the sink's role owns `events`, on the sink's pool; a least-privilege writer alone
+//! only premakes partitions. The maintenance advisory lock makes one replica do each round.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -46,10 +47,40 @@ impl Service {
             partitions::describe_metrics();
         }
         let partition_config = config.partitions.clone();
+        let maintenance_url = config.database.maintenance_database_url.clone();
+        let pool_settings = config.database.pool_settings();
         let sink = Sink::build_with_board(config, board).await?;
         let store = sink.store();
-        let lifecycle =
-            PartitionLifecycle::new(store.pool().clone(), store.schema(), partition_config);
+        // Retention detaches and drops: the owner's work. With the owner's URL it runs here;
+        // on the sink's own connection only if the sink's role owns `events` (a one-role
+        // deployment); otherwise upkeep premakes only, through the partition function.
+        let (maintenance_pool, partition_config) = match maintenance_url {
+            Some(url) => (
+                crate::db::connect(url.expose(), &pool_settings)
+                    .await
+                    .context("connecting with AUDITFLOW_MAINTENANCE_DATABASE_URL")?,
+                partition_config,
+            ),
+            None if owns_events(store.pool(), store.schema()).await? => {
+                (store.pool().clone(), partition_config)
+            }
+            None => {
+                tracing::warn!(
+                    schema = store.schema(),
+                    "partition retention is not configured: this role does not own the events \
+                     table and AUDITFLOW_MAINTENANCE_DATABASE_URL is unset; partitions are premade, \
+                     none is retired or dropped here (run `auditflow partitions apply` as the owner)"
+                );
+                (
+                    store.pool().clone(),
+                    crate::config::PartitionConfig {
+                        partition_retention_days: 0,
+                        ..partition_config
+                    },
+                )
+            }
+        };
+        let lifecycle = PartitionLifecycle::new(maintenance_pool, store.schema(), partition_config);
         Ok(Service {
             sink,
             server,
@@ -86,4 +117,17 @@ impl Service {
         }
         summary
     }
+}
+
+/// Whether the connected role owns (or is a member of the owner of) `schema.events`.
+async fn owns_events(pool: &sqlx::PgPool, schema: &str) -> anyhow::Result<bool> {
+    let owns: Option<bool> = sqlx::query_scalar(
+        "SELECT pg_has_role(current_user, c.relowner, 'USAGE') FROM pg_class c \
+         JOIN pg_namespace n ON n.oid = c.relnamespace WHERE n.nspname = $1 AND c.relname = 'events'",
+    )
+    .bind(schema)
+    .fetch_optional(pool)
+    .await
+    .context("reading who owns the events table")?;
+    Ok(owns.unwrap_or(false))
 }

@@ -51,6 +51,9 @@ async fn duplicates_are_stored_once_within_and_across_batches_and_after_restart(
     assert_eq!(second.stored, 0);
     assert_eq!(second.duplicates, produced.total);
     assert_eq!(env.count_rows().await, produced.distinct_valid as i64);
+    // Two publishers (one per run); the second stored nothing, so it appended no link.
+    let chain = env.assert_chain_intact().await;
+    assert_eq!(chain.chains, 1, "{chain}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -282,6 +285,9 @@ async fn a_sink_killed_mid_stream_loses_nothing_after_restart() {
         produced.distinct_valid as i64,
         "nothing twice"
     );
+    // The killed process's chain ends at its last committed link; the restart began another.
+    let chain = env.assert_chain_intact().await;
+    assert_eq!(chain.chains, 2, "{chain}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -318,6 +324,9 @@ async fn two_sinks_sharing_partitions_one_leaving_mid_stream_lose_nothing_and_st
         produced.distinct_valid as i64,
         "nothing twice"
     );
+    // Each replica that stored rows appended to a chain of its own, at the same time.
+    let chain = env.assert_chain_intact().await;
+    assert!((1..=2).contains(&chain.chains), "{chain}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -580,4 +589,95 @@ async fn a_rebalance_storm_loses_nothing_and_stores_nothing_twice() {
         "nothing stored twice"
     );
     assert!(revokes.len() >= 4, "the storm rebalanced: {revokes:?}");
+    // Every replica start is a chain of its own; they never waited for each other to append.
+    let chain = env.assert_chain_intact().await;
+    assert!(chain.chains >= 5, "{chain}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_id_reused_with_other_content_is_dead_lettered_as_a_conflict_never_dropped() {
+    use auditflow::event::{Actor, ActorType, AuditEvent, Outcome, Resource};
+    use auditflow::ingest::decode::Decoder;
+
+    let env = TestEnv::new(1).await;
+    let decoder = Decoder::embedded();
+    let at = chrono::Utc::now() - chrono::Duration::minutes(5);
+    let event = |n: u128, action: &str| AuditEvent {
+        event_id: uuid::Uuid::from_u128(0xc0ff_ee00_0000 + n),
+        occurred_at: at + chrono::Duration::milliseconds(n as i64),
+        tenant_id: "tenant-1".into(),
+        actor: Actor {
+            id: "user-1".into(),
+            actor_type: ActorType::User,
+            ip: None,
+            user_agent: None,
+        },
+        action: action.into(),
+        resource: Resource {
+            resource_type: "order".into(),
+            id: format!("o-{n}"),
+        },
+        outcome: Outcome::Success,
+        reason: None,
+        trace_id: None,
+        details: None,
+        session_id: None,
+    };
+    let record = |event: &AuditEvent| {
+        (
+            event.event_id.to_string().into_bytes(),
+            decoder.encode_confluent(event, 2).unwrap(),
+        )
+    };
+    // First run: 100 events, then event 7 again with other content in the same batch.
+    let mut first: Vec<_> = (0..100)
+        .map(|n| record(&event(n, "order.create")))
+        .collect();
+    let squatted_in_batch = record(&event(7, "order.delete"));
+    first.push(squatted_in_batch.clone());
+    env.produce_payloads(&first).await;
+    let summary = run_in_process(&env, &[]).await;
+    assert_eq!((summary.stored, summary.dead_lettered), (100, 1));
+    // Second run: event 42 again with other content, long after it was stored, among new ones.
+    let squatted_stored = record(&event(42, "order.refund"));
+    let mut second = vec![squatted_stored.clone()];
+    second.extend((100..150).map(|n| record(&event(n, "order.create"))));
+    env.produce_payloads(&second).await;
+    let summary = run_in_process(&env, &[]).await;
+    assert_eq!((summary.stored, summary.dead_lettered), (50, 1));
+    assert_eq!(summary.duplicates, 0, "a conflict is not a duplicate");
+
+    let dead = env.read_dlq(2, Duration::from_secs(20)).await;
+    assert_eq!(dead.len(), 2, "both reused ids are dead-lettered");
+    // (The first repeat is caught in its batch, or by the database should the batch have been
+    // cut between the two.)
+    for (letter, original, says) in [
+        (&dead[0], &squatted_in_batch, "different content"),
+        (
+            &dead[1],
+            &squatted_stored,
+            "already stored with different content",
+        ),
+    ] {
+        assert_eq!(
+            header(letter, dlq_header::ERROR_CLASS).as_deref(),
+            Some("conflict")
+        );
+        assert_eq!(letter.key(), Some(&original.0[..]), "original key");
+        assert_eq!(letter.payload(), Some(&original.1[..]), "original value");
+        let message = header(letter, dlq_header::ERROR_MESSAGE).unwrap_or_default();
+        assert!(message.contains(says), "{message}");
+        assert!(message.contains("content_hash"), "{message}");
+    }
+    let stored_action: String = sqlx::query_scalar(&format!(
+        "SELECT action FROM \"{}\".events WHERE event_id = $1",
+        env.schema
+    ))
+    .bind(event(42, "").event_id)
+    .fetch_one(&env.pool)
+    .await
+    .unwrap();
+    assert_eq!(stored_action, "order.create", "the stored row is kept");
+    assert_eq!(env.count_rows().await, 150);
+    env.assert_chain_intact().await;
 }

@@ -110,6 +110,7 @@ async fn planted_secrets_appear_in_no_output_on_any_path() {
             ("AUDITFLOW_DLQ_TOPIC", env.dlq_topic.clone()),
             ("AUDITFLOW_KAFKA_GROUP_ID", env.group.clone()),
             ("AUDITFLOW_DATABASE_URL", database_url.clone()),
+            ("AUDITFLOW_MAINTENANCE_DATABASE_URL", database_url.clone()),
             ("AUDITFLOW_DB_SCHEMA", env.schema.clone()),
             ("AUDITFLOW_REDIS_URL", redis_url.clone()),
             ("AUDITFLOW_REDIS_CA_FILE", ca_file.clone()),

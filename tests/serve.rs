@@ -639,7 +639,7 @@ async fn a_message_lost_with_no_later_message_is_caught_by_reconciliation() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_event_is_found_by_id_with_its_time_or_a_window_and_verify_says_there_is_no_chain() {
+async fn an_event_is_found_by_id_with_its_time_or_a_window_and_verify_checks_its_link() {
     let env = ServeEnv::new().await;
     let stored = event(
         1,
@@ -689,17 +689,43 @@ async fn an_event_is_found_by_id_with_its_time_or_a_window_and_verify_says_there
         )
         .await;
     assert_eq!(elsewhere.status, 404);
-    let verify = serve
+    // The range of /v1/verify is the links' commit time.
+    let now = Utc::now();
+    let committed = format!(
+        "/v1/verify?from={}&to={}",
+        enc(&ts(now - chrono::Duration::hours(1))),
+        enc(&ts(now + chrono::Duration::hours(1)))
+    );
+    let verify = serve.get(&committed, None).await;
+    assert_eq!(verify.status, 200, "{}", verify.body);
+    let report = verify.json();
+    assert_eq!(report["intact"], true, "{report}");
+    assert_eq!(report["links"], 1, "{report}");
+    assert_eq!(report["rows"], 1, "{report}");
+    // A superuser edits the stored row, past the append-only triggers: the range's
+    // verification names the link.
+    sqlx::raw_sql(&format!(
+        "BEGIN; SET LOCAL session_replication_role = replica; \
+         UPDATE {}.events SET action = 'order.forged' WHERE event_id = '{}'; COMMIT",
+        env.schema, stored.event_id
+    ))
+    .execute(&env.pool)
+    .await
+    .unwrap();
+    let verify = serve.get(&committed, None).await;
+    assert_eq!(verify.status, 200, "{}", verify.body);
+    let report = verify.json();
+    assert_eq!(report["intact"], false, "{report}");
+    assert_eq!(report["broken"]["batch_seq"], 1, "{report}");
+    // A range with no link committed recomputes nothing, and says so.
+    let before = serve
         .get(
             &format!("/v1/verify?from={}&to={}", ts(day(80)), ts(day(81))),
             None,
         )
         .await;
-    assert_eq!(verify.status, 404);
-    assert!(verify.json()["message"]
-        .as_str()
-        .unwrap()
-        .contains("no hash chain"));
+    assert_eq!(before.status, 200, "{}", before.body);
+    assert_eq!(before.json()["links_recomputed"], 0);
     serve.stop().await;
 }
 

@@ -148,7 +148,7 @@ async fn rows_carry_their_kafka_coordinates_and_land_in_daily_partitions() {
 }
 
 #[tokio::test]
-async fn repeated_batches_are_skipped_and_reused_ids_with_other_content_are_counted() {
+async fn repeated_batches_are_skipped_and_reused_ids_with_other_content_are_reported() {
     let db = TestDb::new().await;
     let events: Vec<AuditEvent> = (0..100).map(|i| event(i, "t")).collect();
     let first = db
@@ -183,10 +183,25 @@ async fn repeated_batches_are_skipped_and_reused_ids_with_other_content_are_coun
         .write(&common::copy_rows(&mixed), 0..11)
         .await
         .unwrap();
+    // The reused id is not a duplicate: it comes back for the dead-letter topic (class
+    // `conflict`), with where the stored row is.
     assert_eq!(
         (fourth.stored, fourth.duplicates, fourth.conflicts),
-        (10, 1, 1)
+        (10, 0, 1)
     );
+    let conflict = &fourth.conflicting[0];
+    assert_eq!(
+        (conflict.event_id, conflict.partition, conflict.offset),
+        (events[5].event_id, 1, 10)
+    );
+    assert_eq!(
+        conflict.stored_content_hash,
+        auditflow::event::content_hash(&events[5]).to_vec()
+    );
+    assert_eq!(conflict.stored_link.map(|(_, seq)| seq), Some(1));
+    assert!(conflict
+        .message()
+        .contains("already stored with different content"));
     let tenant: String = sqlx::query_scalar(&format!(
         "SELECT tenant_id FROM \"{}\".events WHERE event_id = $1",
         db.schema

@@ -244,8 +244,8 @@ pub fn link_digest(publisher: Uuid, seq: u64, prev: &Hash, days: &[DayDigest]) -
 }
 
 /// Lowercase hex of a digest.
-pub fn to_hex(hash: &Hash) -> String {
-    hash.iter().map(|byte| format!("{byte:02x}")).collect()
+pub fn to_hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|byte| format!("{byte:02x}")).collect()
 }
 
 /// Parses lowercase or uppercase hex into a digest.

@@ -121,6 +121,139 @@ pub async fn migrate(pool: &PgPool, schema: &str) -> Result<(), sqlx::Error> {
     result
 }
 
+/// Why [`grant_writer`] refused.
+#[derive(Debug, thiserror::Error)]
+pub enum GrantError {
+    /// No such role.
+    #[error("role {0:?} does not exist: create it first (CREATE ROLE ... LOGIN PASSWORD ...)")]
+    NoSuchRole(String),
+    /// The role would bypass every grant.
+    #[error(
+        "role {0:?} is a superuser or owns the schema's tables: a writer must be an ordinary role \
+         (least privilege is the point)"
+    )]
+    Privileged(String),
+    /// The database failed.
+    #[error(transparent)]
+    Database(#[from] sqlx::Error),
+}
+
+/// Grants `role` exactly what `auditflow run` needs in `schema`, and nothing more (idempotent):
+/// reading the schema's version; SELECT and INSERT on `events` (the duplicate-tolerant path reads
+/// what it skipped), `batches` and `publishers` (the hash chain, the committed-batch log); reading
+/// `partition_lifecycle`; and creating partitions only through `auditflow_create_partition`.
+/// No UPDATE, DELETE, TRUNCATE, no ownership, no DDL. The staging table is a temporary table:
+/// PostgreSQL's default TEMP privilege on the database covers it.
+pub async fn grant_writer(pool: &PgPool, schema: &str, role: &str) -> Result<(), GrantError> {
+    let found: Option<(bool, bool)> = sqlx::query_as(
+        "SELECT r.rolsuper, EXISTS (SELECT 1 FROM pg_class c JOIN pg_namespace n \
+             ON n.oid = c.relnamespace WHERE n.nspname = $2 AND c.relowner = r.oid) \
+         FROM pg_roles r WHERE r.rolname = $1",
+    )
+    .bind(role)
+    .bind(schema)
+    .fetch_optional(pool)
+    .await?;
+    match found {
+        None => return Err(GrantError::NoSuchRole(role.to_owned())),
+        Some((true, _)) | Some((_, true)) => return Err(GrantError::Privileged(role.to_owned())),
+        Some(_) => {}
+    }
+    let schema_q = quote_ident(schema);
+    let role_q = quote_ident(role);
+    let mut tx = pool.begin().await?;
+    for statement in [
+        format!("GRANT USAGE ON SCHEMA {schema_q} TO {role_q}"),
+        format!(
+            "GRANT SELECT, INSERT ON {schema_q}.events, {schema_q}.batches, \
+             {schema_q}.publishers TO {role_q}"
+        ),
+        format!(
+            "GRANT SELECT ON {schema_q}.partition_lifecycle, {schema_q}.legal_holds, \
+             {schema_q}._sqlx_migrations TO {role_q}"
+        ),
+        format!(
+            "GRANT EXECUTE ON FUNCTION {schema_q}.auditflow_create_partition(date, text) \
+             TO {role_q}"
+        ),
+    ] {
+        sqlx::query(&statement)
+            .persistent(false)
+            .execute(&mut *tx)
+            .await?;
+    }
+    tx.commit().await?;
+    Ok(())
+}
+
+/// The latest migration embedded in this binary.
+pub fn required_version() -> i64 {
+    MIGRATOR.iter().map(|m| m.version).max().unwrap_or(0)
+}
+
+/// The latest migration applied to `schema`, if it was ever migrated.
+pub async fn schema_version(pool: &PgPool, schema: &str) -> Result<Option<i64>, sqlx::Error> {
+    let exists: bool = sqlx::query_scalar(
+        "SELECT EXISTS (SELECT 1 FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace \
+         WHERE n.nspname = $1 AND c.relname = '_sqlx_migrations')",
+    )
+    .bind(schema)
+    .fetch_one(pool)
+    .await?;
+    if !exists {
+        return Ok(None);
+    }
+    sqlx::query_scalar(&format!(
+        "SELECT max(version) FROM {}._sqlx_migrations WHERE success",
+        quote_ident(schema)
+    ))
+    .fetch_one(pool)
+    .await
+}
+
+/// Migrates `schema` when it is behind this binary and the role may; a role that may not (a
+/// least-privilege writer) gets a clear error naming `auditflow migrate` instead.
+pub async fn ensure_migrated(pool: &PgPool, schema: &str) -> Result<(), EnsureMigratedError> {
+    let required = required_version();
+    if schema_version(pool, schema).await? == Some(required) {
+        return Ok(());
+    }
+    match migrate(pool, schema).await {
+        Ok(()) => Ok(()),
+        Err(err) if retry::sqlstate(&err).as_deref() == Some("42501") => {
+            let found = schema_version(pool, schema).await.ok().flatten();
+            Err(EnsureMigratedError::NotAllowed {
+                schema: schema.to_owned(),
+                found,
+                required,
+            })
+        }
+        Err(err) => Err(err.into()),
+    }
+}
+
+/// Why [`ensure_migrated`] failed.
+#[derive(Debug, thiserror::Error)]
+pub enum EnsureMigratedError {
+    /// The schema is behind and this role cannot migrate it.
+    #[error(
+        "schema {schema} is at migration {found:?} and this auditflow needs {required}; this role \
+         may not migrate it: run `auditflow migrate` as the schema's owner (and \
+         `auditflow migrate --grant-writer ROLE` for this role)"
+    )]
+    NotAllowed {
+        /// The schema.
+        schema: String,
+        /// Its latest migration, if any.
+        found: Option<i64>,
+        /// This binary's latest.
+        required: i64,
+    },
+    /// The database failed.
+    #[error(transparent)]
+    Database(#[from] sqlx::Error),
+}
+
 /// A double-quoted identifier. Callers pass names built from dates and validated schema names.
 pub fn quote_ident(name: &str) -> String {
     format!("\"{}\"", name.replace('"', "\"\""))

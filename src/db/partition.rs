@@ -114,6 +114,11 @@ impl PartitionSpec {
     /// is exactly `name`.
     pub fn from_name(name: &str) -> Option<Self> {
         let rest = name.strip_prefix("events_p")?;
+        // Byte offsets below: a name with any non-ASCII character is not one of ours (and
+        // slicing it could cut a character in half).
+        if !rest.is_ascii() {
+            return None;
+        }
         let digits = |text: &str| -> Option<u32> {
             if text.is_empty() || !text.bytes().all(|b| b.is_ascii_digit()) {
                 return None;
@@ -323,12 +328,34 @@ pub(crate) async fn lock_ddl(conn: &mut PgConnection, schema: &str) -> Result<()
 
 /// Creates the spec's table like `events` and attaches it. Indexes are created by the attach
 /// (with the same names `PARTITION OF` would give them).
+///
+/// Through `auditflow_create_partition` (migration 0007) when the schema has it: the function
+/// runs with its owner's rights, so a writer role that owns nothing can create the partitions
+/// ingest needs, and only ever from a date and an interval word.
 pub(crate) async fn create_and_attach(
     conn: &mut PgConnection,
     schema: &str,
     spec: &PartitionSpec,
 ) -> Result<(), sqlx::Error> {
     let schema_q = quote_ident(schema);
+    if has_function(&mut *conn, schema, "auditflow_create_partition").await? {
+        let name: String = sqlx::query_scalar(&format!(
+            "SELECT {schema_q}.auditflow_create_partition($1, $2)"
+        ))
+        .bind(spec.start())
+        .bind(spec.interval().as_str())
+        .fetch_one(&mut *conn)
+        .await?;
+        if name != spec.name() {
+            // The function and PartitionSpec name partitions the same way; a difference is a
+            // bug, and must not go unnoticed.
+            return Err(sqlx::Error::Protocol(format!(
+                "auditflow_create_partition created {name}, expected {}",
+                spec.name()
+            )));
+        }
+        return Ok(());
+    }
     let name_q = quote_ident(&spec.name());
     execute_ddl(
         &mut *conn,
@@ -337,6 +364,7 @@ pub(crate) async fn create_and_attach(
     ),
     )
     .await?;
+    refuse_truncate(&mut *conn, schema, &spec.name()).await?;
     execute_ddl(
         &mut *conn,
         &format!(
@@ -346,6 +374,46 @@ pub(crate) async fn create_and_attach(
     )
     .await?;
     Ok(())
+}
+
+/// Append-only (migration 0006): the parent's row triggers reach a partition when it is
+/// attached, its TRUNCATE trigger does not, so each partition gets its own before its attach
+/// (a new one, or a retired one restored). Nothing to do on a schema older than 0006.
+pub(crate) async fn refuse_truncate(
+    conn: &mut PgConnection,
+    schema: &str,
+    table: &str,
+) -> Result<(), sqlx::Error> {
+    if has_function(&mut *conn, schema, "auditflow_refuse_change").await? {
+        let schema_q = quote_ident(schema);
+        execute_ddl(
+            conn,
+            &format!(
+                "CREATE OR REPLACE TRIGGER auditflow_no_truncate BEFORE TRUNCATE ON \
+                 {schema_q}.{} FOR EACH STATEMENT EXECUTE FUNCTION \
+                 {schema_q}.auditflow_refuse_change()",
+                quote_ident(table)
+            ),
+        )
+        .await?;
+    }
+    Ok(())
+}
+
+/// Whether `schema` has a function of this name (installed by a migration).
+async fn has_function(
+    conn: &mut PgConnection,
+    schema: &str,
+    name: &str,
+) -> Result<bool, sqlx::Error> {
+    sqlx::query_scalar(
+        "SELECT EXISTS (SELECT 1 FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace \
+         WHERE n.nspname = $1 AND p.proname = $2)",
+    )
+    .bind(schema)
+    .bind(name)
+    .fetch_one(conn)
+    .await
 }
 
 /// A range whose ends may be unbounded (`None`: MINVALUE / MAXVALUE).

@@ -18,7 +18,7 @@ use uuid::Uuid;
 
 use crate::config::BatchConfig;
 use crate::ingest::decode::Decoded;
-use crate::ingest::dlq::{DeadLetter, SourceRecord};
+use crate::ingest::dlq::{DeadLetter, Failure, SourceRecord};
 use crate::ingest::notify::Invalidation;
 use crate::ingest::offsets::Delivery;
 use crate::ingest::store::{CopyRows, RowMeta};
@@ -43,6 +43,9 @@ impl From<&BatchConfig> for BatchLimits {
         }
     }
 }
+
+/// The dead-letter class of a record whose id and time are stored with other content.
+pub const CONFLICT_CLASS: &str = "conflict";
 
 /// What [`Batch::add_event`] did with an event.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -122,15 +125,33 @@ impl Batch {
                 self.num_duplicates += 1;
                 return Added::Duplicate;
             }
-            Some(_) => {
-                self.num_duplicates += 1;
+            Some(first) => {
+                // Not a retry: an id reused for other content. The first stays; the repeat is
+                // evidence too, so it goes to the dead-letter topic, never silently away.
                 self.num_conflicts += 1;
                 tracing::warn!(
                     event_id = %event.event_id,
                     partition = source.partition,
                     offset = source.offset,
-                    "event id repeats with different content within a batch; kept the first"
+                    "event id repeats with different content within a batch; dead-lettering the repeat"
                 );
+                let message = format!(
+                    "event {} at {} repeats within its batch with different content (content_hash \
+                     {}); the first record with this id and time (content_hash {}) is stored, \
+                     this one is not",
+                    event.event_id,
+                    event.occurred_at.to_rfc3339(),
+                    crate::chain::to_hex(&content_hash),
+                    crate::chain::to_hex(first),
+                );
+                self.dead_letters.push(DeadLetter::new(
+                    source,
+                    Failure {
+                        class: CONFLICT_CLASS.to_owned(),
+                        message,
+                        sqlstate: None,
+                    },
+                ));
                 return Added::Conflict;
             }
             None => {}
@@ -314,8 +335,18 @@ mod tests {
             Added::Conflict
         );
         assert_eq!(batch.rows.len(), 1);
-        assert_eq!(batch.num_duplicates, 2);
+        assert_eq!(batch.num_duplicates, 1);
         assert_eq!(batch.num_conflicts, 1);
+        assert_eq!(
+            batch.dead_letters.len(),
+            1,
+            "the conflicting repeat is dead-lettered"
+        );
+        assert_eq!(batch.dead_letters[0].failure.class, "conflict");
+        assert!(batch.dead_letters[0]
+            .failure
+            .message
+            .contains(&"02".repeat(16)));
         assert_eq!(batch.num_messages(), 3, "every message's offset is carried");
     }
 

@@ -16,7 +16,8 @@
 //!  "tenants":["acme","globex"],
 //!  "ranges":{"acme":{"from":"2026-03-01T10:00:00.000000Z","to":"2026-03-01T10:00:02.500000Z","count":2},
 //!            "globex":{"from":"2026-03-01T09:59:59.000001Z","to":"2026-03-01T09:59:59.000001Z","count":1}},
-//!  "resources":[{"type":"order","id":"42"},{"type":"user","id":"7"}],"truncated":false}
+//!  "resources":[{"type":"order","id":"42"},{"type":"user","id":"7"}],"truncated":false,
+//!  "head":"9c1d…(64 hex digits)"}
 //! ```
 //!
 //! (one line on the wire). Fields:
@@ -46,6 +47,11 @@
 //!   entries, or the message would exceed [`MAX_MESSAGE_BYTES`]). The subscriber must then
 //!   invalidate **everything** it caches: the transaction may have touched any tenant. (In
 //!   version 1 only `resources` could be cut, and invalidating the listed tenants sufficed.)
+//!
+//! - `head` (hex string, optional, added without a version change): the digest of the batch's
+//!   hash-chain link (see `src/chain/`), i.e. the publisher's chain head once this batch is
+//!   committed. A copy kept outside the database lets `auditflow verify --expect-head` prove
+//!   the chain was not rewritten since.
 //!
 //! Subscribers must ignore fields they do not know: new fields may be added, existing ones keep
 //! their meaning. Redis pub/sub keeps nothing for absent subscribers: a subscriber that
@@ -222,6 +228,8 @@ pub struct Invalidation {
     pub resources: BTreeSet<(String, String)>,
     /// Tenants were left out upstream (the summary was capped).
     pub tenants_truncated: bool,
+    /// The batch's hash-chain link digest, hex (`None` for notices not built from a commit).
+    pub head: Option<String>,
 }
 
 impl Invalidation {
@@ -235,6 +243,7 @@ impl Invalidation {
             ranges: BTreeMap::new(),
             resources: BTreeSet::new(),
             tenants_truncated: false,
+            head: None,
         }
     }
 
@@ -250,6 +259,7 @@ impl Invalidation {
             ranges: tenants.clone(),
             resources: resources.clone(),
             tenants_truncated: *truncated,
+            head: Some(crate::chain::to_hex(&committed.digest)),
         }
     }
 
@@ -317,6 +327,7 @@ impl Invalidation {
             ranges,
             resources,
             truncated,
+            head: self.head.as_deref(),
         })
     }
 }
@@ -332,6 +343,8 @@ struct InvalidationMessage<'a> {
     ranges: BTreeMap<&'a String, &'a TenantRange>,
     resources: Vec<ResourceRef<'a>>,
     truncated: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    head: Option<&'a str>,
 }
 
 #[derive(Serialize)]
@@ -853,6 +866,7 @@ mod tests {
             batch_seq,
             num_rows: summary.num_rows(),
             summary,
+            digest: [0xab; 32],
         }
     }
 
@@ -874,7 +888,7 @@ mod tests {
 
         assert_eq!(
             message.to_json().expect("encodes"),
-            r#"{"version":2,"publisher":"6f1c0f7e-1b7a-4c39-9a38-3f9d8d0f4a51","batch_seq":17,"count":3,"tenants":["acme","globex"],"ranges":{"acme":{"from":"2023-11-14T22:13:20.000000Z","to":"2023-11-14T22:14:20.000000Z","count":2},"globex":{"from":"2023-11-14T22:13:20.000000Z","to":"2023-11-14T22:13:20.000000Z","count":1}},"resources":[{"type":"order","id":"42"}],"truncated":false}"#
+            r#"{"version":2,"publisher":"6f1c0f7e-1b7a-4c39-9a38-3f9d8d0f4a51","batch_seq":17,"count":3,"tenants":["acme","globex"],"ranges":{"acme":{"from":"2023-11-14T22:13:20.000000Z","to":"2023-11-14T22:14:20.000000Z","count":2},"globex":{"from":"2023-11-14T22:13:20.000000Z","to":"2023-11-14T22:13:20.000000Z","count":1}},"resources":[{"type":"order","id":"42"}],"truncated":false,"head":"abababababababababababababababababababababababababababababababab"}"#
         );
     }
 

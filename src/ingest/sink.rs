@@ -32,7 +32,7 @@ use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use super::batch::{Batch, BatchLimits};
+use super::batch::{self, Batch, BatchLimits};
 use super::consume::{
     commit_sync, set_paused, Membership, SinkConsumer, SinkContext, TopicOffsets, PAUSE_AFTER,
 };
@@ -79,7 +79,46 @@ pub struct Sink {
     policy: Policy,
     /// Batch limits; replaced on live reload, read at every turn of the consumer loop.
     limits: watch::Sender<BatchLimits>,
+    /// When the chain head was last logged (it is logged at the first commit, then at most once
+    /// per [`CHAIN_HEAD_LOG_INTERVAL`]).
+    chain_head_logged: Mutex<Option<std::time::Instant>>,
 }
+
+/// Dead letters (class `conflict`) for the rows the store did not insert because their id and
+/// time are stored with other content: a producer cannot reuse an id to make a later event
+/// vanish.
+fn conflict_letters(batch: &Batch, conflicts: &[store::Conflict]) -> Vec<DeadLetter> {
+    conflicts
+        .iter()
+        .filter_map(|conflict| {
+            let source = batch.row_sources.iter().find(|source| {
+                source.partition == conflict.partition && source.offset == conflict.offset
+            });
+            if source.is_none() {
+                // Cannot happen: the store only reports rows of this batch.
+                tracing::error!(
+                    partition = conflict.partition,
+                    offset = conflict.offset,
+                    "conflicting row not found in its batch"
+                );
+            }
+            source.map(|source| {
+                DeadLetter::new(
+                    source.clone(),
+                    Failure {
+                        class: batch::CONFLICT_CLASS.to_owned(),
+                        message: conflict.message(),
+                        sqlstate: None,
+                    },
+                )
+            })
+        })
+        .collect()
+}
+
+/// How often the sink logs its hash chain's head: a copy outside the database that
+/// `auditflow verify --expect-head` can check.
+const CHAIN_HEAD_LOG_INTERVAL: Duration = Duration::from_secs(60);
 
 /// What a live reload can change in a running sink.
 #[derive(Clone)]
@@ -135,9 +174,14 @@ impl Sink {
         let pool = store::connect(&config.database, database_url.expose())
             .await
             .context("connecting to the database")?;
-        crate::db::migrate(&pool, &config.database.db_schema)
-            .await
-            .context("migrating the database")?;
+        // A least-privilege writer cannot migrate: it only checks the schema's version.
+        match crate::db::ensure_migrated(&pool, &config.database.db_schema).await {
+            Ok(()) => {}
+            Err(err @ crate::db::EnsureMigratedError::NotAllowed { .. }) => {
+                return Err(crate::config::ConfigError::new(err.to_string()).into());
+            }
+            Err(err) => return Err(anyhow::Error::new(err).context("migrating the database")),
+        }
         let breaker_config = config.breakers.ingest();
         let store = Store::new(
             pool,
@@ -230,6 +274,7 @@ impl Sink {
             tracker,
             membership,
             stats,
+            chain_head_logged: Mutex::new(None),
         })
     }
 
@@ -659,7 +704,13 @@ impl Sink {
         let started = std::time::Instant::now();
         let (written, refused) = self.write_isolating(&batch, abort).await?;
         let outcome = written.outcome;
-        let letters: Vec<&DeadLetter> = batch.dead_letters.iter().chain(refused.iter()).collect();
+        let conflicting = conflict_letters(&batch, &outcome.conflicting);
+        let letters: Vec<&DeadLetter> = batch
+            .dead_letters
+            .iter()
+            .chain(refused.iter())
+            .chain(conflicting.iter())
+            .collect();
         futures::future::try_join_all(letters.iter().map(|letter| self.dlq.deliver(letter, abort)))
             .await
             .map_err(|err: DlqError| {
@@ -699,14 +750,33 @@ impl Sink {
                 &batch.invalidation.resources,
             ));
         }
+        if let Some(head) = written.commits.last() {
+            self.log_chain_head(head);
+        }
         Ok(BatchReport {
             outcome: WriteOutcome {
                 stored: outcome.stored,
                 duplicates,
                 conflicts,
+                // Dead-lettered above, counted in `dead_lettered`.
+                conflicting: Vec::new(),
             },
             dead_lettered,
         })
+    }
+
+    fn log_chain_head(&self, head: &CommittedBatch) {
+        let mut logged = self.chain_head_logged.lock();
+        if logged.is_some_and(|at| at.elapsed() < CHAIN_HEAD_LOG_INTERVAL) {
+            return;
+        }
+        *logged = Some(std::time::Instant::now());
+        tracing::info!(
+            publisher = %head.publisher,
+            batch_seq = head.batch_seq,
+            head = %crate::chain::to_hex(&head.digest),
+            "hash chain head (keep a copy: auditflow verify --expect-head)"
+        );
     }
 
     /// Writes the batch's rows; rows the database refuses for their content are isolated
@@ -774,8 +844,19 @@ impl Sink {
             result = attempt
                 .retry(backoff)
                 .when(|err: &StoreError| err.retry() == Retry::Transient)
-                .notify(|err, wait| {
-                    tracing::warn!(error = %err, retry_in = ?wait, "batch write failed; retrying");
+                .notify(|err: &StoreError, wait| {
+                    if err.sqlstate().as_deref() == Some("42501") {
+                        // Not the data and not an outage: the role lacks a grant. Paused, and
+                        // said loudly at every retry (at most every 5 s), never dead-lettered.
+                        tracing::error!(
+                            error = %err, retry_in = ?wait,
+                            "permission denied: a configuration fault, ingestion is paused; \
+                             grant the writer with `auditflow migrate --grant-writer ROLE`"
+                        );
+                        metrics::counter!("auditflow_store_permission_denied_total").increment(1);
+                    } else {
+                        tracing::warn!(error = %err, retry_in = ?wait, "batch write failed; retrying");
+                    }
                     metrics::counter!("auditflow_store_retries_total").increment(1);
                 }) => result,
             _ = abort.cancelled() => return Err(BatchError::Interrupted),

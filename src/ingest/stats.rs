@@ -111,7 +111,7 @@ pub struct RunSummary {
 }
 
 /// What one batch did.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct BatchReport {
     /// Database outcome (duplicates include those dropped inside the batch).
     pub outcome: WriteOutcome,

@@ -88,12 +88,16 @@ pub struct VerifyReport {
     pub rows_per_s: f64,
     /// The first problem, or none: the chain verifies.
     pub broken: Option<Broken>,
+    /// Tables whose append-only triggers (migration 0006) are missing or disabled now.
+    pub append_only_disabled: Vec<String>,
 }
 
 impl VerifyReport {
     /// True when everything checked out.
     pub fn is_intact(&self) -> bool {
-        self.broken.is_none() && self.expected_head_found != Some(false)
+        self.broken.is_none()
+            && self.expected_head_found != Some(false)
+            && self.append_only_disabled.is_empty()
     }
 }
 
@@ -132,6 +136,13 @@ impl fmt::Display for VerifyReport {
             Some(true) => writeln!(f, "expected head found")?,
             Some(false) => writeln!(f, "BROKEN: the expected head is not in the chain")?,
             None => {}
+        }
+        if !self.append_only_disabled.is_empty() {
+            writeln!(
+                f,
+                "BROKEN: append-only protection is off on {}",
+                self.append_only_disabled.join(", ")
+            )?;
         }
         match &self.broken {
             Some(broken) => write!(f, "BROKEN: {broken}"),
@@ -192,6 +203,7 @@ pub async fn verify(
         elapsed_s: 0.0,
         rows_per_s: 0.0,
         broken: None,
+        append_only_disabled: append_only_disabled(pool, schema).await?,
     };
     let links = read_links(pool, &schema_q).await?;
     let expected = options
@@ -277,16 +289,17 @@ pub async fn verify(
             && options.until.is_none_or(|until| link.committed_at < until)
     };
     let sources = row_sources(pool, schema, &schema_q).await?;
+    // Columns by name: a retired table's column order may differ from the parent's.
+    let columns = "publisher_id, batch_seq, event_id, occurred_at, tenant_id, actor_id, \
+         actor_type, actor_ip, actor_user_agent, action, resource_type, resource_id, outcome, \
+         reason, trace_id, details::text AS details, session_id, content_hash, schema_version, \
+         writer_schema_id, kafka_topic, kafka_partition, kafka_offset, kafka_timestamp";
     let query = format!(
-        "SELECT publisher_id, batch_seq, event_id, occurred_at, tenant_id, actor_id, actor_type, \
-         actor_ip, actor_user_agent, action, resource_type, resource_id, outcome, reason, \
-         trace_id, details::text AS details, session_id, content_hash, schema_version, \
-         writer_schema_id, kafka_topic, kafka_partition, kafka_offset, kafka_timestamp \
-         FROM ({}) AS stored \
+        "SELECT * FROM ({}) AS stored \
          ORDER BY publisher_id NULLS FIRST, batch_seq, kafka_partition, kafka_offset",
         sources
             .iter()
-            .map(|table| format!("SELECT * FROM {schema_q}.{table}"))
+            .map(|table| format!("SELECT {columns} FROM {schema_q}.{table}"))
             .collect::<Vec<_>>()
             .join(" UNION ALL ")
     );
@@ -500,6 +513,29 @@ async fn read_links(pool: &PgPool, schema_q: &str) -> Result<Vec<Link>, sqlx::Er
         });
     }
     Ok(links)
+}
+
+/// The tables of the trail whose append-only triggers are missing or disabled (`ALTER TABLE ...
+/// DISABLE TRIGGER`): `events`, each of its partitions (TRUNCATE), `batches`, `publishers`.
+async fn append_only_disabled(pool: &PgPool, schema: &str) -> Result<Vec<String>, sqlx::Error> {
+    sqlx::query_scalar(
+        "WITH trail AS ( \
+             SELECT c.oid, c.relname, c.relispartition FROM pg_class c \
+             JOIN pg_namespace n ON n.oid = c.relnamespace \
+             WHERE n.nspname = $1 AND (c.relname IN ('events', 'batches', 'publishers') \
+                OR c.oid IN (SELECT inhrelid FROM pg_inherits i JOIN pg_class p \
+                    ON p.oid = i.inhparent AND p.relname = 'events' AND p.relnamespace = n.oid))), \
+         wanted AS ( \
+             SELECT oid, relname, 'auditflow_no_truncate' AS tgname FROM trail \
+             UNION ALL SELECT oid, relname, 'auditflow_append_only' FROM trail) \
+         SELECT DISTINCT w.relname FROM wanted w \
+         LEFT JOIN pg_trigger t ON t.tgrelid = w.oid AND t.tgname = w.tgname \
+         WHERE t.oid IS NULL OR t.tgenabled = 'D' \
+         ORDER BY 1",
+    )
+    .bind(schema)
+    .fetch_all(pool)
+    .await
 }
 
 /// The days of partitions retention dropped: their rows are gone by design.

@@ -356,9 +356,23 @@ async fn verify_range(
     let to = query::parse_time("to", get("to")?)?;
     match super::verify::verify_range(&state.pool, &state.schema, from, to).await {
         super::verify::Verification::NoChain => Err(ApiError::not_found(
-            "hash-chain verification is not available: this database has no hash chain (it is \
-             built by the evidence feature); nothing was verified",
+            "hash-chain verification is not available: this database has no hash chain (run \
+             auditflow migrate); nothing was verified",
         )),
+        super::verify::Verification::Report(report) => {
+            let mut body = serde_json::to_value(&*report).map_err(|_| ApiError::internal())?;
+            if let Some(object) = body.as_object_mut() {
+                object.insert("intact".into(), report.is_intact().into());
+            }
+            Ok((StatusCode::OK, axum::Json(body)).into_response())
+        }
+        super::verify::Verification::Failed(err) => {
+            tracing::warn!(error = %err, "hash-chain verification failed");
+            Err(ApiError::unavailable(
+                "database_unavailable",
+                "the database failed during verification; try again",
+            ))
+        }
     }
 }
 

@@ -303,6 +303,23 @@ impl TestEnv {
             .unwrap_or(0)
     }
 
+    /// Verifies the schema's hash chain (`auditflow verify`): every link, every row; asserts
+    /// that it is intact and that every stored row is in a link. Returns the report.
+    pub async fn assert_chain_intact(&self) -> auditflow::ops::verify::VerifyReport {
+        let report = auditflow::ops::verify::verify(
+            &self.pool,
+            &self.schema,
+            &auditflow::ops::verify::VerifyOptions::default(),
+        )
+        .await
+        .expect("verify");
+        println!("chain: {}", report.to_string().trim_end());
+        assert!(report.is_intact(), "the chain must verify: {report}");
+        assert_eq!(report.rows_before_chain, 0, "every row is in a link");
+        assert_eq!(report.rows as i64, self.count_rows().await, "{report}");
+        report
+    }
+
     /// Distinct event ids in the events table.
     pub async fn count_distinct_ids(&self) -> i64 {
         sqlx::query_scalar(&format!(

@@ -7,6 +7,7 @@ use std::io::Write as _;
 use chrono::{DateTime, NaiveDate, Utc};
 
 use super::summary::{BatchSummary, TenantRange};
+use crate::chain::{self, DayDigests, Hash, StoredRow};
 use crate::event::AuditEvent;
 
 /// Rows of one batch, already encoded as COPY text.
@@ -20,6 +21,8 @@ pub struct CopyRows {
     row_keys: Vec<(u32, DateTime<Utc>)>,
     tenants: Vec<String>,
     tenant_index: HashMap<String, u32>,
+    /// Per row: its Kafka partition and offset, and its [`chain::row_digest`].
+    links: Vec<(i32, i64, Hash)>,
 }
 
 /// Everything a row carries besides the event.
@@ -107,6 +110,30 @@ impl CopyRows {
             }
         };
         self.row_keys.push((tenant, event.occurred_at));
+        self.links
+            .push((meta.partition, meta.offset, stored_row_digest(event, &meta)));
+    }
+
+    /// The hash chain's per-day digests of the rows in `range` for which `stored` is true (the
+    /// rows a transaction actually inserted).
+    pub fn day_digests(
+        &self,
+        range: std::ops::Range<usize>,
+        mut stored: impl FnMut(i32, i64) -> bool,
+    ) -> DayDigests {
+        let mut days = DayDigests::new();
+        for index in range {
+            let (partition, offset, digest) = self.links[index];
+            if stored(partition, offset) {
+                days.add(
+                    self.row_keys[index].1.date_naive(),
+                    partition,
+                    offset,
+                    digest,
+                );
+            }
+        }
+        days
     }
 
     /// Per tenant, the `occurred_at` range and count of rows `range`: what a transaction that
@@ -161,6 +188,37 @@ impl CopyRows {
         };
         &self.data[start..self.row_ends[range.end - 1]]
     }
+}
+
+/// The row's digest as `auditflow verify` recomputes it from the stored columns. A `details`
+/// that is not JSON cannot be stored either (the column is `jsonb`), so its row never joins a
+/// link; it gets a zero digest rather than an error here.
+fn stored_row_digest(event: &AuditEvent, meta: &RowMeta<'_>) -> Hash {
+    let row = StoredRow {
+        event_id: event.event_id,
+        occurred_at_micros: event.occurred_at.timestamp_micros(),
+        tenant_id: &event.tenant_id,
+        actor_id: &event.actor.id,
+        actor_type: event.actor.actor_type.as_str(),
+        actor_ip: event.actor.ip.as_deref(),
+        actor_user_agent: event.actor.user_agent.as_deref(),
+        action: &event.action,
+        resource_type: &event.resource.resource_type,
+        resource_id: &event.resource.id,
+        outcome: event.outcome.as_str(),
+        reason: event.reason.as_deref(),
+        trace_id: event.trace_id.as_deref(),
+        details: event.details.as_deref(),
+        session_id: event.session_id.as_deref(),
+        content_hash: &meta.content_hash,
+        schema_version: meta.schema_version.and_then(|v| i16::try_from(v).ok()),
+        writer_schema_id: meta.writer_schema_id.map(i64::from),
+        kafka_topic: meta.topic,
+        kafka_partition: meta.partition,
+        kafka_offset: meta.offset,
+        kafka_timestamp_micros: meta.kafka_timestamp.map(|ts| ts.timestamp_micros()),
+    };
+    chain::row_digest(&row).unwrap_or([0; 32])
 }
 
 fn write_timestamp(buf: &mut Vec<u8>, ts: DateTime<Utc>) {

@@ -19,6 +19,14 @@
 //! `max + 1` inside the transaction, so a rollback or a commit whose outcome was lost never leaves
 //! a hole: a hole in the sequence a reader received always means a lost message.
 //!
+//! Hash chain: the same transaction first reads the publisher's last link and names the next in
+//! two transaction-local settings, which the `events.publisher_id` and `events.batch_seq`
+//! defaults read (migration 0005), so the COPY encoding does not change; then the `batches` row
+//! carries the link: its predecessor's digest, per day the rows it inserted and a digest over
+//! their row digests (computed while the batch was filled, see [`CopyRows::day_digests`]), and
+//! its own digest (see [`crate::chain`]). On the staging path only the rows the INSERT returned
+//! count.
+//!
 //! May touch: rows of `events` (COPY and INSERT only), rows of `publishers` and `batches`
 //! (INSERT only), its own temporary staging table, and partitions only through
 //! [`crate::db::partition::ensure_partition`].
@@ -29,7 +37,7 @@ mod summary;
 pub use copy::{CopyRows, RowMeta};
 pub use summary::{rfc3339_micros, BatchSummary, TenantRange, MAX_TENANTS_PER_SUMMARY};
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 
@@ -40,6 +48,7 @@ use sqlx::{Connection, PgPool};
 use uuid::Uuid;
 
 use crate::breaker::{Breaker, BreakerError};
+use crate::chain::{self, DayDigests, Hash};
 use crate::config::DatabaseConfig;
 use crate::db::partition::{self, PartitionInterval};
 use crate::db::quote_ident;
@@ -97,7 +106,7 @@ impl StoreError {
 }
 
 /// What one batch write did.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct WriteOutcome {
     /// Rows inserted.
     pub stored: u64,
@@ -105,6 +114,44 @@ pub struct WriteOutcome {
     pub duplicates: u64,
     /// Of the skipped rows, those whose content differs from the stored row.
     pub conflicts: u64,
+    /// Those rows, for the dead-letter topic.
+    pub conflicting: Vec<Conflict>,
+}
+
+/// A row not stored because its `(event_id, occurred_at)` is stored with other content.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Conflict {
+    /// The refused row's event id.
+    pub event_id: Uuid,
+    /// Its time.
+    pub occurred_at: DateTime<Utc>,
+    /// Its Kafka partition.
+    pub partition: i32,
+    /// Its Kafka offset.
+    pub offset: i64,
+    /// The stored row's `content_hash`.
+    pub stored_content_hash: Vec<u8>,
+    /// The stored row's hash-chain link (`publishers.publisher_id`, `batch_seq`), when it has one.
+    pub stored_link: Option<(i32, i64)>,
+}
+
+impl Conflict {
+    /// The dead-letter message: both identities, and where the stored row is.
+    pub fn message(&self) -> String {
+        let link = match self.stored_link {
+            Some((publisher_id, batch_seq)) => {
+                format!("in link {batch_seq} of publisher_id {publisher_id}")
+            }
+            None => "stored before the hash chain".to_owned(),
+        };
+        format!(
+            "event {} at {} is already stored with different content (stored content_hash {}, \
+             {link}); this record was not stored",
+            self.event_id,
+            self.occurred_at.to_rfc3339(),
+            chain::to_hex(&self.stored_content_hash),
+        )
+    }
 }
 
 impl std::ops::AddAssign for WriteOutcome {
@@ -112,6 +159,7 @@ impl std::ops::AddAssign for WriteOutcome {
         self.stored += other.stored;
         self.duplicates += other.duplicates;
         self.conflicts += other.conflicts;
+        self.conflicting.extend(other.conflicting);
     }
 }
 
@@ -126,6 +174,16 @@ pub struct CommittedBatch {
     pub summary: BatchSummary,
     /// Rows it stored.
     pub num_rows: u64,
+    /// The digest of its hash-chain link: the head of the publisher's chain once committed.
+    pub digest: Hash,
+}
+
+/// The hash-chain link a transaction is writing: its sequence number and its predecessor.
+#[derive(Debug, Clone, Copy)]
+struct OpenLink {
+    publisher_id: i32,
+    batch_seq: u64,
+    prev: Hash,
 }
 
 /// The database side of the sink: a pool, the schema, and which partitions are known to exist.
@@ -143,6 +201,9 @@ pub struct Store {
     instance: String,
     /// `publishers.publisher_id`, once registered.
     publisher_id: tokio::sync::OnceCell<i32>,
+    /// One transaction at a time: a publisher's chain is a sequence, each link naming the one
+    /// before. Concurrent writers use a store (a publisher) each.
+    writing: tokio::sync::Mutex<()>,
 }
 
 /// Opens the ingest pool: the database settings, plus the per-connection staging table the
@@ -169,6 +230,7 @@ impl Store {
             publisher: Uuid::new_v4(),
             instance: "unknown".to_owned(),
             publisher_id: tokio::sync::OnceCell::new(),
+            writing: tokio::sync::Mutex::new(()),
         }
     }
 
@@ -189,12 +251,16 @@ impl Store {
         let id = self
             .publisher_id
             .get_or_try_init(|| async {
-                // ON CONFLICT: an earlier attempt may have committed without us learning it.
+                // ON CONFLICT: an earlier attempt may have committed without us learning it;
+                // then the row is read back (INSERT and SELECT only: the writer role may not
+                // update, and the table is append-only).
                 sqlx::query_scalar::<_, i32>(&format!(
-                    "INSERT INTO {}.publishers (publisher, instance) VALUES ($1, $2) \
-                     ON CONFLICT (publisher) DO UPDATE SET instance = EXCLUDED.instance \
-                     RETURNING publisher_id",
-                    quote_ident(&self.schema)
+                    "WITH inserted AS (INSERT INTO {schema}.publishers (publisher, instance) \
+                         VALUES ($1, $2) ON CONFLICT (publisher) DO NOTHING RETURNING publisher_id) \
+                     SELECT publisher_id FROM inserted \
+                     UNION ALL SELECT publisher_id FROM {schema}.publishers WHERE publisher = $1 \
+                     LIMIT 1",
+                    schema = quote_ident(&self.schema)
                 ))
                 .bind(self.publisher)
                 .bind(&self.instance)
@@ -205,32 +271,74 @@ impl Store {
         Ok(*id)
     }
 
-    /// Appends the committed-batch log row of a transaction that stored rows; returns its
-    /// sequence number (max + 1 within the publisher, so gapless whatever failed before).
-    async fn record_batch(
+    /// Opens the transaction's hash-chain link: reads the publisher's last link (its sequence
+    /// number and digest) and names the next one in the session settings that `events`'
+    /// `publisher_id` and `batch_seq` default to (migration 0005), for this transaction only.
+    /// Read inside the transaction, so a rollback or a commit whose outcome was lost never
+    /// leaves a hole or a fork: the retry reads what was really committed.
+    async fn open_link(
         &self,
         tx: &mut sqlx::PgConnection,
         publisher_id: i32,
-        summary: BatchSummary,
-        num_rows: u64,
-    ) -> Result<CommittedBatch, StoreError> {
-        let batch_seq: i64 = sqlx::query_scalar(&format!(
-            "INSERT INTO {schema}.batches (publisher_id, batch_seq, row_count, summary) \
-             SELECT $1, coalesce(max(batch_seq), 0) + 1, $2, $3::jsonb \
-             FROM {schema}.batches WHERE publisher_id = $1 \
-             RETURNING batch_seq",
+    ) -> Result<OpenLink, StoreError> {
+        let (batch_seq, prev): (i64, Option<Vec<u8>>) = sqlx::query_as(&format!(
+            "WITH last AS (SELECT batch_seq, digest FROM {schema}.batches \
+                 WHERE publisher_id = $1 ORDER BY batch_seq DESC LIMIT 1), \
+             next AS (SELECT coalesce((SELECT batch_seq FROM last), 0) + 1 AS seq, \
+                 (SELECT digest FROM last) AS prev) \
+             SELECT seq, prev FROM next \
+             WHERE set_config('auditflow.publisher_id', $1::text, true) IS NOT NULL \
+               AND set_config('auditflow.batch_seq', seq::text, true) IS NOT NULL",
             schema = quote_ident(&self.schema)
         ))
         .bind(publisher_id)
+        .fetch_one(&mut *tx)
+        .await?;
+        let prev = match prev {
+            Some(bytes) => Hash::try_from(bytes.as_slice()).unwrap_or([0; 32]),
+            None => chain::genesis(self.publisher),
+        };
+        Ok(OpenLink {
+            publisher_id,
+            batch_seq: u64::try_from(batch_seq).unwrap_or_default(),
+            prev,
+        })
+    }
+
+    /// Appends the committed-batch log row and hash-chain link of a transaction that stored
+    /// rows.
+    async fn record_batch(
+        &self,
+        tx: &mut sqlx::PgConnection,
+        link: OpenLink,
+        days: DayDigests,
+        summary: BatchSummary,
+        num_rows: u64,
+    ) -> Result<CommittedBatch, StoreError> {
+        let days = days.finish();
+        let digest = chain::link_digest(self.publisher, link.batch_seq, &link.prev, &days);
+        let days_json = serde_json::to_string(&days).unwrap_or_else(|_| "[]".to_owned());
+        sqlx::query(&format!(
+            "INSERT INTO {}.batches \
+             (publisher_id, batch_seq, row_count, summary, prev_digest, digest, days) \
+             VALUES ($1, $2, $3, $4::jsonb, $5, $6, $7::jsonb)",
+            quote_ident(&self.schema)
+        ))
+        .bind(link.publisher_id)
+        .bind(i64::try_from(link.batch_seq).unwrap_or(i64::MAX))
         .bind(i32::try_from(num_rows).unwrap_or(i32::MAX))
         .bind(summary.to_json())
-        .fetch_one(&mut *tx)
+        .bind(&link.prev[..])
+        .bind(&digest[..])
+        .bind(days_json)
+        .execute(&mut *tx)
         .await?;
         Ok(CommittedBatch {
             publisher: self.publisher,
-            batch_seq: u64::try_from(batch_seq).unwrap_or_default(),
+            batch_seq: link.batch_seq,
             summary,
             num_rows,
+            digest,
         })
     }
 
@@ -328,6 +436,7 @@ impl Store {
         rows: &CopyRows,
         range: std::ops::Range<usize>,
     ) -> Result<(WriteOutcome, Option<CommittedBatch>), StoreError> {
+        let _writing = self.writing.lock().await;
         self.num_writes.fetch_add(1, Ordering::Relaxed);
         let publisher_id = self.register_publisher().await?;
         self.ensure_partitions(rows.days().iter().copied()).await?;
@@ -336,6 +445,7 @@ impl Store {
         let mut conn = self.pool.acquire().await?;
         if !self.expect_duplicates.load(Ordering::Relaxed) {
             let mut tx = conn.begin().await?;
+            let link = self.open_link(&mut tx, publisher_id).await?;
             match copy_into(
                 &mut tx,
                 &format!("{}.events", quote_ident(&self.schema)),
@@ -344,8 +454,9 @@ impl Store {
             .await
             {
                 Ok(_) => {
+                    let days = rows.day_digests(range.clone(), |_, _| true);
                     let committed = self
-                        .record_batch(&mut tx, publisher_id, rows.summary(range.clone()), num_rows)
+                        .record_batch(&mut tx, link, days, rows.summary(range.clone()), num_rows)
                         .await?;
                     tx.commit().await?;
                     let outcome = WriteOutcome {
@@ -362,39 +473,52 @@ impl Store {
             }
         }
         let mut tx = conn.begin().await?;
+        let link = self.open_link(&mut tx, publisher_id).await?;
         copy_into(&mut tx, "pg_temp.auditflow_staging", data).await?;
-        // The insert reports, per tenant, the range of what it stored: the summary of exactly
-        // the rows this transaction adds.
-        let stored_per_tenant: Vec<(String, DateTime<Utc>, DateTime<Utc>, i64)> =
-            sqlx::query_as(&format!(
-                "WITH stored AS (INSERT INTO {}.events ({COLUMNS}) \
-                   SELECT {COLUMNS} FROM pg_temp.auditflow_staging \
-                   ON CONFLICT DO NOTHING RETURNING tenant_id, occurred_at) \
-                 SELECT tenant_id, min(occurred_at), max(occurred_at), count(*) \
-                 FROM stored GROUP BY tenant_id",
-                quote_ident(&self.schema)
-            ))
-            .fetch_all(&mut *tx)
-            .await?;
-        let mut summary = BatchSummary::default();
-        for (tenant, from, to, count) in &stored_per_tenant {
-            let count = u64::try_from(*count).unwrap_or_default();
-            summary.add(
-                tenant,
-                TenantRange {
-                    from: *from,
-                    to: *to,
-                    count,
-                },
-            );
+        // The insert reports what it stored, row by row: the summary and the chain link cover
+        // exactly the rows this transaction adds.
+        let inserted: Vec<(String, DateTime<Utc>, i32, i64)> = sqlx::query_as(&format!(
+            "INSERT INTO {}.events ({COLUMNS}) \
+             SELECT {COLUMNS} FROM pg_temp.auditflow_staging \
+             ON CONFLICT DO NOTHING RETURNING tenant_id, occurred_at, kafka_partition, kafka_offset",
+            quote_ident(&self.schema)
+        ))
+        .fetch_all(&mut *tx)
+        .await?;
+        let mut per_tenant: HashMap<&str, TenantRange> = HashMap::new();
+        let mut coordinates: HashSet<(i32, i64)> = HashSet::with_capacity(inserted.len());
+        for (tenant, occurred_at, partition, offset) in &inserted {
+            let row = TenantRange::at(*occurred_at);
+            per_tenant
+                .entry(tenant.as_str())
+                .and_modify(|existing| existing.merge(row))
+                .or_insert(row);
+            coordinates.insert((*partition, *offset));
         }
+        let mut summary = BatchSummary::default();
+        for (tenant, range) in per_tenant {
+            summary.add(tenant, range);
+        }
+        let days = rows.day_digests(range.clone(), |partition, offset| {
+            coordinates.contains(&(partition, offset))
+        });
         let stored = summary.num_rows();
         let summary = summary.capped();
         let duplicates = num_rows - stored;
-        let mut conflicts = 0;
+        let mut conflicting = Vec::new();
         if duplicates > 0 {
-            let rows: Vec<(uuid::Uuid, DateTime<Utc>, i32, i64)> = sqlx::query_as(&format!(
-                "SELECT s.event_id, s.occurred_at, s.kafka_partition, s.kafka_offset \
+            type ConflictRow = (
+                Uuid,
+                DateTime<Utc>,
+                i32,
+                i64,
+                Vec<u8>,
+                Option<i32>,
+                Option<i64>,
+            );
+            let rows: Vec<ConflictRow> = sqlx::query_as(&format!(
+                "SELECT s.event_id, s.occurred_at, s.kafka_partition, s.kafka_offset, \
+                   e.content_hash, e.publisher_id, e.batch_seq \
                  FROM pg_temp.auditflow_staging s JOIN {}.events e \
                    ON e.event_id = s.event_id AND e.occurred_at = s.occurred_at \
                  WHERE e.content_hash <> s.content_hash",
@@ -402,17 +526,24 @@ impl Store {
             ))
             .fetch_all(&mut *tx)
             .await?;
-            conflicts = rows.len() as u64;
-            for (event_id, occurred_at, partition, offset) in rows.iter().take(20) {
+            for (event_id, occurred_at, partition, offset, hash, publisher_id, batch_seq) in rows {
                 tracing::warn!(
                     %event_id, %occurred_at, partition, offset,
-                    "event id repeats with different content; kept the stored row"
+                    "event id repeats with different content; kept the stored row, dead-lettering the repeat"
                 );
+                conflicting.push(Conflict {
+                    event_id,
+                    occurred_at,
+                    partition,
+                    offset,
+                    stored_content_hash: hash,
+                    stored_link: publisher_id.zip(batch_seq),
+                });
             }
         }
         let committed = if stored > 0 {
             Some(
-                self.record_batch(&mut tx, publisher_id, summary, stored)
+                self.record_batch(&mut tx, link, days, summary, stored)
                     .await?,
             )
         } else {
@@ -424,8 +555,9 @@ impl Store {
         }
         let outcome = WriteOutcome {
             stored,
-            duplicates,
-            conflicts,
+            duplicates: duplicates - conflicting.len() as u64,
+            conflicts: conflicting.len() as u64,
+            conflicting,
         };
         Ok((outcome, committed))
     }

@@ -207,6 +207,7 @@ impl PartitionLifecycle {
             )));
         }
         let retired_q = quote_ident(&spec.retired_name());
+        crate::db::partition::refuse_truncate(&mut tx, &self.schema, &spec.retired_name()).await?;
         execute_ddl(
             &mut tx,
             &format!(

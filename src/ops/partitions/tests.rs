@@ -135,6 +135,11 @@ fn names_parse_back_only_when_they_round_trip() {
         "events_p2026w6",
         "retired_events_p20260203",
         "",
+        // Non-ASCII, 8 and 7 bytes long: byte slicing would cut the character in half.
+        "events_p123é567",
+        "events_p12é4567",
+        "events_p2026wé",
+        "events_p2026é",
     ] {
         assert_eq!(PartitionSpec::from_name(bad), None, "{bad}");
     }
