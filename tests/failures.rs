@@ -16,7 +16,7 @@ use auditflow::ingest::store;
 use auditflow::Sink;
 use chrono::Utc;
 use common::{header, TestEnv};
-use proxy::TcpProxy;
+use proxy::{CommitCutProxy, TcpProxy};
 use rdkafka::message::Message;
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::types::RDKafkaRespErr;
@@ -190,12 +190,7 @@ async fn one_bad_record_among_five_thousand_costs_a_few_statements() {
 async fn database_outage_pauses_consumption_dead_letters_nothing_and_recovers() {
     let env = TestEnv::new(2).await;
     let database = common::database_url();
-    let upstream = database
-        .split('@')
-        .nth(1)
-        .and_then(|rest| rest.split('/').next())
-        .unwrap()
-        .to_owned();
+    let upstream = database_host_port(&database);
     let proxy = TcpProxy::start(&upstream).await;
     let via_proxy = database.replace(&upstream, &format!("127.0.0.1:{}", proxy.port()));
     let sink = Sink::build(env.config(&[
@@ -273,6 +268,133 @@ async fn database_outage_pauses_consumption_dead_letters_nothing_and_recovers() 
     assert!(
         env.read_dlq(1, Duration::from_secs(2)).await.is_empty(),
         "the DLQ stays empty"
+    );
+}
+
+/// `host:port` of a `postgres://user@host:port/db` URL.
+fn database_host_port(url: &str) -> String {
+    url.split('@')
+        .nth(1)
+        .and_then(|rest| rest.split('/').next())
+        .unwrap()
+        .to_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_commit_whose_reply_is_lost_is_retried_and_deduplicated_storing_every_event_once() {
+    const NUM_EVENTS: u64 = 5_000;
+    const NUM_CUTS: usize = 3;
+    let env = TestEnv::new(1).await;
+    let database = common::database_url();
+    let upstream = database_host_port(&database);
+    let proxy = CommitCutProxy::start(&upstream).await;
+    // Plain text, so the proxy can read the protocol (the local server accepts TLS).
+    let mut via_proxy = database.replace(&upstream, &format!("127.0.0.1:{}", proxy.port()));
+    via_proxy.push_str(if via_proxy.contains('?') { "&" } else { "?" });
+    via_proxy.push_str("sslmode=disable");
+    // The first row-writing commit, then every third: batch 1 on the staging path the store
+    // starts on, the later ones on the fast COPY path, whose retry hits 23505 and falls back.
+    proxy.arm(NUM_CUTS, 2);
+    let produced = env.produce(NUM_EVENTS, 0.0, 0.0, 53).await;
+    assert_eq!(produced.distinct_valid, NUM_EVENTS);
+
+    let started = std::time::Instant::now();
+    let (mut sink, log) = env.spawn_sink_captured(
+        &["run", "--until-idle", "3"],
+        &[
+            ("AUDITFLOW_DATABASE_URL", &via_proxy),
+            ("AUDITFLOW_BATCH_MAX_EVENTS", "500"),
+        ],
+    );
+    let status = common::wait_exit(&mut sink, Duration::from_secs(180)).await;
+    let elapsed = started.elapsed();
+    let log = log.lock().unwrap().clone();
+    assert!(status.success(), "the sink exits 0 when idle: {log}");
+    let mut line = String::new();
+    std::io::Read::read_to_string(sink.stdout.as_mut().unwrap(), &mut line).unwrap();
+    let summary: serde_json::Value =
+        serde_json::from_str(line.trim()).expect("one JSON summary line");
+    let figure = |key: &str| {
+        summary[key]
+            .as_u64()
+            .unwrap_or_else(|| panic!("{key}: {summary}"))
+    };
+
+    assert_eq!(
+        proxy.commit_kinds(),
+        BTreeSet::from(['Q']),
+        "sqlx sends COMMIT as a simple query"
+    );
+    assert_eq!(
+        proxy.num_cut(),
+        NUM_CUTS,
+        "the proxy withheld the reply of {NUM_CUTS} commits the server made"
+    );
+    // The store starts on the staging path and takes the fast one after a clean batch: a cut
+    // on the fast path means its retry's COPY into events met 23505 and fell back to staging.
+    let cut_targets = proxy.cut_copy_targets();
+    let num_fast_path_cuts = cut_targets
+        .iter()
+        .filter(|targets| targets.iter().any(|table| table.ends_with(".events")))
+        .count();
+    assert!(
+        num_fast_path_cuts >= 1,
+        "a cut hit the fast COPY path: {cut_targets:?}"
+    );
+    let rows = env.count_rows().await;
+    let distinct = env.count_distinct_ids().await;
+    assert_eq!(rows, NUM_EVENTS as i64, "nothing lost");
+    assert_eq!(distinct, rows, "nothing stored twice");
+    assert_eq!(
+        figure("dead_lettered"),
+        0,
+        "a lost reply dead-letters nothing"
+    );
+    // Every cut commit did commit, so its retry found all of its rows already stored: the sink
+    // counts them as duplicates, never as stored (it cannot know its own lost commit stored
+    // them), and every event is one or the other.
+    let duplicates = figure("duplicates");
+    assert!(
+        duplicates >= NUM_CUTS as u64,
+        "the retries were absorbed as duplicates: {summary}"
+    );
+    assert_eq!(
+        figure("stored") + duplicates,
+        NUM_EVENTS,
+        "every event stored or absorbed, once: {summary}"
+    );
+    let num_retries = log.matches("batch write failed; retrying").count();
+    assert!(
+        num_retries >= NUM_CUTS,
+        "each lost reply surfaced as a transient error ({num_retries} retries): {log}"
+    );
+    let (logged_rows, num_batches, last_seq): (i64, i64, i64) = sqlx::query_as(&format!(
+        "SELECT coalesce(sum(row_count), 0)::bigint, count(*), coalesce(max(batch_seq), 0) \
+         FROM \"{}\".batches",
+        env.schema
+    ))
+    .fetch_one(&env.pool)
+    .await
+    .unwrap();
+    assert_eq!(
+        logged_rows, rows,
+        "the committed-batch log counts every stored row once"
+    );
+    assert_eq!(num_batches, last_seq, "batch_seq is gapless");
+    assert!(
+        env.read_dlq(1, Duration::from_secs(2)).await.is_empty(),
+        "the DLQ stays empty"
+    );
+    println!(
+        "commit outcome unknown: {} of {} row-writing commits cut after the server committed \
+         ({num_fast_path_cuts} on the fast COPY path, the rest on the staging path); \
+         {rows} rows stored, {distinct} distinct, {} stored as the sink knows it and \
+         {duplicates} duplicates absorbed by the retries, {num_retries} retries, {num_batches} batches logged ({logged_rows} rows), \
+         0 dead-lettered, {:.1} s (3 s of it idle wait)",
+        proxy.num_cut(),
+        proxy.num_commits(),
+        figure("stored"),
+        elapsed.as_secs_f64()
     );
 }
 
