@@ -65,6 +65,25 @@ pub struct BenchReport {
     pub peak_rss_mb: Option<f64>,
     /// The pipeline run's own summary: where its time went.
     pub pipeline: RunSummary,
+    /// `auditflow verify` over what both phases stored: its verdict and rate.
+    pub verify: VerifyFigures,
+}
+
+/// What `auditflow verify` did with the benchmark's rows.
+#[derive(Debug, Clone, Serialize)]
+pub struct VerifyFigures {
+    /// The chain verified.
+    pub intact: bool,
+    /// Chains (one per sink run).
+    pub chains: u64,
+    /// Links checked.
+    pub links: u64,
+    /// Rows read and recomputed.
+    pub rows: u64,
+    /// Seconds.
+    pub elapsed_s: f64,
+    /// Rows per second.
+    pub rows_per_s: f64,
 }
 
 /// Runs the benchmark.
@@ -176,7 +195,26 @@ pub async fn run(mut config: Config, options: &BenchOptions) -> anyhow::Result<B
             )
             .await?;
 
+        let pool = crate::db::connect(database_url.expose(), &config.database.pool_settings())
+            .await
+            .context("connecting to verify the chain")?;
+        let verified = crate::ops::verify::verify(
+            &pool,
+            &pipeline_schema,
+            &crate::ops::verify::VerifyOptions::default(),
+        )
+        .await
+        .context("verifying the chain")?;
+        pool.close().await;
         Ok(BenchReport {
+            verify: VerifyFigures {
+                intact: verified.is_intact(),
+                chains: verified.chains,
+                links: verified.links,
+                rows: verified.rows,
+                elapsed_s: verified.elapsed_s,
+                rows_per_s: verified.rows_per_s,
+            },
             events: options.events,
             ceiling_rows_per_s: ceiling,
             pipeline_events_per_s: pipeline_rate,

@@ -243,6 +243,22 @@ impl PgCluster {
         if !wait_for_port(port, Duration::from_secs(30)) {
             return Err("the test cluster did not start listening".into());
         }
+        // Listening is not accepting: until recovery ends it answers "the database system is
+        // starting up" (slow on a loaded machine).
+        let deadline = std::time::Instant::now() + Duration::from_secs(60);
+        loop {
+            let ready = Command::new(bin.join("pg_isready"))
+                .args(["-q", "-h", "127.0.0.1", "-p", &port.to_string()])
+                .status()
+                .is_ok_and(|status| status.success());
+            if ready {
+                break;
+            }
+            if std::time::Instant::now() > deadline {
+                return Err("the test cluster did not start accepting connections".into());
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
         Ok(cluster)
     }
 
