@@ -456,3 +456,82 @@ async fn two_replicas_chains_verify_and_each_kind_of_tampering_names_its_link() 
     assert_eq!(publisher, Some(pub_a), "{reason}");
     assert!(matches!(seq, Some(5) | Some(6)), "{reason}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retention_keeps_the_chain_verifiable_from_what_the_links_recorded() {
+    use auditflow::config::PartitionConfig;
+    use auditflow::ops::partitions::{maintain_partitions_once, PartitionLifecycle};
+
+    let db = ChainDb::new(1).await;
+    let store = &db.replicas[0];
+    // Three batches, each over three days: 70 and 69 days ago (old enough to be dropped at a
+    // 40-day retention) and today.
+    let old = |id: u128, days: i64| AuditEvent {
+        occurred_at: Utc::now() - chrono::Duration::days(days),
+        ..event(id)
+    };
+    for batch in 0..3u128 {
+        let events: Vec<AuditEvent> = (0..30u128)
+            .map(|n| {
+                let id = 100_000 + batch * 100 + n;
+                match n % 3 {
+                    0 => old(id, 70),
+                    1 => old(id, 69),
+                    _ => old(id, 0),
+                }
+            })
+            .collect();
+        let mut rows = CopyRows::new();
+        for (offset, event) in events.iter().enumerate() {
+            rows.push(
+                event,
+                RowMeta {
+                    content_hash: auditflow::event::content_hash(event),
+                    schema_version: Some(2),
+                    writer_schema_id: Some(2),
+                    topic: "audit-events",
+                    partition: 0,
+                    offset: (batch * 100) as i64 + offset as i64,
+                    kafka_timestamp: None,
+                },
+            );
+        }
+        store.write(&rows, 0..rows.len()).await.unwrap();
+    }
+    assert!(db.verify(None).await.is_intact());
+
+    // Retention at the real time: the old days are retired (still read by verify), then dropped
+    // (their rows gone; verify takes those days from the links and says so).
+    let lifecycle = PartitionLifecycle::new(
+        db.pool.clone(),
+        db.schema.clone(),
+        PartitionConfig {
+            partition_retention_days: 40,
+            partition_retired_grace_days: 0,
+            partition_premake: 1,
+            ..PartitionConfig::default()
+        },
+    );
+    maintain_partitions_once(&lifecycle, Utc::now())
+        .await
+        .unwrap();
+    let retired = db.verify(None).await;
+    assert!(retired.is_intact(), "{retired}");
+    assert_eq!(
+        retired.rows, 90,
+        "retired partitions are still read: {retired}"
+    );
+    maintain_partitions_once(&lifecycle, Utc::now())
+        .await
+        .unwrap();
+    let dropped = db.verify(None).await;
+    assert!(dropped.is_intact(), "{dropped}");
+    assert_eq!(dropped.rows, 30, "only today's rows remain: {dropped}");
+    assert_eq!(dropped.dropped_days.len(), 2, "{dropped}");
+    assert_eq!(dropped.links, 3);
+
+    // A row deleted from a day that retention did not drop is still found.
+    db.exec("DELETE FROM {s}.events WHERE event_id = (SELECT event_id FROM {s}.events LIMIT 1)")
+        .await;
+    assert!(!db.verify(None).await.is_intact());
+}
