@@ -9,7 +9,7 @@ use auditflow::breaker::{Breaker, BreakerConfig};
 use auditflow::chain::canonical_json;
 use auditflow::config::Config;
 use auditflow::event::{Actor, ActorType, AuditEvent, Outcome, Resource};
-use auditflow::ingest::store::{self, CopyRows, RowMeta, Store};
+use auditflow::ingest::store::{self, CopyRows, Store};
 use auditflow::ops::verify::{self, VerifyOptions, VerifyReport};
 use chrono::Utc;
 use rand::rngs::StdRng;
@@ -252,24 +252,11 @@ fn event(id: u128) -> AuditEvent {
     }
 }
 
+/// Events `ids` as one batch's rows: partition 0, each at the offset of its id.
 fn rows(ids: std::ops::Range<u128>) -> CopyRows {
+    let first = ids.start as i64;
     let events: Vec<AuditEvent> = ids.map(event).collect();
-    let mut rows = CopyRows::new();
-    for event in &events {
-        rows.push(
-            event,
-            RowMeta {
-                content_hash: auditflow::event::content_hash(event),
-                schema_version: Some(2),
-                writer_schema_id: Some(2),
-                topic: "audit-events",
-                partition: (event.event_id.as_u128() % 3) as i32,
-                offset: event.event_id.as_u128() as i64,
-                kafka_timestamp: Some(Utc::now()),
-            },
-        );
-    }
-    rows
+    common::copy_rows_at(&events, 0, first)
 }
 
 fn broken_link(report: &VerifyReport) -> (Option<Uuid>, Option<u64>, String) {
@@ -481,21 +468,7 @@ async fn retention_keeps_the_chain_verifiable_from_what_the_links_recorded() {
                 }
             })
             .collect();
-        let mut rows = CopyRows::new();
-        for (offset, event) in events.iter().enumerate() {
-            rows.push(
-                event,
-                RowMeta {
-                    content_hash: auditflow::event::content_hash(event),
-                    schema_version: Some(2),
-                    writer_schema_id: Some(2),
-                    topic: "audit-events",
-                    partition: 0,
-                    offset: (batch * 100) as i64 + offset as i64,
-                    kafka_timestamp: None,
-                },
-            );
-        }
+        let rows = common::copy_rows_at(&events, 0, (batch * 100) as i64);
         store.write(&rows, 0..rows.len()).await.unwrap();
     }
     assert!(db.verify(None).await.is_intact());

@@ -61,29 +61,12 @@ impl Roles {
 
 impl Drop for Roles {
     fn drop(&mut self) {
-        let (owner, writer) = (self.owner.clone(), self.writer.clone());
-        let url = common::database_url();
-        let _ = std::thread::spawn(move || {
-            let runtime = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .expect("runtime");
-            runtime.block_on(async {
-                if let Ok(pool) = PgPoolOptions::new().max_connections(1).connect(&url).await {
-                    for role in [&writer, &owner] {
-                        let _ = sqlx::raw_sql(&format!(
-                            "DROP OWNED BY {role} CASCADE; DROP ROLE IF EXISTS {role}"
-                        ))
-                        .execute(&pool)
-                        .await;
-                    }
-                    let _ = sqlx::query(&format!("REVOKE CREATE ON DATABASE test FROM {owner}"))
-                        .execute(&pool)
-                        .await;
-                }
-            });
-        })
-        .join();
+        let (owner, writer) = (&self.owner, &self.writer);
+        common::run_sql_blocking(&format!(
+            "DROP OWNED BY {writer} CASCADE; DROP ROLE IF EXISTS {writer}; \
+             DROP OWNED BY {owner} CASCADE; REVOKE CREATE ON DATABASE test FROM {owner}; \
+             DROP ROLE IF EXISTS {owner}"
+        ));
     }
 }
 

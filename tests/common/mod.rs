@@ -449,8 +449,17 @@ impl Drop for TestEnv {
 
 /// The events as COPY rows, as the sink would encode them: source partition 1, offsets from 0.
 pub fn copy_rows(events: &[auditflow::event::AuditEvent]) -> auditflow::ingest::store::CopyRows {
+    copy_rows_at(events, 1, 0)
+}
+
+/// The events as COPY rows from source `partition`, offsets from `first_offset`.
+pub fn copy_rows_at(
+    events: &[auditflow::event::AuditEvent],
+    partition: i32,
+    first_offset: i64,
+) -> auditflow::ingest::store::CopyRows {
     let mut rows = auditflow::ingest::store::CopyRows::new();
-    for (offset, event) in events.iter().enumerate() {
+    for (index, event) in events.iter().enumerate() {
         rows.push(
             event,
             auditflow::ingest::store::RowMeta {
@@ -458,8 +467,8 @@ pub fn copy_rows(events: &[auditflow::event::AuditEvent]) -> auditflow::ingest::
                 schema_version: Some(2),
                 writer_schema_id: Some(2),
                 topic: "audit-events",
-                partition: 1,
-                offset: offset as i64,
+                partition,
+                offset: first_offset + index as i64,
                 kafka_timestamp: Some(chrono::Utc::now()),
             },
         );
@@ -470,7 +479,14 @@ pub fn copy_rows(events: &[auditflow::event::AuditEvent]) -> auditflow::ingest::
 /// Drops a test's schema from a `Drop` impl: on a thread of its own, since the test's runtime may
 /// be shutting down.
 pub fn drop_schema_blocking(schema: &str) {
-    let schema = schema.to_owned();
+    run_sql_blocking(&format!("DROP SCHEMA IF EXISTS \"{schema}\" CASCADE"));
+}
+
+/// Runs `sql` (one or more statements, errors ignored) as the test database's superuser, on a
+/// thread and runtime of its own: for `Drop` impls, which may run while the test's runtime is
+/// shutting down.
+pub fn run_sql_blocking(sql: &str) {
+    let sql = sql.to_owned();
     let _ = std::thread::spawn(move || {
         let runtime = tokio::runtime::Builder::new_current_thread()
             .enable_all()
@@ -482,9 +498,7 @@ pub fn drop_schema_blocking(schema: &str) {
                 .connect(&database_url())
                 .await
             {
-                let _ = sqlx::query(&format!("DROP SCHEMA IF EXISTS \"{schema}\" CASCADE"))
-                    .execute(&pool)
-                    .await;
+                let _ = sqlx::raw_sql(&sql).execute(&pool).await;
             }
         });
     })
