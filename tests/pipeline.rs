@@ -151,6 +151,7 @@ async fn invalidations_reach_a_real_redis_subscriber() {
     let mut counted = 0;
     let mut sequences = Vec::new();
     let mut publishers = std::collections::BTreeSet::new();
+    let mut heads = Vec::new();
     while counted < summary.stored {
         let message = tokio::time::timeout(
             Duration::from_secs(10),
@@ -164,6 +165,7 @@ async fn invalidations_reach_a_real_redis_subscriber() {
         counted += body["count"].as_u64().unwrap();
         sequences.push(body["batch_seq"].as_u64().unwrap());
         publishers.insert(body["publisher"].as_str().unwrap().to_owned());
+        heads.push(body["head"].as_str().expect("the chain head").to_owned());
         assert_eq!(body["version"], 2, "{body}");
         let tenants = body["tenants"].as_array().unwrap();
         assert!(!tenants.is_empty());
@@ -192,8 +194,8 @@ async fn invalidations_reach_a_real_redis_subscriber() {
         "one publisher's sequence is gapless from 1"
     );
     assert_eq!(publishers.len(), 1, "one sink process, one epoch");
-    let logged: Vec<(String, i64)> = sqlx::query_as(&format!(
-        "SELECT p.publisher::text, b.batch_seq FROM \"{0}\".batches b \
+    let logged: Vec<(String, i64, String)> = sqlx::query_as(&format!(
+        "SELECT p.publisher::text, b.batch_seq, encode(b.digest, 'hex') FROM \"{0}\".batches b \
          JOIN \"{0}\".publishers p USING (publisher_id) ORDER BY b.batch_seq",
         env.schema
     ))
@@ -203,14 +205,25 @@ async fn invalidations_reach_a_real_redis_subscriber() {
     assert_eq!(
         logged
             .iter()
-            .map(|(_, seq)| *seq as u64)
+            .map(|(_, _, digest)| digest)
+            .collect::<Vec<_>>(),
+        heads.iter().collect::<Vec<_>>(),
+        "each message carries its link's digest: the chain head leaves the database"
+    );
+    let last_head = heads.last().unwrap().clone();
+    let chain = env.assert_chain_intact().await;
+    assert_eq!(chain.heads.last().map(|head| &head.2), Some(&last_head));
+    assert_eq!(
+        logged
+            .iter()
+            .map(|(_, seq, _)| *seq as u64)
             .collect::<Vec<_>>(),
         sequences,
         "the committed-batch log holds exactly the announced batches"
     );
     assert!(logged
         .iter()
-        .all(|(publisher, _)| publishers.contains(publisher)));
+        .all(|(publisher, _, _)| publishers.contains(publisher)));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
