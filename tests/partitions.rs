@@ -742,8 +742,11 @@ async fn only_one_replica_maintains_at_a_time() {
 #[tokio::test]
 async fn ddl_that_hits_the_lock_timeout_is_skipped_and_retried() {
     let db = TestDb::new().await;
+    // The sink accepts events up to a day old: the partitions 20 days old are outside the
+    // protected window around the real time.
     let config = PartitionConfig {
         partition_lock_timeout_ms: 100,
+        accept_past_days: 1,
         ..settings(PartitionInterval::Day, 2, 5, 0)
     };
     let lifecycle = db.lifecycle(config);
@@ -857,8 +860,11 @@ async fn maintenance_while_ingesting_at_full_speed_causes_no_ingest_errors() {
     // Old partitions with rows, for the timeline to retire and drop.
     let old: Vec<NaiveDate> = (31..=60).map(|d| today - Duration::days(d)).collect();
     write_days(&store, &old, 20, 1 << 64).await;
+    // The simulated clock walks through the last 40 days: the sink accepts events up to a day
+    // old, so only today's partitions are in the protected window.
     let config = PartitionConfig {
         partition_lock_timeout_ms: 200,
+        accept_past_days: 1,
         ..settings(PartitionInterval::Day, 3, 5, 0)
     };
     let lifecycle = db.lifecycle(config);
@@ -993,7 +999,13 @@ async fn the_partitions_command_plans_applies_holds_and_restores() {
     std::fs::write(file.path(), serde_json::to_string(&plan).unwrap()).unwrap();
     let report: serde_json::Value = serde_json::from_str(&stdout(&cli(
         &db,
-        &["apply", "--json", "--plan", file.path().to_str().unwrap()],
+        &[
+            "apply",
+            "--json",
+            "--scratch-schema",
+            "--plan",
+            file.path().to_str().unwrap(),
+        ],
     )))
     .unwrap();
     let results = report["results"].as_array().unwrap();
@@ -1049,4 +1061,163 @@ async fn the_partitions_command_plans_applies_holds_and_restores() {
     assert_eq!(db.count("events_p20330101").await, 5);
     let bad = cli(&db, &["restore", "events; drop table x"]);
     assert!(!bad.status.success());
+}
+
+fn stderr(output: &std::process::Output) -> String {
+    String::from_utf8_lossy(&output.stderr).into_owned()
+}
+
+#[tokio::test]
+async fn apply_a_year_ahead_changes_nothing_and_exits_non_zero() {
+    let db = TestDb::new().await;
+    let store = db.store();
+    let today = Utc::now().date_naive();
+    write_days(&store, &[today - Duration::days(1), today], 5, 0).await;
+    stdout(&cli(&db, &["apply"]));
+    let attached = db.attached().await;
+    assert!(attached.len() >= 4, "{attached:?}");
+    let before = db.snapshot().await;
+    let rows = db.count("events").await;
+    assert_eq!(rows, 10);
+    let year_ahead = (Utc::now() + Duration::days(365)).to_rfc3339();
+
+    // Refused before anything is done, saying why and what to use instead.
+    let refused = cli(&db, &["apply", "--now", &year_ahead]);
+    assert_eq!(refused.status.code(), Some(2), "{}", stderr(&refused));
+    let message = stderr(&refused);
+    assert!(
+        message.contains("partitions plan --now") && message.contains("--scratch-schema"),
+        "{message}"
+    );
+    // Planning for that time stays allowed, and says what apply would refuse.
+    let plan_json = stdout(&cli(&db, &["plan", "--json", "--now", &year_ahead]));
+    let plan: Plan = serde_json::from_str(&plan_json).unwrap();
+    assert!(
+        plan.actions.iter().any(|a| a.kind == ActionKind::Retire),
+        "{plan}"
+    );
+    assert!(
+        plan.warnings.iter().any(|w| w.contains("protected window")),
+        "{plan}"
+    );
+    // A plan saved for that time is refused the same way.
+    let file = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(file.path(), &plan_json).unwrap();
+    let refused = cli(&db, &["apply", "--plan", file.path().to_str().unwrap()]);
+    assert_eq!(refused.status.code(), Some(2), "{}", stderr(&refused));
+    assert_eq!(db.snapshot().await, before, "nothing changed");
+    assert_eq!(db.count("events").await, rows);
+
+    // On a scratch schema the rehearsal runs, but nothing around the real time is retired: the
+    // command says so and exits non-zero.
+    let rehearsal = cli(
+        &db,
+        &["apply", "--json", "--scratch-schema", "--now", &year_ahead],
+    );
+    assert_eq!(rehearsal.status.code(), Some(1), "{}", stderr(&rehearsal));
+    assert!(
+        stderr(&rehearsal).contains("refused"),
+        "{}",
+        stderr(&rehearsal)
+    );
+    let report: serde_json::Value = serde_json::from_slice(&rehearsal.stdout).unwrap();
+    let retires: Vec<&serde_json::Value> = report["results"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|r| r["kind"] == "retire")
+        .collect();
+    assert_eq!(retires.len(), attached.len(), "{report}");
+    for retire in retires {
+        assert_eq!(retire["outcome"], "protected", "{report}");
+        assert!(
+            retire["detail"]
+                .as_str()
+                .is_some_and(|d| d.contains("protected window")),
+            "{report}"
+        );
+    }
+    assert_eq!(db.count("events").await, rows);
+    let after = db.attached().await;
+    assert!(
+        attached.iter().all(|name| after.contains(name)),
+        "{after:?}"
+    );
+    let recorded: i64 = sqlx::query_scalar(&format!(
+        "SELECT count(*) FROM \"{}\".partition_lifecycle",
+        db.schema
+    ))
+    .fetch_one(&db.pool)
+    .await
+    .unwrap();
+    assert_eq!(recorded, 0, "no retirement was even started");
+}
+
+#[tokio::test]
+async fn a_simulated_clock_never_retires_or_drops_the_protected_window() {
+    let db = TestDb::new().await;
+    let store = db.store();
+    let today = Utc::now().date_naive();
+    let days = [today - Duration::days(2), today - Duration::days(1), today];
+    write_days(&store, &days, 4, 0).await;
+    let names: Vec<String> = days.iter().map(|d| partition::partition_name(*d)).collect();
+    let year_ahead = Utc::now() + Duration::days(365);
+
+    // Maintenance a year ahead, with the sink accepting events 30 days old: nothing around the
+    // real time is retired, whatever the simulated clock says.
+    let lifecycle = db.lifecycle(settings(PartitionInterval::Day, 1, 40, 0));
+    let MaintenanceRound::Done { report, .. } = maintain_partitions_once(&lifecycle, year_ahead)
+        .await
+        .unwrap()
+    else {
+        panic!("nobody else maintains");
+    };
+    let retires: Vec<_> = report
+        .results
+        .iter()
+        .filter(|r| r.action.kind == ActionKind::Retire)
+        .collect();
+    assert_eq!(retires.len(), 3, "{report}");
+    for retire in &retires {
+        assert!(
+            matches!(&retire.outcome, Outcome::Protected { detail } if detail.contains("protected window")),
+            "{report}"
+        );
+        assert!(!retire.outcome.is_done());
+    }
+    assert!(
+        report.to_string().contains("skipped (protected)"),
+        "{report}"
+    );
+    let attached = db.attached().await;
+    assert!(names.iter().all(|n| attached.contains(n)), "{attached:?}");
+
+    // A sink accepting events only a day old lets the partition of two days ago retire ...
+    let narrow = db.lifecycle(PartitionConfig {
+        accept_past_days: 1,
+        ..settings(PartitionInterval::Day, 1, 40, 0)
+    });
+    maintain_partitions_once(&narrow, year_ahead).await.unwrap();
+    assert!(!db.attached().await.contains(&names[0]));
+    assert!(db.attached().await.contains(&names[1]));
+    // ... but with 30 days, its drop (grace 0, due a year ahead) is refused.
+    let plan = lifecycle.plan(year_ahead).await.unwrap();
+    let drop_action = plan
+        .actions
+        .iter()
+        .find(|a| a.kind == ActionKind::Drop)
+        .unwrap_or_else(|| panic!("{plan}"));
+    assert_eq!(drop_action.table, format!("retired_{}", names[0]));
+    let report = lifecycle.apply(&plan).await.unwrap();
+    let dropped = report
+        .results
+        .iter()
+        .find(|r| r.action.kind == ActionKind::Drop)
+        .unwrap();
+    assert!(
+        matches!(dropped.outcome, Outcome::Protected { .. }),
+        "{report}"
+    );
+    assert_eq!(db.count(&format!("retired_{}", names[0])).await, 4);
+    assert_eq!(db.count("events").await, 8);
 }

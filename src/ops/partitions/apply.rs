@@ -7,6 +7,7 @@ use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use sqlx::{Connection, PgConnection};
 
+use super::guard::Guard;
 use super::inventory::read_inventory;
 use super::inventory::Range;
 use super::inventory::{LifecycleRow, LIFECYCLE_COLUMNS};
@@ -38,6 +39,12 @@ pub enum Outcome {
         /// Why.
         detail: String,
     },
+    /// Not done: the partition overlaps the protected window around the real time (see
+    /// [`Guard`]), whatever time the plan was made for. Shown as skipped, with the window.
+    Protected {
+        /// Why, with the window.
+        detail: String,
+    },
     /// The database refused the DDL for a reason other than a lock conflict.
     Failed {
         /// The error.
@@ -48,7 +55,16 @@ pub enum Outcome {
 impl Outcome {
     /// True for the outcomes that leave nothing to retry.
     pub fn is_done(&self) -> bool {
-        !matches!(self, Outcome::Skipped { .. } | Outcome::Failed { .. })
+        !matches!(
+            self,
+            Outcome::Skipped { .. } | Outcome::Protected { .. } | Outcome::Failed { .. }
+        )
+    }
+
+    /// True for the outcomes a round soon after may change (a busy table, a refused statement);
+    /// a protected partition stays protected until the real time moves on.
+    pub fn is_retried_soon(&self) -> bool {
+        matches!(self, Outcome::Skipped { .. } | Outcome::Failed { .. })
     }
 }
 
@@ -60,6 +76,7 @@ impl fmt::Display for Outcome {
             Outcome::Retired => f.write_str("retired"),
             Outcome::Dropped => f.write_str("dropped"),
             Outcome::Skipped { detail } => write!(f, "skipped: {detail}"),
+            Outcome::Protected { detail } => write!(f, "skipped (protected): {detail}"),
             Outcome::Failed { detail } => write!(f, "failed: {detail}"),
         }
     }
@@ -371,6 +388,23 @@ impl PartitionLifecycle {
         Ok(Outcome::Created)
     }
 
+    /// The refusal of the retire and drop steps for a partition in the protected window, computed
+    /// from the real clock when the step runs (never from the plan's `now`, which may be
+    /// simulated).
+    fn protected(&self, spec: &PartitionSpec) -> Option<Outcome> {
+        let guard = Guard::from_real_clock(&self.config);
+        guard
+            .protects(spec.from(), spec.to())
+            .then(|| Outcome::Protected {
+                detail: format!(
+                    "{} {} overlaps the protected window {guard}; it is never retired or dropped \
+                 while it does",
+                    spec.name(),
+                    Range(Some(spec.from()), Some(spec.to()))
+                ),
+            })
+    }
+
     /// Plans again from what the catalog says now (inside the caller's transaction and locks)
     /// and tells whether `action` is still part of the plan; if not, why.
     async fn recheck(
@@ -401,6 +435,9 @@ impl PartitionLifecycle {
         action: &Action,
         spec: &PartitionSpec,
     ) -> Result<Outcome, PartitionError> {
+        if let Some(protected) = self.protected(spec) {
+            return Ok(protected);
+        }
         let schema_q = quote_ident(&self.schema);
         let name = spec.name();
         // Step 1: re-check with new holds locked out, and record the intent.
@@ -579,6 +616,9 @@ impl PartitionLifecycle {
         action: &Action,
         spec: &PartitionSpec,
     ) -> Result<Outcome, PartitionError> {
+        if let Some(protected) = self.protected(spec) {
+            return Ok(protected);
+        }
         let schema_q = quote_ident(&self.schema);
         let mut tx = conn.begin().await?;
         execute_ddl(

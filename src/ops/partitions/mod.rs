@@ -36,12 +36,14 @@
 //! not finishing one: a retired partition keeps every row and can be restored.
 
 mod apply;
+mod guard;
 mod inventory;
 mod plan;
 #[cfg(test)]
 mod tests;
 
 pub use apply::{ActionResult, ApplyReport, Outcome, Restored};
+pub use guard::{check_simulated_now, Guard, NOW_TOLERANCE};
 pub use inventory::Hold;
 pub use plan::{Action, ActionKind, Kept, Plan};
 
@@ -264,7 +266,7 @@ pub async fn run_maintenance(lifecycle: PartitionLifecycle, shutdown: Cancellati
         let retry_soon = match maintain_partitions_once(&lifecycle, Utc::now()).await {
             Ok(MaintenanceRound::Skipped) => false,
             Ok(MaintenanceRound::Done { report, .. }) => {
-                report.results.iter().any(|r| !r.outcome.is_done())
+                report.results.iter().any(|r| r.outcome.is_retried_soon())
             }
             Err(err) => {
                 tracing::warn!(schema = %lifecycle.schema, error = %err, "partition maintenance failed; retrying");
@@ -330,12 +332,15 @@ impl PartitionLifecycle {
     }
 
     /// Reads the catalog, the lifecycle bookkeeping and the holds, and says what maintenance
-    /// would do at `now`. Changes nothing.
+    /// would do at `now`, with a warning for the retirements and drops `apply` would refuse
+    /// because they overlap the protected window around the real time. Changes nothing.
     pub async fn plan(&self, now: DateTime<Utc>) -> Result<Plan, PartitionError> {
         self.guarded(async {
             let mut conn = self.pool.acquire().await?;
             let inventory = read_inventory(&mut conn, &self.schema).await?;
-            Ok(plan_from(&inventory, &self.schema, &self.config, now))
+            let mut plan = plan_from(&inventory, &self.schema, &self.config, now);
+            guard::warn_protected(&mut plan, &Guard::from_real_clock(&self.config));
+            Ok(plan)
         })
         .await
     }

@@ -461,3 +461,76 @@ fn plans_and_results_round_trip_through_json() {
         result
     );
 }
+
+#[test]
+fn the_protected_window_reaches_back_accept_past_days_and_ahead_to_the_premake_horizon() {
+    let cfg = PartitionConfig {
+        accept_past_days: 30,
+        ..config(PartitionInterval::Day, 2, 400, 30)
+    };
+    let real_now = at("2026-12-01T12:00:00Z");
+    let guard = Guard::around(real_now, &cfg);
+    assert_eq!(guard.protect_from, at("2026-11-01T12:00:00Z"));
+    // Today and two days ahead: up to the end of 2026-12-03.
+    assert_eq!(guard.protect_to, at("2026-12-04"));
+    let covers = |d: NaiveDate| guard.protects(midnight(d), midnight(d + Duration::days(1)));
+    assert!(!covers(day(2026, 10, 31)));
+    assert!(covers(day(2026, 11, 1)), "overlaps by its last 12 hours");
+    assert!(covers(day(2026, 12, 1)));
+    assert!(covers(day(2026, 12, 3)));
+    assert!(!covers(day(2026, 12, 4)));
+    let monthly = Guard::around(
+        real_now,
+        &PartitionConfig {
+            accept_past_days: 0,
+            ..config(PartitionInterval::Month, 1, 400, 30)
+        },
+    );
+    assert_eq!(
+        (monthly.protect_from, monthly.protect_to),
+        (real_now, at("2027-02-01"))
+    );
+    assert!(guard
+        .to_string()
+        .contains("[2026-11-01T12:00:00Z, 2026-12-04T00:00:00Z)"));
+}
+
+#[test]
+fn a_simulated_now_is_refused_unless_near_the_real_time_or_on_a_scratch_schema() {
+    let real_now = at("2026-12-01T12:00:00Z");
+    assert!(check_simulated_now(real_now + Duration::minutes(4), real_now, false).is_ok());
+    assert!(check_simulated_now(real_now - Duration::minutes(5), real_now, false).is_ok());
+    let refusal = check_simulated_now(real_now + Duration::days(365), real_now, false)
+        .expect_err("a year ahead is a simulation");
+    assert!(refusal.contains("365 days"), "{refusal}");
+    assert!(
+        refusal.contains("partitions plan --now 2027-12-01T12:00:00Z"),
+        "{refusal}"
+    );
+    assert!(refusal.contains("--scratch-schema"), "{refusal}");
+    let refusal = check_simulated_now(real_now - Duration::minutes(6), real_now, false)
+        .expect_err("six minutes back is a simulation");
+    assert!(refusal.contains("6 minutes"), "{refusal}");
+    assert!(check_simulated_now(real_now + Duration::days(365), real_now, true).is_ok());
+}
+
+#[test]
+fn a_plan_warns_about_the_actions_the_protected_window_refuses() {
+    let real_now = at("2026-12-01T12:00:00Z");
+    let cfg = config(PartitionInterval::Day, 1, 40, 0);
+    // Planned a year ahead: every partition around the real time is past retention.
+    let mut plan = plan_from(
+        &inventory(&daily(day(2026, 11, 29), 4)),
+        "audit",
+        &cfg,
+        real_now + Duration::days(365),
+    );
+    assert_eq!(names(&plan, ActionKind::Retire).len(), 4, "{plan}");
+    guard::warn_protected(&mut plan, &Guard::around(real_now, &cfg));
+    assert_eq!(plan.warnings.len(), 1, "{plan}");
+    assert!(
+        plan.warnings[0]
+            .contains("apply would skip retire events_p20261129, retire events_p20261130"),
+        "{plan}"
+    );
+}
