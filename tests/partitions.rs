@@ -1221,3 +1221,132 @@ async fn a_simulated_clock_never_retires_or_drops_the_protected_window() {
     assert_eq!(db.count(&format!("retired_{}", names[0])).await, 4);
     assert_eq!(db.count("events").await, 8);
 }
+
+#[tokio::test]
+async fn foreign_partitions_are_listed_left_alone_and_never_panic() {
+    let db = TestDb::new().await;
+    let schema = &db.schema;
+    // Made by hand: a partition named events_p123é567 with some range, one bounded by
+    // 'infinity', a detached table of such a name, and a hold without end.
+    for sql in [
+        format!(
+            r#"CREATE TABLE "{schema}"."events_p123é567" (LIKE "{schema}".events INCLUDING ALL EXCLUDING INDEXES)"#
+        ),
+        format!(
+            r#"ALTER TABLE "{schema}".events ATTACH PARTITION "{schema}"."events_p123é567"
+               FOR VALUES FROM ('2031-03-01 00:00:00+00') TO ('2031-03-04 00:00:00+00')"#
+        ),
+        format!(
+            r#"CREATE TABLE "{schema}".events_after (LIKE "{schema}".events INCLUDING ALL EXCLUDING INDEXES)"#
+        ),
+        format!(
+            r#"ALTER TABLE "{schema}".events ATTACH PARTITION "{schema}".events_after
+               FOR VALUES FROM ('2040-01-01 00:00:00+00') TO ('infinity')"#
+        ),
+        format!(
+            r#"CREATE TABLE "{schema}"."retired_events_p123é567" (LIKE "{schema}".events INCLUDING ALL EXCLUDING INDEXES)"#
+        ),
+        format!(
+            r#"INSERT INTO "{schema}".legal_holds (range_from, range_to, reason)
+               VALUES ('2035-01-01', 'infinity', 'indefinite')"#
+        ),
+    ] {
+        sqlx::raw_sql(&sql).execute(&db.pool).await.unwrap();
+    }
+    let store = db.store();
+    // Rows land in the hand-made partition (it covers their day) and in one of auditflow's.
+    write_days(&store, &[day(2031, 3, 2), day(2031, 3, 10)], 3, 0).await;
+    assert_eq!(db.count("events_p123é567").await, 3);
+
+    let lifecycle = db.lifecycle(settings(PartitionInterval::Day, 1, 30, 10));
+    let now = at("2031-05-01T00:00:00Z");
+    let plan = lifecycle.plan(now).await.unwrap();
+    let foreign: Vec<(&str, bool)> = plan
+        .foreign
+        .iter()
+        .map(|f| (f.table.as_str(), f.attached))
+        .collect();
+    assert_eq!(
+        foreign,
+        [
+            ("events_p123é567", true),
+            ("events_after", true),
+            ("retired_events_p123é567", false),
+        ],
+        "{plan}"
+    );
+    assert_eq!(plan.foreign[1].to, None, "'infinity' is unbounded: {plan}");
+    assert_eq!(
+        plan.actions
+            .iter()
+            .map(|a| (a.kind, a.table.as_str()))
+            .collect::<Vec<_>>(),
+        [
+            (ActionKind::Create, "events_p20310501"),
+            (ActionKind::Create, "events_p20310502"),
+            (ActionKind::Retire, "events_p20310310"),
+        ],
+        "only auditflow's partitions are acted on: {plan}"
+    );
+    let holds = lifecycle.holds().await.unwrap();
+    assert_eq!(holds.len(), 1);
+    assert!(
+        holds[0].range_to > Utc::now() + Duration::days(1000 * 365),
+        "a hold to 'infinity' still reaches far ahead: {}",
+        holds[0]
+    );
+
+    // A maintenance round goes through, and leaves them as they were.
+    let MaintenanceRound::Done { report, .. } =
+        maintain_partitions_once(&lifecycle, now).await.unwrap()
+    else {
+        panic!("nobody else maintains");
+    };
+    assert!(
+        report.results.iter().all(|r| r.outcome.is_done()),
+        "{report}"
+    );
+    let attached = db.attached().await;
+    assert!(
+        attached.contains(&"events_p123é567".to_string()),
+        "{attached:?}"
+    );
+    assert!(
+        attached.contains(&"events_after".to_string()),
+        "{attached:?}"
+    );
+    assert_eq!(db.count("events_p123é567").await, 3);
+    assert_eq!(db.count("retired_events_p20310310").await, 3);
+
+    // The command: listed as foreign, restore refuses them with a clear message, no panic.
+    let text = stdout(&cli(&db, &["plan", "--now", "2031-05-01"]));
+    assert!(
+        text.contains("foreign events_p123é567  [2031-03-01, 2031-03-04)"),
+        "{text}"
+    );
+    assert!(
+        text.contains("foreign retired_events_p123é567  (detached)"),
+        "{text}"
+    );
+    let plan: Plan = serde_json::from_str(&stdout(&cli(&db, &["plan", "--json"]))).unwrap();
+    assert_eq!(plan.foreign.len(), 3, "{plan}");
+    stdout(&cli(&db, &["apply"]));
+    for name in [
+        "events_p123é567",
+        "retired_events_p123é567",
+        "events_p12é4567",
+    ] {
+        let refused = cli(&db, &["restore", name]);
+        assert_eq!(refused.status.code(), Some(1), "{}", stderr(&refused));
+        let message = stderr(&refused);
+        assert!(
+            message.contains(&format!(
+                "\"{name}\" is not the name of a partition auditflow made"
+            )),
+            "{message}"
+        );
+        assert!(!message.contains("panicked"), "{message}");
+    }
+    assert!(db.attached().await.contains(&"events_p123é567".to_string()));
+    assert_eq!(db.count("retired_events_p123é567").await, 0);
+}

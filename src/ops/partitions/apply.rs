@@ -10,7 +10,7 @@ use sqlx::{Connection, PgConnection};
 use super::guard::Guard;
 use super::inventory::read_inventory;
 use super::inventory::Range;
-use super::inventory::{LifecycleRow, LIFECYCLE_COLUMNS};
+use super::inventory::{lifecycle_columns, LifecycleRow};
 use super::plan::timestamp;
 use super::plan::{plan_from, Action, ActionKind, Plan};
 use super::{is_connection_problem, is_lock_conflict, PartitionError, PartitionLifecycle};
@@ -172,8 +172,9 @@ impl PartitionLifecycle {
         let mut tx = conn.begin().await?;
         lock_ddl(&mut tx, &self.schema).await?;
         let row: Option<LifecycleRow> = sqlx::query_as(&format!(
-            "SELECT {LIFECYCLE_COLUMNS} FROM {schema_q}.partition_lifecycle \
-             WHERE partition_name = $1 FOR UPDATE"
+            "SELECT {} FROM {schema_q}.partition_lifecycle \
+             WHERE partition_name = $1 FOR UPDATE",
+            lifecycle_columns()
         ))
         .bind(spec.name())
         .fetch_optional(&mut *tx)

@@ -45,13 +45,13 @@ mod tests;
 pub use apply::{ActionResult, ApplyReport, Outcome, Restored};
 pub use guard::{check_simulated_now, Guard, NOW_TOLERANCE};
 pub use inventory::Hold;
-pub use plan::{Action, ActionKind, Kept, Plan};
+pub use plan::{Action, ActionKind, Foreign, Kept, Plan};
 
 use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration as StdDuration;
 
-use chrono::{DateTime, NaiveDate, Utc};
+use chrono::{DateTime, Datelike, NaiveDate, Utc};
 use rand::Rng;
 use sqlx::pool::PoolConnection;
 use sqlx::{PgPool, Postgres};
@@ -63,7 +63,7 @@ use crate::db::partition::execute_ddl;
 use crate::db::partition::{midnight, PartitionSpec};
 use crate::db::quote_ident;
 use crate::db::retry::{classify, sqlstate, Retry};
-use inventory::read_inventory;
+use inventory::{hold_columns, read_inventory};
 use plan::{plan_from, timestamp};
 
 /// Describes the partition metrics for the Prometheus exposition (call once at start-up).
@@ -90,14 +90,24 @@ pub fn describe_metrics() {
     );
 }
 
-/// Parses a time given on the command line: RFC 3339, or a date meaning midnight UTC.
+/// Parses a time given on the command line: RFC 3339, or a date meaning midnight UTC, in the
+/// years 1000 to 9998 (those `auditflow_create_partition` accepts; interval arithmetic on them
+/// stays far inside chrono's range).
 pub fn parse_time(value: &str) -> Result<DateTime<Utc>, String> {
-    if let Ok(time) = DateTime::parse_from_rfc3339(value) {
-        return Ok(time.to_utc());
+    let time = match DateTime::parse_from_rfc3339(value) {
+        Ok(time) => time.to_utc(),
+        Err(_) => NaiveDate::parse_from_str(value, "%Y-%m-%d")
+            .map(midnight)
+            .map_err(|_| {
+                format!("expected an RFC 3339 time or a YYYY-MM-DD date, got {value:?}")
+            })?,
+    };
+    if !(1000..=9998).contains(&time.year()) {
+        return Err(format!(
+            "{value:?} is out of range: years 1000 to 9998 only"
+        ));
     }
-    NaiveDate::parse_from_str(value, "%Y-%m-%d")
-        .map(midnight)
-        .map_err(|_| format!("expected an RFC 3339 time or a YYYY-MM-DD date, got {value:?}"))
+    Ok(time)
 }
 
 /// After a round with skipped or failed actions, the next round comes at most this much later.
@@ -156,6 +166,8 @@ pub(super) fn is_lock_conflict(err: &PartitionError) -> bool {
 }
 
 /// What one maintenance round did.
+// One value per round, never stored in bulk: boxing the plan would buy nothing.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum MaintenanceRound {
     /// Another replica holds the maintenance lock: nothing was read or changed.
@@ -440,8 +452,8 @@ impl PartitionLifecycle {
     pub async fn holds(&self) -> Result<Vec<Hold>, PartitionError> {
         self.guarded(async {
             let holds = sqlx::query_as(&format!(
-                "SELECT id, range_from, range_to, reason, created_at, created_by \
-                 FROM {}.legal_holds WHERE released_at IS NULL ORDER BY id",
+                "SELECT {} FROM {}.legal_holds WHERE released_at IS NULL ORDER BY id",
+                hold_columns(),
                 quote_ident(&self.schema)
             ))
             .fetch_all(&self.pool)
@@ -463,7 +475,9 @@ impl PartitionLifecycle {
             .or_else(|| PartitionSpec::from_name(name))
             .ok_or_else(|| {
                 PartitionError::Invalid(format!(
-                    "{name:?} is not the name of an auditflow partition (events_p… or retired_events_p…)"
+                    "{name:?} is not the name of a partition auditflow made (events_pYYYYMMDD, \
+                     events_pIYYYwIW or events_pYYYYMM, or retired_ and one of those): auditflow \
+                     restores only partitions it retired, and leaves other tables alone"
                 ))
             })?;
         self.guarded(async {

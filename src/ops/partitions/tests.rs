@@ -150,6 +150,10 @@ fn times_parse_as_rfc3339_or_dates() {
     assert_eq!(at("2026-02-03"), at("2026-02-03T00:00:00Z"));
     assert_eq!(at("2026-02-03T01:00:00+01:00"), at("2026-02-03T00:00:00Z"));
     assert!(parse_time("yesterday").is_err());
+    for out_of_range in ["0999-12-31", "9999-01-01", "+262143-12-31", "-0001-01-01"] {
+        assert!(parse_time(out_of_range).is_err(), "{out_of_range}");
+    }
+    assert!(parse_time("9998-12-31T23:59:59Z").is_ok());
 }
 
 #[test]
@@ -420,7 +424,101 @@ fn partitions_not_named_by_auditflow_are_left_alone() {
         at("2026-02-01"),
     );
     assert!(names(&plan, ActionKind::Retire).is_empty(), "{plan}");
-    assert_eq!(plan.kept.len(), 2, "{plan}");
+    assert!(plan.kept.is_empty(), "{plan}");
+    let foreign: Vec<&str> = plan.foreign.iter().map(|f| f.table.as_str()).collect();
+    assert_eq!(foreign, ["events_archive", "events_p20200101"], "{plan}");
+    assert!(
+        plan.foreign[1]
+            .reason
+            .contains("bounded [2020-01-01, 2020-01-03) instead of [2020-01-01, 2020-01-02)"),
+        "{plan}"
+    );
+    assert!(
+        plan.to_string()
+            .contains("foreign events_archive  [MINVALUE, 2020-01-01)"),
+        "{plan}"
+    );
+}
+
+#[test]
+fn foreign_names_of_any_characters_are_listed_and_never_acted_on() {
+    let inside = PartitionSpec::containing(PartitionInterval::Day, day(2026, 1, 10));
+    let mut inv = inventory(&[inside]);
+    for (name, from, to) in [
+        ("events_p123é567", Some("2020-01-01"), Some("2020-01-05")),
+        ("events_p12é4567", None, Some("2019-01-01")),
+        ("ÉVÉNEMENTS", Some("2030-01-01"), None),
+    ] {
+        inv.attached.push(Attached {
+            name: name.into(),
+            from: from.map(at),
+            to: to.map(at),
+            is_default: false,
+            detach_pending: false,
+        });
+        inv.tables.insert(name.into());
+    }
+    inv.attached.push(Attached {
+        name: "events_default".into(),
+        from: None,
+        to: None,
+        is_default: true,
+        detach_pending: false,
+    });
+    // Detached: hand-made, and one auditflow would recognize (not foreign).
+    for name in [
+        "retired_events_p123é567",
+        "events_p2026é",
+        "retired_events_p20250101",
+        "chain_links",
+    ] {
+        inv.tables.insert(name.into());
+    }
+    inv.holds.push(hold(1, "2020-01-02", "2020-01-03"));
+    let plan = plan_from(
+        &inv,
+        "audit",
+        &config(PartitionInterval::Day, 1, 30, 0),
+        at("2026-03-01"),
+    );
+    let foreign: Vec<(&str, bool)> = plan
+        .foreign
+        .iter()
+        .map(|f| (f.table.as_str(), f.attached))
+        .collect();
+    assert_eq!(
+        foreign,
+        [
+            ("events_p123é567", true),
+            ("events_p12é4567", true),
+            ("ÉVÉNEMENTS", true),
+            ("events_default", true),
+            ("events_p2026é", false),
+            ("retired_events_p123é567", false),
+        ],
+        "{plan}"
+    );
+    // Only the auditflow partition is retired; nothing is done to any foreign one.
+    assert_eq!(
+        names(&plan, ActionKind::Retire),
+        ["events_p20260110"],
+        "{plan}"
+    );
+    for action in &plan.actions {
+        assert!(action.spec().is_some(), "{plan}");
+    }
+    let text = plan.to_string();
+    assert!(
+        text.contains("foreign events_p123é567  [2020-01-01, 2020-01-05)"),
+        "{text}"
+    );
+    assert!(
+        text.contains("foreign retired_events_p123é567  (detached)"),
+        "{text}"
+    );
+    assert!(text.ends_with(", 6 foreign"), "{text}");
+    let json = serde_json::to_string(&plan).unwrap();
+    assert_eq!(serde_json::from_str::<Plan>(&json).unwrap(), plan);
 }
 
 #[test]
