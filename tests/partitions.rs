@@ -1350,3 +1350,153 @@ async fn foreign_partitions_are_listed_left_alone_and_never_panic() {
     assert!(db.attached().await.contains(&"events_p123é567".to_string()));
     assert_eq!(db.count("retired_events_p123é567").await, 0);
 }
+
+/// A login role of this test's own that owns a schema it migrated, so a privilege can be revoked
+/// from it (the tests' usual role is a superuser). Dropped with its schema at the end.
+struct OwnRole {
+    role: String,
+    schema: String,
+    admin: PgPool,
+}
+
+impl OwnRole {
+    async fn create() -> (Self, PgPool) {
+        let id = common::suffix();
+        let role = format!("af_maint_{id}");
+        let schema = format!("audit_parts_{id}");
+        let admin = TestDb::pool_for(&schema, 2).await;
+        for sql in [
+            format!("CREATE ROLE {role} LOGIN"),
+            format!("GRANT CREATE ON DATABASE test TO {role}"),
+        ] {
+            sqlx::query(&sql).execute(&admin).await.unwrap();
+        }
+        let mut url = reqwest::Url::parse(&common::database_url()).unwrap();
+        url.set_username(&role).unwrap();
+        url.set_password(None).unwrap();
+        let config =
+            Config::from_vars([("AUDITFLOW_DB_SCHEMA".to_string(), schema.clone())]).unwrap();
+        let pool = store::connect(&config.database, url.as_str())
+            .await
+            .unwrap();
+        auditflow::db::migrate(&pool, &schema).await.unwrap();
+        (
+            OwnRole {
+                role,
+                schema,
+                admin,
+            },
+            pool,
+        )
+    }
+}
+
+impl Drop for OwnRole {
+    fn drop(&mut self) {
+        common::drop_schema_blocking(&self.schema);
+        let role = self.role.clone();
+        let url = common::database_url();
+        let _ = std::thread::spawn(move || {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("runtime");
+            runtime.block_on(async {
+                if let Ok(pool) = sqlx::postgres::PgPoolOptions::new()
+                    .max_connections(1)
+                    .connect(&url)
+                    .await
+                {
+                    let _ = sqlx::raw_sql(&format!(
+                        "DROP OWNED BY {role} CASCADE; REVOKE CREATE ON DATABASE test FROM {role}; \
+                         DROP ROLE IF EXISTS {role}"
+                    ))
+                    .execute(&pool)
+                    .await;
+                }
+            });
+        })
+        .join();
+    }
+}
+
+#[tokio::test]
+async fn the_maintenance_loop_survives_failing_rounds_and_recovers_once_the_cause_is_gone() {
+    let (owner, pool) = OwnRole::create().await;
+    let schema = owner.schema.clone();
+    let attached = || async {
+        sqlx::query_scalar::<_, String>(
+            "SELECT c.relname::text FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid \
+             WHERE i.inhparent = to_regclass(format('%I.events', $1::text)) ORDER BY 1",
+        )
+        .bind(&schema)
+        .fetch_all(&owner.admin)
+        .await
+        .unwrap()
+    };
+    // A hand-made partition with a foreign name is there all along, and the maintenance role has
+    // lost a privilege every round needs: rounds fail.
+    for sql in [
+        format!(
+            r#"CREATE TABLE "{schema}"."events_p123é567"
+               (LIKE "{schema}".events INCLUDING ALL EXCLUDING INDEXES)"#
+        ),
+        format!(
+            r#"ALTER TABLE "{schema}".events ATTACH PARTITION "{schema}"."events_p123é567"
+               FOR VALUES FROM ('2020-01-01 00:00:00+00') TO ('2020-01-04 00:00:00+00')"#
+        ),
+        format!(
+            r#"REVOKE SELECT ON "{schema}".legal_holds FROM {}"#,
+            owner.role
+        ),
+    ] {
+        sqlx::raw_sql(&sql).execute(&owner.admin).await.unwrap();
+    }
+    let lifecycle = PartitionLifecycle::new(
+        pool,
+        schema.clone(),
+        PartitionConfig {
+            partition_maintenance_interval_ms: 100,
+            ..settings(PartitionInterval::Day, 2, 30, 30)
+        },
+    );
+    let round = maintain_partitions_once(&lifecycle, Utc::now()).await;
+    assert!(
+        matches!(&round, Err(err) if err.is_permission_denied()),
+        "{round:?}"
+    );
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    let maintenance = tokio::spawn(partitions::run_maintenance(lifecycle, shutdown.clone()));
+    tokio::time::sleep(StdDuration::from_millis(800)).await;
+    assert!(!maintenance.is_finished(), "the loop goes on");
+    assert_eq!(attached().await, ["events_p123é567"]);
+
+    // The cause removed, the next round premakes.
+    sqlx::raw_sql(&format!(
+        r#"GRANT SELECT ON "{schema}".legal_holds TO {}"#,
+        owner.role
+    ))
+    .execute(&owner.admin)
+    .await
+    .unwrap();
+    let deadline = Instant::now() + StdDuration::from_secs(15);
+    while attached().await.len() < 4 {
+        assert!(Instant::now() < deadline, "{:?}", attached().await);
+        tokio::time::sleep(StdDuration::from_millis(100)).await;
+    }
+    shutdown.cancel();
+    let summary = maintenance.await.expect("the loop ends only when stopped");
+    assert!(summary.num_failed_rounds >= 2, "{summary:?}");
+    assert!(
+        summary.num_rounds > summary.num_failed_rounds,
+        "{summary:?}"
+    );
+    let today = Utc::now().date_naive();
+    let names = attached().await;
+    for d in 0..=2 {
+        let name = partition::partition_name(today + Duration::days(d));
+        assert!(names.contains(&name), "{name} in {names:?}");
+    }
+    assert!(names.contains(&"events_p123é567".to_string()));
+    eprintln!("maintenance loop: {summary:?}");
+}

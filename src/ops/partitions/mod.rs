@@ -47,11 +47,14 @@ pub use guard::{check_simulated_now, Guard, NOW_TOLERANCE};
 pub use inventory::Hold;
 pub use plan::{Action, ActionKind, Foreign, Kept, Plan};
 
+use std::any::Any;
 use std::future::Future;
+use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 use std::time::Duration as StdDuration;
 
 use chrono::{DateTime, Datelike, NaiveDate, Utc};
+use futures::FutureExt as _;
 use rand::Rng;
 use sqlx::pool::PoolConnection;
 use sqlx::{PgPool, Postgres};
@@ -83,6 +86,10 @@ pub fn describe_metrics() {
     metrics::describe_counter!(
         "auditflow_partitions_dropped_total",
         "retired partitions dropped after the grace period"
+    );
+    metrics::describe_counter!(
+        "auditflow_partition_maintenance_failures_total",
+        "maintenance rounds of `run` that failed (cause: error or panic); the loop retries"
     );
     metrics::describe_gauge!(
         "auditflow_partition_premake_ahead_seconds",
@@ -148,6 +155,11 @@ pub enum PartitionError {
 }
 
 impl PartitionError {
+    /// True when the role lacks a privilege (SQLSTATE 42501): a configuration fault.
+    pub fn is_permission_denied(&self) -> bool {
+        matches!(self, PartitionError::Database(err) if sqlstate(err).as_deref() == Some("42501"))
+    }
+
     /// True for failures that say the database is unavailable (they count against a breaker);
     /// lock timeouts, deadlocks and refusals do not.
     pub fn is_unavailability(&self) -> bool {
@@ -268,20 +280,87 @@ pub async fn maintain_partitions_once(
         .await
 }
 
+/// What [`run_maintenance`] did until it was stopped.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct MaintenanceSummary {
+    /// Rounds attempted.
+    pub num_rounds: u64,
+    /// Rounds that ended in an error or a panic; the loop went on after each.
+    pub num_failed_rounds: u64,
+}
+
 /// Runs [`maintain_partitions_once`] now and then every
 /// `AUDITFLOW_PARTITION_MAINTENANCE_INTERVAL_MS` (±10%), sooner (within 30 s) after a round with
 /// skipped or failed actions, until `shutdown`. A round in progress is finished, not abandoned:
 /// each of its statements is bounded by the lock timeout.
-pub async fn run_maintenance(lifecycle: PartitionLifecycle, shutdown: CancellationToken) {
-    let interval = lifecycle.config.maintenance_interval();
+///
+/// No failure of one round ends the loop: an error or a panic is logged, counted in
+/// `auditflow_partition_maintenance_failures_total` and retried (a missing privilege, 42501,
+/// at the normal interval: it is a configuration fault that only an operator fixes).
+pub async fn run_maintenance(
+    lifecycle: PartitionLifecycle,
+    shutdown: CancellationToken,
+) -> MaintenanceSummary {
+    maintenance_loop(
+        &lifecycle.schema,
+        lifecycle.config.maintenance_interval(),
+        &shutdown,
+        || maintain_partitions_once(&lifecycle, Utc::now()),
+    )
+    .await
+}
+
+/// The loop of [`run_maintenance`], over any `round` (tests pass rounds that fail).
+pub(super) async fn maintenance_loop<F, Fut>(
+    schema: &str,
+    interval: StdDuration,
+    shutdown: &CancellationToken,
+    mut round: F,
+) -> MaintenanceSummary
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<MaintenanceRound, PartitionError>>,
+{
+    let mut summary = MaintenanceSummary::default();
     while !shutdown.is_cancelled() {
-        let retry_soon = match maintain_partitions_once(&lifecycle, Utc::now()).await {
-            Ok(MaintenanceRound::Skipped) => false,
-            Ok(MaintenanceRound::Done { report, .. }) => {
-                report.results.iter().any(|r| r.outcome.is_retried_soon())
+        summary.num_rounds += 1;
+        // A panic in a round (a bug, or catalog contents nobody foresaw) must not end maintenance
+        // for the rest of the process's life: it is caught like an error. Nothing outlives the
+        // round: the maintenance lock's connection is closed when the unwind drops it.
+        let outcome = AssertUnwindSafe(round()).catch_unwind().await;
+        let retry_soon = match outcome {
+            Ok(Ok(MaintenanceRound::Skipped)) => false,
+            Ok(Ok(MaintenanceRound::Done { report, .. })) => report
+                .results
+                .iter()
+                .any(|result| result.outcome.is_retried_soon()),
+            Ok(Err(err)) => {
+                summary.num_failed_rounds += 1;
+                metrics::counter!("auditflow_partition_maintenance_failures_total", "cause" => "error")
+                    .increment(1);
+                if err.is_permission_denied() {
+                    tracing::error!(
+                        schema,
+                        error = %err,
+                        "partition maintenance is not permitted: a configuration fault (grant the \
+                         privilege, or give AUDITFLOW_MAINTENANCE_DATABASE_URL the owner's role); \
+                         retrying at the normal interval"
+                    );
+                    false
+                } else {
+                    tracing::error!(schema, error = %err, "partition maintenance round failed; retrying");
+                    true
+                }
             }
-            Err(err) => {
-                tracing::warn!(schema = %lifecycle.schema, error = %err, "partition maintenance failed; retrying");
+            Err(panic) => {
+                summary.num_failed_rounds += 1;
+                metrics::counter!("auditflow_partition_maintenance_failures_total", "cause" => "panic")
+                    .increment(1);
+                tracing::error!(
+                    schema,
+                    panic = panic_message(panic.as_ref()),
+                    "partition maintenance round panicked; retrying"
+                );
                 true
             }
         };
@@ -297,6 +376,16 @@ pub async fn run_maintenance(lifecycle: PartitionLifecycle, shutdown: Cancellati
             _ = tokio::time::sleep(delay) => {}
         }
     }
+    summary
+}
+
+/// The message a panic carried, if it was a string.
+fn panic_message(panic: &(dyn Any + Send)) -> &str {
+    panic
+        .downcast_ref::<&str>()
+        .copied()
+        .or_else(|| panic.downcast_ref::<String>().map(String::as_str))
+        .unwrap_or("(not a string)")
 }
 
 impl PartitionLifecycle {

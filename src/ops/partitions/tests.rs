@@ -632,3 +632,39 @@ fn a_plan_warns_about_the_actions_the_protected_window_refuses() {
         "{plan}"
     );
 }
+
+#[tokio::test(start_paused = true)]
+async fn the_maintenance_loop_survives_a_round_that_fails_or_panics() {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    let shutdown = CancellationToken::new();
+    let calls = AtomicU32::new(0);
+    let started = tokio::time::Instant::now();
+    let summary = maintenance_loop("audit", StdDuration::from_secs(600), &shutdown, || {
+        let call = calls.fetch_add(1, Ordering::SeqCst) + 1;
+        let shutdown = shutdown.clone();
+        async move {
+            match call {
+                1 => panic!("a round that panics"),
+                2 => Err(PartitionError::Invalid("a round that fails".into())),
+                _ => {
+                    shutdown.cancel();
+                    Ok(MaintenanceRound::Skipped)
+                }
+            }
+        }
+    })
+    .await;
+    assert_eq!(
+        summary,
+        MaintenanceSummary {
+            num_rounds: 3,
+            num_failed_rounds: 2
+        }
+    );
+    // Each failure brings the next round within 30 s (±10%), not a whole interval later.
+    assert!(
+        started.elapsed() <= StdDuration::from_secs(66),
+        "{:?}",
+        started.elapsed()
+    );
+}
