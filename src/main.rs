@@ -516,6 +516,11 @@ enum PartitionsCommand {
         /// plan's time) far from the real time. The protected window still applies.
         #[arg(long)]
         scratch_schema: bool,
+        /// When maintenance is running elsewhere (a replica, another `apply`), wait up to SECS
+        /// for it to finish, then plan and apply; if it still runs then, report that and exit 0
+        /// without doing anything.
+        #[arg(long, value_name = "SECS", default_value_t = 30)]
+        wait: u64,
     },
     /// Places a legal hold on [FROM, TO): no partition overlapping it is retired or dropped until
     /// it is released. Prints the hold's id.
@@ -582,13 +587,18 @@ async fn partitions_command(command: PartitionsCommand, config: &Config) -> anyh
             now,
             plan,
             scratch_schema,
+            wait,
         } => {
-            let plan: partitions::Plan = match plan {
+            let wait = Duration::from_secs(wait);
+            let report = match plan {
                 Some(path) => {
                     let text = std::fs::read_to_string(&path)
                         .with_context(|| format!("reading {}", path.display()))?;
-                    serde_json::from_str(&text)
-                        .with_context(|| format!("{} is not a plan", path.display()))?
+                    let plan: partitions::Plan = serde_json::from_str(&text)
+                        .with_context(|| format!("{} is not a plan", path.display()))?;
+                    partitions::check_simulated_now(plan.now, Utc::now(), scratch_schema)
+                        .map_err(|refusal| UsageError(format!("the plan's time: {refusal}")))?;
+                    lifecycle.apply_waiting(&plan, wait).await
                 }
                 None => {
                     if let Some(now) = now {
@@ -596,17 +606,11 @@ async fn partitions_command(command: PartitionsCommand, config: &Config) -> anyh
                             .map_err(UsageError)?;
                     }
                     lifecycle
-                        .plan(now.unwrap_or_else(Utc::now))
+                        .plan_and_apply(now.unwrap_or_else(Utc::now), wait)
                         .await
-                        .context("planning partition maintenance")?
                 }
-            };
-            partitions::check_simulated_now(plan.now, Utc::now(), scratch_schema)
-                .map_err(|refusal| UsageError(format!("the plan's time: {refusal}")))?;
-            let report = lifecycle
-                .apply(&plan)
-                .await
-                .context("applying partition maintenance")?;
+            }
+            .context("applying partition maintenance")?;
             print_result(json, &report)?;
             let failed = report
                 .results

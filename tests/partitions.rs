@@ -956,6 +956,11 @@ async fn maintenance_while_ingesting_at_full_speed_causes_no_ingest_errors() {
 
 /// Runs `auditflow partitions ARGS` against the test's schema.
 fn cli(db: &TestDb, args: &[&str]) -> std::process::Output {
+    cli_command(db, args).output().expect("run auditflow")
+}
+
+/// `auditflow partitions ARGS` against the test's schema, to run.
+fn cli_command(db: &TestDb, args: &[&str]) -> std::process::Command {
     let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_auditflow"));
     command.arg("partitions").args(args).env_clear();
     if let Ok(path) = std::env::var("PATH") {
@@ -967,9 +972,8 @@ fn cli(db: &TestDb, args: &[&str]) -> std::process::Output {
         .env("AUDITFLOW_DB_SCHEMA", &db.schema)
         .env("AUDITFLOW_PARTITION_PREMAKE", "2")
         .env("AUDITFLOW_PARTITION_RETENTION_DAYS", "40")
-        .env("AUDITFLOW_PARTITION_RETIRED_GRACE_DAYS", "10")
-        .output()
-        .expect("run auditflow")
+        .env("AUDITFLOW_PARTITION_RETIRED_GRACE_DAYS", "10");
+    command
 }
 
 fn stdout(output: &std::process::Output) -> String {
@@ -1499,4 +1503,143 @@ async fn the_maintenance_loop_survives_failing_rounds_and_recovers_once_the_caus
     }
     assert!(names.contains(&"events_p123é567".to_string()));
     eprintln!("maintenance loop: {summary:?}");
+}
+
+/// Runs `auditflow partitions ARGS` eight times at once, each from a thread of its own.
+fn eight_at_once(db: &TestDb, args: &[&str]) -> Vec<std::thread::JoinHandle<TimedOutput>> {
+    let started = Instant::now();
+    (0..8)
+        .map(|_| {
+            let mut command = cli_command(db, args);
+            std::thread::spawn(move || {
+                let output = command.output().expect("run auditflow");
+                (started.elapsed(), output)
+            })
+        })
+        .collect()
+}
+
+type TimedOutput = (StdDuration, std::process::Output);
+
+/// Checks that each of `runs` (`apply --json`) exited 0 and ran here; returns the partitions
+/// they created, in one sorted list, and how many waited for the lock.
+fn created_by(runs: Vec<std::thread::JoinHandle<TimedOutput>>) -> (Vec<String>, usize) {
+    let mut created = Vec::new();
+    let mut num_waited = 0;
+    for run in runs {
+        let (elapsed, output) = run.join().unwrap();
+        assert_eq!(output.status.code(), Some(0), "{}", stderr(&output));
+        let report: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+        assert_eq!(report["ran_elsewhere"], false, "{report}");
+        let results = report["results"].as_array().unwrap();
+        for result in results {
+            assert_eq!(result["outcome"], "created", "{report}");
+            created.push(result["partition"].as_str().unwrap().to_string());
+        }
+        if report["waited_ms"].as_u64().unwrap() > 0 {
+            num_waited += 1;
+        }
+        eprintln!(
+            "apply exited 0 after {} ms: waited {} ms, {} created",
+            elapsed.as_millis(),
+            report["waited_ms"],
+            results.len()
+        );
+    }
+    created.sort();
+    (created, num_waited)
+}
+
+#[tokio::test]
+async fn eight_concurrent_apply_commands_all_exit_0_and_create_each_partition_once() {
+    // As a cron on every node starts them.
+    let db = TestDb::new().await;
+    let (created, _) = created_by(eight_at_once(&db, &["apply", "--json"]));
+    assert_eq!(
+        created,
+        db.attached().await,
+        "each partition created exactly once"
+    );
+    assert_eq!(created.len(), 3, "today and two premade: {created:?}");
+
+    // A replica's round holds the maintenance lock while the eight start: they all find
+    // maintenance running elsewhere and wait for it.
+    let db = TestDb::new().await;
+    let key = partitions::maintenance_lock_key(&db.schema);
+    let mut holder = db.pool.acquire().await.unwrap();
+    sqlx::query("SELECT pg_advisory_lock(hashtextextended($1, 0))")
+        .bind(&key)
+        .execute(&mut *holder)
+        .await
+        .unwrap();
+    let started = Instant::now();
+    let runs = eight_at_once(&db, &["apply", "--json"]);
+    // Released once all eight are queued on the lock.
+    let deadline = Instant::now() + StdDuration::from_secs(20);
+    loop {
+        let waiting: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM pg_locks l, (SELECT hashtextextended($1, 0) AS h) k \
+             WHERE l.locktype = 'advisory' AND NOT l.granted AND l.objsubid = 1 \
+               AND l.classid = ((k.h >> 32) & 4294967295)::oid \
+               AND l.objid = (k.h & 4294967295)::oid",
+        )
+        .bind(&key)
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+        if waiting == 8 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{waiting} of 8 waiting for the lock"
+        );
+        tokio::time::sleep(StdDuration::from_millis(50)).await;
+    }
+    eprintln!(
+        "all eight waiting for the lock {} ms after they started",
+        started.elapsed().as_millis()
+    );
+    sqlx::query("SELECT pg_advisory_unlock(hashtextextended($1, 0))")
+        .bind(&key)
+        .execute(&mut *holder)
+        .await
+        .unwrap();
+    let (created, num_waited) = created_by(runs);
+    assert_eq!(
+        created,
+        db.attached().await,
+        "each partition created exactly once"
+    );
+    assert_eq!(created.len(), 3, "today and two premade: {created:?}");
+    assert_eq!(num_waited, 8, "each says it waited for the lock holder");
+
+    // Held longer than --wait: the run says maintenance is running elsewhere, does nothing and
+    // exits 0.
+    sqlx::query("SELECT pg_advisory_lock(hashtextextended($1, 0))")
+        .bind(&key)
+        .execute(&mut *holder)
+        .await
+        .unwrap();
+    let before = db.snapshot().await;
+    let started = Instant::now();
+    let output = cli(
+        &db,
+        &[
+            "apply",
+            "--json",
+            "--wait",
+            "1",
+            "--now",
+            &Utc::now().to_rfc3339(),
+        ],
+    );
+    assert_eq!(output.status.code(), Some(0), "{}", stderr(&output));
+    assert!(started.elapsed() >= StdDuration::from_secs(1));
+    let report: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+    assert_eq!(report["ran_elsewhere"], true, "{report}");
+    assert_eq!(report["results"], serde_json::json!([]), "{report}");
+    let text = stdout(&cli(&db, &["apply", "--wait", "1"]));
+    assert!(text.contains("running elsewhere"), "{text}");
+    assert_eq!(db.snapshot().await, before);
 }

@@ -2,6 +2,7 @@
 //! and rename), drop, and restoring a retired partition.
 
 use std::fmt;
+use std::time::Duration as StdDuration;
 
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
@@ -102,10 +103,47 @@ pub struct ApplyReport {
     pub now: DateTime<Utc>,
     /// One result per action of the plan, in the plan's order.
     pub results: Vec<ActionResult>,
+    /// How long this run waited for maintenance running elsewhere to finish, in milliseconds.
+    #[serde(default)]
+    pub waited_ms: u64,
+    /// Maintenance was still running elsewhere when the wait ended: nothing was done here (the
+    /// other run does the same work).
+    #[serde(default)]
+    pub ran_elsewhere: bool,
+}
+
+impl ApplyReport {
+    pub(super) fn ran_elsewhere(schema: &str, now: DateTime<Utc>, waited: StdDuration) -> Self {
+        ApplyReport {
+            schema: schema.to_string(),
+            now,
+            results: Vec::new(),
+            waited_ms: millis(waited),
+            ran_elsewhere: true,
+        }
+    }
+
+    pub(super) fn after_waiting(mut self, waited: StdDuration) -> Self {
+        self.waited_ms = millis(waited);
+        self
+    }
+}
+
+fn millis(duration: StdDuration) -> u64 {
+    u64::try_from(duration.as_millis()).unwrap_or(u64::MAX)
 }
 
 impl fmt::Display for ApplyReport {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let waited = self.waited_ms as f64 / 1000.0;
+        if self.ran_elsewhere {
+            return write!(
+                f,
+                "partition maintenance of {}.events is running elsewhere: waited {waited:.1} s \
+                 for it to finish, nothing done here (the other run does the same work)",
+                self.schema
+            );
+        }
         writeln!(
             f,
             "partition maintenance of {}.events at {}",
@@ -120,7 +158,14 @@ impl fmt::Display for ApplyReport {
             f,
             "{done} done, {} skipped or failed",
             self.results.len() - done
-        )
+        )?;
+        if self.waited_ms > 0 {
+            write!(
+                f,
+                " (after waiting {waited:.1} s for maintenance running elsewhere)"
+            )?;
+        }
+        Ok(())
     }
 }
 
@@ -311,6 +356,8 @@ impl PartitionLifecycle {
             schema: self.schema.clone(),
             now: plan.now,
             results,
+            waited_ms: 0,
+            ran_elsewhere: false,
         })
     }
 

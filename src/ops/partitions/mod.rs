@@ -212,25 +212,62 @@ struct MaintenanceLock {
 }
 
 impl MaintenanceLock {
+    /// Takes the lock if it is free (`None` if another session holds it).
     pub(super) async fn try_acquire(
         pool: &PgPool,
         schema: &str,
         lock_timeout: StdDuration,
     ) -> Result<Option<Self>, sqlx::Error> {
+        Ok(Self::acquire(pool, schema, lock_timeout, StdDuration::ZERO)
+            .await?
+            .0)
+    }
+
+    /// Takes the lock, waiting up to `wait` for its holder to release it (`None` if it still
+    /// holds it then; a zero `wait` does not wait at all), and how long it waited. Waiters
+    /// queue in Postgres's lock manager, so they get the lock one after the other, in order.
+    pub(super) async fn acquire(
+        pool: &PgPool,
+        schema: &str,
+        lock_timeout: StdDuration,
+        wait: StdDuration,
+    ) -> Result<(Option<Self>, StdDuration), sqlx::Error> {
         let mut conn = pool.acquire().await?;
         conn.close_on_drop();
+        let key = maintenance_lock_key(schema);
+        let started = std::time::Instant::now();
+        let locked = if wait.is_zero() {
+            sqlx::query_scalar("SELECT pg_try_advisory_lock(hashtextextended($1, 0))")
+                .bind(&key)
+                .fetch_one(&mut *conn)
+                .await?
+        } else {
+            // lock_timeout bounds the wait for an advisory lock as for any other (55P03).
+            execute_ddl(
+                &mut conn,
+                &format!("SET lock_timeout = {}", wait.as_millis().max(1)),
+            )
+            .await?;
+            match sqlx::query("SELECT pg_advisory_lock(hashtextextended($1, 0))")
+                .bind(&key)
+                .execute(&mut *conn)
+                .await
+            {
+                Ok(_) => true,
+                Err(err) if sqlstate(&err).as_deref() == Some("55P03") => false,
+                Err(err) => return Err(err),
+            }
+        };
+        let waited = started.elapsed();
+        if !locked {
+            return Ok((None, waited));
+        }
         execute_ddl(
             &mut conn,
             &format!("SET lock_timeout = {}", lock_timeout.as_millis()),
         )
         .await?;
-        let key = maintenance_lock_key(schema);
-        let locked: bool =
-            sqlx::query_scalar("SELECT pg_try_advisory_lock(hashtextextended($1, 0))")
-                .bind(&key)
-                .fetch_one(&mut *conn)
-                .await?;
-        Ok(locked.then_some(MaintenanceLock { conn, key }))
+        Ok((Some(MaintenanceLock { conn, key }), waited))
     }
 
     pub(super) async fn release(mut self) {
@@ -465,6 +502,74 @@ impl PartitionLifecycle {
             let report = self.apply_on(&mut lock.conn, plan).await;
             lock.release().await;
             report
+        })
+        .await
+    }
+
+    /// What `auditflow partitions apply` does: takes the maintenance lock, waiting up to `wait`
+    /// for maintenance running elsewhere (a replica's round, another `apply`) to finish, then
+    /// plans at `now` and applies that plan, like one maintenance round. Concurrent calls (a cron
+    /// on every node) thus run one after the other, and each partition is created by one of them
+    /// only; the later ones find nothing left to do. If the lock is still held after `wait`,
+    /// changes nothing and reports [`ApplyReport::ran_elsewhere`].
+    pub async fn plan_and_apply(
+        &self,
+        now: DateTime<Utc>,
+        wait: StdDuration,
+    ) -> Result<ApplyReport, PartitionError> {
+        self.guarded(async {
+            let (lock, waited) = MaintenanceLock::acquire(
+                &self.pool,
+                &self.schema,
+                self.config.lock_timeout(),
+                wait,
+            )
+            .await?;
+            let Some(mut lock) = lock else {
+                return Ok(ApplyReport::ran_elsewhere(&self.schema, now, waited));
+            };
+            let report = async {
+                let inventory = read_inventory(&mut lock.conn, &self.schema).await?;
+                let plan = plan_from(&inventory, &self.schema, &self.config, now);
+                self.apply_on(&mut lock.conn, &plan).await
+            }
+            .await;
+            lock.release().await;
+            report.map(|report| report.after_waiting(waited))
+        })
+        .await
+    }
+
+    /// Carries out `plan`'s actions like [`PartitionLifecycle::apply`], but waits up to `wait`
+    /// for maintenance running elsewhere to finish instead of failing with
+    /// [`PartitionError::Busy`]; if it is still running then, changes nothing and reports
+    /// [`ApplyReport::ran_elsewhere`]. Actions done meanwhile by the other are re-checked, and
+    /// come out as `already existed` or skipped.
+    pub async fn apply_waiting(
+        &self,
+        plan: &Plan,
+        wait: StdDuration,
+    ) -> Result<ApplyReport, PartitionError> {
+        if plan.schema != self.schema {
+            return Err(PartitionError::Invalid(format!(
+                "the plan is for schema {:?}, not {:?}",
+                plan.schema, self.schema
+            )));
+        }
+        self.guarded(async {
+            let (lock, waited) = MaintenanceLock::acquire(
+                &self.pool,
+                &self.schema,
+                self.config.lock_timeout(),
+                wait,
+            )
+            .await?;
+            let Some(mut lock) = lock else {
+                return Ok(ApplyReport::ran_elsewhere(&self.schema, plan.now, waited));
+            };
+            let report = self.apply_on(&mut lock.conn, plan).await;
+            lock.release().await;
+            report.map(|report| report.after_waiting(waited))
         })
         .await
     }
