@@ -113,7 +113,7 @@ pub struct ApplyReport {
 }
 
 impl ApplyReport {
-    pub(super) fn ran_elsewhere(schema: &str, now: DateTime<Utc>, waited: StdDuration) -> Self {
+    pub(super) fn running_elsewhere(schema: &str, now: DateTime<Utc>, waited: StdDuration) -> Self {
         ApplyReport {
             schema: schema.to_string(),
             now,

@@ -14,7 +14,13 @@
 //!
 //! Names, ranges and creation are [`crate::db::partition`]'s; this module plans and applies the
 //! lifecycle: `inventory` reads the catalog and bookkeeping, `plan` decides (pure), `apply`
-//! carries a plan out.
+//! carries a plan out, `guard` is the protected window no retire or drop crosses.
+//!
+//! What it must never do: retire or drop a partition overlapping the protected window around the
+//! real time ([`Guard`], computed from the real clock inside the retire and drop steps, whatever
+//! `now` the plan was made for), or act on a table that is not auditflow's (a name that does not
+//! parse back into a spec reproducing it and its bounds is [`Foreign`]: listed, compared,
+//! printed, never put in DDL). A catalog name is never sliced or indexed.
 //!
 //! Lifecycle: [`PartitionLifecycle::plan`] reads the catalog, the `partition_lifecycle`
 //! bookkeeping table and the active `legal_holds` and decides, for a given `now`, what to create,
@@ -22,7 +28,10 @@
 //! plan's actions in order and re-checks each one at the moment it runs (by planning again for
 //! that partition under the relevant locks): an action whose precondition no longer holds is
 //! skipped with the reason. [`maintain_partitions_once`] does both under a session advisory lock,
-//! so one replica at a time maintains, and [`run_maintenance`] repeats it on an interval.
+//! so one replica at a time maintains, and [`run_maintenance`] repeats it on an interval,
+//! surviving any failure (error or panic) of one round. `auditflow partitions apply`
+//! ([`PartitionLifecycle::plan_and_apply`]) waits, bounded, for the same lock instead of
+//! skipping, so concurrent applies run one after the other.
 //! Maintenance DDL runs with a short `lock_timeout`: a statement that would queue behind
 //! application traffic is cancelled (SQLSTATE 55P03), reported as skipped and retried next
 //! round.
@@ -526,7 +535,7 @@ impl PartitionLifecycle {
             )
             .await?;
             let Some(mut lock) = lock else {
-                return Ok(ApplyReport::ran_elsewhere(&self.schema, now, waited));
+                return Ok(ApplyReport::running_elsewhere(&self.schema, now, waited));
             };
             let report = async {
                 let inventory = read_inventory(&mut lock.conn, &self.schema).await?;
@@ -565,7 +574,11 @@ impl PartitionLifecycle {
             )
             .await?;
             let Some(mut lock) = lock else {
-                return Ok(ApplyReport::ran_elsewhere(&self.schema, plan.now, waited));
+                return Ok(ApplyReport::running_elsewhere(
+                    &self.schema,
+                    plan.now,
+                    waited,
+                ));
             };
             let report = self.apply_on(&mut lock.conn, plan).await;
             lock.release().await;
