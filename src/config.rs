@@ -449,6 +449,12 @@ pub struct PartitionConfig {
     /// round, so maintenance never holds up ingestion for longer than this.
     #[serde(default = "default_partition_lock_timeout_ms")]
     pub partition_lock_timeout_ms: u64,
+    /// `AUDITFLOW_ACCEPT_PAST_DAYS`, the sink's setting, read here too: it sets how far back
+    /// from the real time the protected window reaches. Whatever time a plan is made for, no
+    /// partition overlapping `[real now - this, real now + premake]` is retired or dropped (the
+    /// sink may still write to it).
+    #[serde(default = "default_accept_past_days")]
+    pub accept_past_days: u32,
 }
 
 impl Default for PartitionConfig {
@@ -460,6 +466,7 @@ impl Default for PartitionConfig {
             partition_retired_grace_days: default_partition_retired_grace_days(),
             partition_maintenance_interval_ms: default_partition_maintenance_interval_ms(),
             partition_lock_timeout_ms: default_partition_lock_timeout_ms(),
+            accept_past_days: default_accept_past_days(),
         }
     }
 }
@@ -1263,11 +1270,15 @@ mod tests {
                 && message.contains("AUDITFLOW_ACCEPT_PAST_DAYS"),
             "{message}"
         );
-        Config::from_vars(vars(&[
+        let config = Config::from_vars(vars(&[
             ("AUDITFLOW_PARTITION_RETENTION_DAYS", "31"),
             ("AUDITFLOW_ACCEPT_PAST_DAYS", "30"),
         ]))
         .unwrap();
+        // The partition lifecycle's protected window reads the same variable.
+        assert_eq!(config.partitions.accept_past_days, 30);
+        let config = Config::from_vars(vars(&[("AUDITFLOW_ACCEPT_PAST_DAYS", "3")])).unwrap();
+        assert_eq!(config.partitions.accept_past_days, 3);
     }
 
     #[test]

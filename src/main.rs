@@ -214,8 +214,12 @@ fn main() -> ExitCode {
         Err(err) => {
             tracing::error!(error = format!("{err:#}"), "auditflow failed");
             eprintln!("error: {err:#}");
-            // Bad configuration found once a command knows what it needs: exit 2, as at start.
-            if err.chain().any(|cause| cause.is::<ConfigError>()) {
+            // Bad configuration found once a command knows what it needs, or a request refused
+            // before anything was done: exit 2, as at start.
+            if err
+                .chain()
+                .any(|cause| cause.is::<ConfigError>() || cause.is::<UsageError>())
+            {
                 ExitCode::from(2)
             } else {
                 ExitCode::FAILURE
@@ -223,6 +227,11 @@ fn main() -> ExitCode {
         }
     }
 }
+
+/// A command line refused before anything was done (exit 2).
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+struct UsageError(String);
 
 async fn execute(command: Command, mut live: LiveConfig) -> anyhow::Result<()> {
     let config: Config = live.config().clone();
@@ -486,17 +495,32 @@ enum PartitionsCommand {
         now: Option<DateTime<Utc>>,
     },
     /// Does what `plan` prints (planned again, or read from --plan FILE), re-checking every step
-    /// as it runs; prints what became of each. Fails if another replica is maintaining.
+    /// as it runs; prints what became of each. Partitions overlapping the protected window around
+    /// the real time ([real now - AUDITFLOW_ACCEPT_PAST_DAYS, real now + premake]) are never
+    /// retired or dropped. Exits 1 if an action failed or was refused by that window.
     Apply {
         /// One JSON object instead of text.
         #[arg(long)]
         json: bool,
-        /// Plan and apply as if it were TIME (recorded as the retirement time): for rehearsals.
+        /// Plan and apply as if it were TIME (recorded as the retirement time): for rehearsals on
+        /// a scratch schema. A TIME more than 5 minutes from the real time is refused (exit 2)
+        /// without --scratch-schema; `plan --now` shows what would happen without changing
+        /// anything.
         #[arg(long, value_name = "TIME", value_parser = partitions::parse_time)]
         now: Option<DateTime<Utc>>,
-        /// Apply this plan (the output of `plan --json`) instead of planning again.
+        /// Apply this plan (the output of `plan --json`) instead of planning again. A plan made
+        /// for a simulated time is refused like --now.
         #[arg(long, value_name = "FILE", conflicts_with = "now")]
         plan: Option<std::path::PathBuf>,
+        /// AUDITFLOW_DB_SCHEMA is a scratch schema holding no real evidence: allow a --now (or a
+        /// plan's time) far from the real time. The protected window still applies.
+        #[arg(long)]
+        scratch_schema: bool,
+        /// When maintenance is running elsewhere (a replica, another `apply`), wait up to SECS
+        /// for it to finish, then plan and apply; if it still runs then, report that and exit 0
+        /// without doing anything.
+        #[arg(long, value_name = "SECS", default_value_t = 30)]
+        wait: u64,
     },
     /// Places a legal hold on [FROM, TO): no partition overlapping it is retired or dropped until
     /// it is released. Prints the hold's id.
@@ -558,23 +582,35 @@ async fn partitions_command(command: PartitionsCommand, config: &Config) -> anyh
                 .context("planning partition maintenance")?;
             print_result(json, &plan)
         }
-        PartitionsCommand::Apply { json, now, plan } => {
-            let plan = match plan {
+        PartitionsCommand::Apply {
+            json,
+            now,
+            plan,
+            scratch_schema,
+            wait,
+        } => {
+            let wait = Duration::from_secs(wait);
+            let report = match plan {
                 Some(path) => {
                     let text = std::fs::read_to_string(&path)
                         .with_context(|| format!("reading {}", path.display()))?;
-                    serde_json::from_str(&text)
-                        .with_context(|| format!("{} is not a plan", path.display()))?
+                    let plan: partitions::Plan = serde_json::from_str(&text)
+                        .with_context(|| format!("{} is not a plan", path.display()))?;
+                    partitions::check_simulated_now(plan.now, Utc::now(), scratch_schema)
+                        .map_err(|refusal| UsageError(format!("the plan's time: {refusal}")))?;
+                    lifecycle.apply_waiting(&plan, wait).await
                 }
-                None => lifecycle
-                    .plan(now.unwrap_or_else(Utc::now))
-                    .await
-                    .context("planning partition maintenance")?,
-            };
-            let report = lifecycle
-                .apply(&plan)
-                .await
-                .context("applying partition maintenance")?;
+                None => {
+                    if let Some(now) = now {
+                        partitions::check_simulated_now(now, Utc::now(), scratch_schema)
+                            .map_err(UsageError)?;
+                    }
+                    lifecycle
+                        .plan_and_apply(now.unwrap_or_else(Utc::now), wait)
+                        .await
+                }
+            }
+            .context("applying partition maintenance")?;
             print_result(json, &report)?;
             let failed = report
                 .results
@@ -582,6 +618,17 @@ async fn partitions_command(command: PartitionsCommand, config: &Config) -> anyh
                 .filter(|r| matches!(r.outcome, partitions::Outcome::Failed { .. }))
                 .count();
             anyhow::ensure!(failed == 0, "{failed} partition action(s) failed");
+            let protected = report
+                .results
+                .iter()
+                .filter(|r| matches!(r.outcome, partitions::Outcome::Protected { .. }))
+                .count();
+            anyhow::ensure!(
+                protected == 0,
+                "{protected} partition action(s) refused: they would retire or drop partitions in \
+                 the protected window {}",
+                partitions::Guard::from_real_clock(lifecycle.config())
+            );
             Ok(())
         }
         PartitionsCommand::Hold { from, to, reason } => {

@@ -742,8 +742,11 @@ async fn only_one_replica_maintains_at_a_time() {
 #[tokio::test]
 async fn ddl_that_hits_the_lock_timeout_is_skipped_and_retried() {
     let db = TestDb::new().await;
+    // The sink accepts events up to a day old: the partitions 20 days old are outside the
+    // protected window around the real time.
     let config = PartitionConfig {
         partition_lock_timeout_ms: 100,
+        accept_past_days: 1,
         ..settings(PartitionInterval::Day, 2, 5, 0)
     };
     let lifecycle = db.lifecycle(config);
@@ -857,8 +860,11 @@ async fn maintenance_while_ingesting_at_full_speed_causes_no_ingest_errors() {
     // Old partitions with rows, for the timeline to retire and drop.
     let old: Vec<NaiveDate> = (31..=60).map(|d| today - Duration::days(d)).collect();
     write_days(&store, &old, 20, 1 << 64).await;
+    // The simulated clock walks through the last 40 days: the sink accepts events up to a day
+    // old, so only today's partitions are in the protected window.
     let config = PartitionConfig {
         partition_lock_timeout_ms: 200,
+        accept_past_days: 1,
         ..settings(PartitionInterval::Day, 3, 5, 0)
     };
     let lifecycle = db.lifecycle(config);
@@ -950,6 +956,11 @@ async fn maintenance_while_ingesting_at_full_speed_causes_no_ingest_errors() {
 
 /// Runs `auditflow partitions ARGS` against the test's schema.
 fn cli(db: &TestDb, args: &[&str]) -> std::process::Output {
+    cli_command(db, args).output().expect("run auditflow")
+}
+
+/// `auditflow partitions ARGS` against the test's schema, to run.
+fn cli_command(db: &TestDb, args: &[&str]) -> std::process::Command {
     let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_auditflow"));
     command.arg("partitions").args(args).env_clear();
     if let Ok(path) = std::env::var("PATH") {
@@ -961,9 +972,8 @@ fn cli(db: &TestDb, args: &[&str]) -> std::process::Output {
         .env("AUDITFLOW_DB_SCHEMA", &db.schema)
         .env("AUDITFLOW_PARTITION_PREMAKE", "2")
         .env("AUDITFLOW_PARTITION_RETENTION_DAYS", "40")
-        .env("AUDITFLOW_PARTITION_RETIRED_GRACE_DAYS", "10")
-        .output()
-        .expect("run auditflow")
+        .env("AUDITFLOW_PARTITION_RETIRED_GRACE_DAYS", "10");
+    command
 }
 
 fn stdout(output: &std::process::Output) -> String {
@@ -993,7 +1003,13 @@ async fn the_partitions_command_plans_applies_holds_and_restores() {
     std::fs::write(file.path(), serde_json::to_string(&plan).unwrap()).unwrap();
     let report: serde_json::Value = serde_json::from_str(&stdout(&cli(
         &db,
-        &["apply", "--json", "--plan", file.path().to_str().unwrap()],
+        &[
+            "apply",
+            "--json",
+            "--scratch-schema",
+            "--plan",
+            file.path().to_str().unwrap(),
+        ],
     )))
     .unwrap();
     let results = report["results"].as_array().unwrap();
@@ -1049,4 +1065,581 @@ async fn the_partitions_command_plans_applies_holds_and_restores() {
     assert_eq!(db.count("events_p20330101").await, 5);
     let bad = cli(&db, &["restore", "events; drop table x"]);
     assert!(!bad.status.success());
+}
+
+fn stderr(output: &std::process::Output) -> String {
+    String::from_utf8_lossy(&output.stderr).into_owned()
+}
+
+#[tokio::test]
+async fn apply_a_year_ahead_changes_nothing_and_exits_non_zero() {
+    let db = TestDb::new().await;
+    let store = db.store();
+    let today = Utc::now().date_naive();
+    write_days(&store, &[today - Duration::days(1), today], 5, 0).await;
+    stdout(&cli(&db, &["apply"]));
+    let attached = db.attached().await;
+    assert!(attached.len() >= 4, "{attached:?}");
+    let before = db.snapshot().await;
+    let rows = db.count("events").await;
+    assert_eq!(rows, 10);
+    let year_ahead = (Utc::now() + Duration::days(365)).to_rfc3339();
+
+    // Refused before anything is done, saying why and what to use instead.
+    let refused = cli(&db, &["apply", "--now", &year_ahead]);
+    assert_eq!(refused.status.code(), Some(2), "{}", stderr(&refused));
+    let message = stderr(&refused);
+    assert!(
+        message.contains("partitions plan --now") && message.contains("--scratch-schema"),
+        "{message}"
+    );
+    // Planning for that time stays allowed, and says what apply would refuse.
+    let plan_json = stdout(&cli(&db, &["plan", "--json", "--now", &year_ahead]));
+    let plan: Plan = serde_json::from_str(&plan_json).unwrap();
+    assert!(
+        plan.actions.iter().any(|a| a.kind == ActionKind::Retire),
+        "{plan}"
+    );
+    assert!(
+        plan.warnings.iter().any(|w| w.contains("protected window")),
+        "{plan}"
+    );
+    // A plan saved for that time is refused the same way.
+    let file = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(file.path(), &plan_json).unwrap();
+    let refused = cli(&db, &["apply", "--plan", file.path().to_str().unwrap()]);
+    assert_eq!(refused.status.code(), Some(2), "{}", stderr(&refused));
+    assert_eq!(db.snapshot().await, before, "nothing changed");
+    assert_eq!(db.count("events").await, rows);
+
+    // On a scratch schema the rehearsal runs, but nothing around the real time is retired: the
+    // command says so and exits non-zero.
+    let rehearsal = cli(
+        &db,
+        &["apply", "--json", "--scratch-schema", "--now", &year_ahead],
+    );
+    assert_eq!(rehearsal.status.code(), Some(1), "{}", stderr(&rehearsal));
+    assert!(
+        stderr(&rehearsal).contains("refused"),
+        "{}",
+        stderr(&rehearsal)
+    );
+    let report: serde_json::Value = serde_json::from_slice(&rehearsal.stdout).unwrap();
+    let retires: Vec<&serde_json::Value> = report["results"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|r| r["kind"] == "retire")
+        .collect();
+    assert_eq!(retires.len(), attached.len(), "{report}");
+    for retire in retires {
+        assert_eq!(retire["outcome"], "protected", "{report}");
+        assert!(
+            retire["detail"]
+                .as_str()
+                .is_some_and(|d| d.contains("protected window")),
+            "{report}"
+        );
+    }
+    assert_eq!(db.count("events").await, rows);
+    let after = db.attached().await;
+    assert!(
+        attached.iter().all(|name| after.contains(name)),
+        "{after:?}"
+    );
+    let recorded: i64 = sqlx::query_scalar(&format!(
+        "SELECT count(*) FROM \"{}\".partition_lifecycle",
+        db.schema
+    ))
+    .fetch_one(&db.pool)
+    .await
+    .unwrap();
+    assert_eq!(recorded, 0, "no retirement was even started");
+}
+
+#[tokio::test]
+async fn a_simulated_clock_never_retires_or_drops_the_protected_window() {
+    let db = TestDb::new().await;
+    let store = db.store();
+    let today = Utc::now().date_naive();
+    let days = [today - Duration::days(2), today - Duration::days(1), today];
+    write_days(&store, &days, 4, 0).await;
+    let names: Vec<String> = days.iter().map(|d| partition::partition_name(*d)).collect();
+    let year_ahead = Utc::now() + Duration::days(365);
+
+    // Maintenance a year ahead, with the sink accepting events 30 days old: nothing around the
+    // real time is retired, whatever the simulated clock says.
+    let lifecycle = db.lifecycle(settings(PartitionInterval::Day, 1, 40, 0));
+    let MaintenanceRound::Done { report, .. } = maintain_partitions_once(&lifecycle, year_ahead)
+        .await
+        .unwrap()
+    else {
+        panic!("nobody else maintains");
+    };
+    let retires: Vec<_> = report
+        .results
+        .iter()
+        .filter(|r| r.action.kind == ActionKind::Retire)
+        .collect();
+    assert_eq!(retires.len(), 3, "{report}");
+    for retire in &retires {
+        assert!(
+            matches!(&retire.outcome, Outcome::Protected { detail } if detail.contains("protected window")),
+            "{report}"
+        );
+        assert!(!retire.outcome.is_done());
+    }
+    assert!(
+        report.to_string().contains("skipped (protected)"),
+        "{report}"
+    );
+    let attached = db.attached().await;
+    assert!(names.iter().all(|n| attached.contains(n)), "{attached:?}");
+
+    // A sink accepting events only a day old lets the partition of two days ago retire ...
+    let narrow = db.lifecycle(PartitionConfig {
+        accept_past_days: 1,
+        ..settings(PartitionInterval::Day, 1, 40, 0)
+    });
+    maintain_partitions_once(&narrow, year_ahead).await.unwrap();
+    assert!(!db.attached().await.contains(&names[0]));
+    assert!(db.attached().await.contains(&names[1]));
+    // ... but with 30 days, its drop (grace 0, due a year ahead) is refused.
+    let plan = lifecycle.plan(year_ahead).await.unwrap();
+    let drop_action = plan
+        .actions
+        .iter()
+        .find(|a| a.kind == ActionKind::Drop)
+        .unwrap_or_else(|| panic!("{plan}"));
+    assert_eq!(drop_action.table, format!("retired_{}", names[0]));
+    let report = lifecycle.apply(&plan).await.unwrap();
+    let dropped = report
+        .results
+        .iter()
+        .find(|r| r.action.kind == ActionKind::Drop)
+        .unwrap();
+    assert!(
+        matches!(dropped.outcome, Outcome::Protected { .. }),
+        "{report}"
+    );
+    assert_eq!(db.count(&format!("retired_{}", names[0])).await, 4);
+    assert_eq!(db.count("events").await, 8);
+}
+
+#[tokio::test]
+async fn foreign_partitions_are_listed_left_alone_and_never_panic() {
+    let db = TestDb::new().await;
+    let schema = &db.schema;
+    // Made by hand: a partition named events_p123é567 with some range, one bounded by
+    // 'infinity', a detached table of such a name, and a hold without end.
+    for sql in [
+        format!(
+            r#"CREATE TABLE "{schema}"."events_p123é567" (LIKE "{schema}".events INCLUDING ALL EXCLUDING INDEXES)"#
+        ),
+        format!(
+            r#"ALTER TABLE "{schema}".events ATTACH PARTITION "{schema}"."events_p123é567"
+               FOR VALUES FROM ('2031-03-01 00:00:00+00') TO ('2031-03-04 00:00:00+00')"#
+        ),
+        format!(
+            r#"CREATE TABLE "{schema}".events_after (LIKE "{schema}".events INCLUDING ALL EXCLUDING INDEXES)"#
+        ),
+        format!(
+            r#"ALTER TABLE "{schema}".events ATTACH PARTITION "{schema}".events_after
+               FOR VALUES FROM ('2040-01-01 00:00:00+00') TO ('infinity')"#
+        ),
+        format!(
+            r#"CREATE TABLE "{schema}"."retired_events_p123é567" (LIKE "{schema}".events INCLUDING ALL EXCLUDING INDEXES)"#
+        ),
+        format!(
+            r#"INSERT INTO "{schema}".legal_holds (range_from, range_to, reason)
+               VALUES ('2035-01-01', 'infinity', 'indefinite')"#
+        ),
+    ] {
+        sqlx::raw_sql(&sql).execute(&db.pool).await.unwrap();
+    }
+    let store = db.store();
+    // Rows land in the hand-made partition (it covers their day) and in one of auditflow's.
+    write_days(&store, &[day(2031, 3, 2), day(2031, 3, 10)], 3, 0).await;
+    assert_eq!(db.count("events_p123é567").await, 3);
+
+    let lifecycle = db.lifecycle(settings(PartitionInterval::Day, 1, 30, 10));
+    let now = at("2031-05-01T00:00:00Z");
+    let plan = lifecycle.plan(now).await.unwrap();
+    let foreign: Vec<(&str, bool)> = plan
+        .foreign
+        .iter()
+        .map(|f| (f.table.as_str(), f.attached))
+        .collect();
+    assert_eq!(
+        foreign,
+        [
+            ("events_p123é567", true),
+            ("events_after", true),
+            ("retired_events_p123é567", false),
+        ],
+        "{plan}"
+    );
+    assert_eq!(plan.foreign[1].to, None, "'infinity' is unbounded: {plan}");
+    assert_eq!(
+        plan.actions
+            .iter()
+            .map(|a| (a.kind, a.table.as_str()))
+            .collect::<Vec<_>>(),
+        [
+            (ActionKind::Create, "events_p20310501"),
+            (ActionKind::Create, "events_p20310502"),
+            (ActionKind::Retire, "events_p20310310"),
+        ],
+        "only auditflow's partitions are acted on: {plan}"
+    );
+    let holds = lifecycle.holds().await.unwrap();
+    assert_eq!(holds.len(), 1);
+    assert!(
+        holds[0].range_to > Utc::now() + Duration::days(1000 * 365),
+        "a hold to 'infinity' still reaches far ahead: {}",
+        holds[0]
+    );
+
+    // A maintenance round goes through, and leaves them as they were.
+    let MaintenanceRound::Done { report, .. } =
+        maintain_partitions_once(&lifecycle, now).await.unwrap()
+    else {
+        panic!("nobody else maintains");
+    };
+    assert!(
+        report.results.iter().all(|r| r.outcome.is_done()),
+        "{report}"
+    );
+    let attached = db.attached().await;
+    assert!(
+        attached.contains(&"events_p123é567".to_string()),
+        "{attached:?}"
+    );
+    assert!(
+        attached.contains(&"events_after".to_string()),
+        "{attached:?}"
+    );
+    assert_eq!(db.count("events_p123é567").await, 3);
+    assert_eq!(db.count("retired_events_p20310310").await, 3);
+
+    // The command: listed as foreign, restore refuses them with a clear message, no panic.
+    let text = stdout(&cli(&db, &["plan", "--now", "2031-05-01"]));
+    assert!(
+        text.contains("foreign events_p123é567  [2031-03-01, 2031-03-04)"),
+        "{text}"
+    );
+    assert!(
+        text.contains("foreign retired_events_p123é567  (detached)"),
+        "{text}"
+    );
+    let plan: Plan = serde_json::from_str(&stdout(&cli(&db, &["plan", "--json"]))).unwrap();
+    assert_eq!(plan.foreign.len(), 3, "{plan}");
+    stdout(&cli(&db, &["apply"]));
+    for name in [
+        "events_p123é567",
+        "retired_events_p123é567",
+        "events_p12é4567",
+    ] {
+        let refused = cli(&db, &["restore", name]);
+        assert_eq!(refused.status.code(), Some(1), "{}", stderr(&refused));
+        let message = stderr(&refused);
+        assert!(
+            message.contains(&format!(
+                "\"{name}\" is not the name of a partition auditflow made"
+            )),
+            "{message}"
+        );
+        assert!(!message.contains("panicked"), "{message}");
+    }
+    assert!(db.attached().await.contains(&"events_p123é567".to_string()));
+    assert_eq!(db.count("retired_events_p123é567").await, 0);
+}
+
+/// A login role of this test's own that owns a schema it migrated, so a privilege can be revoked
+/// from it (the tests' usual role is a superuser). Dropped with its schema at the end.
+struct OwnRole {
+    role: String,
+    schema: String,
+    admin: PgPool,
+}
+
+impl OwnRole {
+    async fn create() -> (Self, PgPool) {
+        let id = common::suffix();
+        let role = format!("af_maint_{id}");
+        let schema = format!("audit_parts_{id}");
+        let admin = TestDb::pool_for(&schema, 2).await;
+        for sql in [
+            format!("CREATE ROLE {role} LOGIN"),
+            format!("GRANT CREATE ON DATABASE test TO {role}"),
+        ] {
+            sqlx::query(&sql).execute(&admin).await.unwrap();
+        }
+        let mut url = reqwest::Url::parse(&common::database_url()).unwrap();
+        url.set_username(&role).unwrap();
+        url.set_password(None).unwrap();
+        let config =
+            Config::from_vars([("AUDITFLOW_DB_SCHEMA".to_string(), schema.clone())]).unwrap();
+        let pool = store::connect(&config.database, url.as_str())
+            .await
+            .unwrap();
+        auditflow::db::migrate(&pool, &schema).await.unwrap();
+        (
+            OwnRole {
+                role,
+                schema,
+                admin,
+            },
+            pool,
+        )
+    }
+}
+
+impl Drop for OwnRole {
+    fn drop(&mut self) {
+        common::drop_schema_blocking(&self.schema);
+        let role = self.role.clone();
+        let url = common::database_url();
+        let _ = std::thread::spawn(move || {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("runtime");
+            runtime.block_on(async {
+                if let Ok(pool) = sqlx::postgres::PgPoolOptions::new()
+                    .max_connections(1)
+                    .connect(&url)
+                    .await
+                {
+                    let _ = sqlx::raw_sql(&format!(
+                        "DROP OWNED BY {role} CASCADE; REVOKE CREATE ON DATABASE test FROM {role}; \
+                         DROP ROLE IF EXISTS {role}"
+                    ))
+                    .execute(&pool)
+                    .await;
+                }
+            });
+        })
+        .join();
+    }
+}
+
+#[tokio::test]
+async fn the_maintenance_loop_survives_failing_rounds_and_recovers_once_the_cause_is_gone() {
+    let (owner, pool) = OwnRole::create().await;
+    let schema = owner.schema.clone();
+    let attached = || async {
+        sqlx::query_scalar::<_, String>(
+            "SELECT c.relname::text FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid \
+             WHERE i.inhparent = to_regclass(format('%I.events', $1::text)) ORDER BY 1",
+        )
+        .bind(&schema)
+        .fetch_all(&owner.admin)
+        .await
+        .unwrap()
+    };
+    // A hand-made partition with a foreign name is there all along, and the maintenance role has
+    // lost a privilege every round needs: rounds fail.
+    for sql in [
+        format!(
+            r#"CREATE TABLE "{schema}"."events_p123é567"
+               (LIKE "{schema}".events INCLUDING ALL EXCLUDING INDEXES)"#
+        ),
+        format!(
+            r#"ALTER TABLE "{schema}".events ATTACH PARTITION "{schema}"."events_p123é567"
+               FOR VALUES FROM ('2020-01-01 00:00:00+00') TO ('2020-01-04 00:00:00+00')"#
+        ),
+        format!(
+            r#"REVOKE SELECT ON "{schema}".legal_holds FROM {}"#,
+            owner.role
+        ),
+    ] {
+        sqlx::raw_sql(&sql).execute(&owner.admin).await.unwrap();
+    }
+    let lifecycle = PartitionLifecycle::new(
+        pool,
+        schema.clone(),
+        PartitionConfig {
+            partition_maintenance_interval_ms: 100,
+            ..settings(PartitionInterval::Day, 2, 30, 30)
+        },
+    );
+    let round = maintain_partitions_once(&lifecycle, Utc::now()).await;
+    assert!(
+        matches!(&round, Err(err) if err.is_permission_denied()),
+        "{round:?}"
+    );
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    let maintenance = tokio::spawn(partitions::run_maintenance(lifecycle, shutdown.clone()));
+    tokio::time::sleep(StdDuration::from_millis(800)).await;
+    assert!(!maintenance.is_finished(), "the loop goes on");
+    assert_eq!(attached().await, ["events_p123é567"]);
+
+    // The cause removed, the next round premakes.
+    sqlx::raw_sql(&format!(
+        r#"GRANT SELECT ON "{schema}".legal_holds TO {}"#,
+        owner.role
+    ))
+    .execute(&owner.admin)
+    .await
+    .unwrap();
+    let deadline = Instant::now() + StdDuration::from_secs(15);
+    while attached().await.len() < 4 {
+        assert!(Instant::now() < deadline, "{:?}", attached().await);
+        tokio::time::sleep(StdDuration::from_millis(100)).await;
+    }
+    shutdown.cancel();
+    let summary = maintenance.await.expect("the loop ends only when stopped");
+    assert!(summary.num_failed_rounds >= 2, "{summary:?}");
+    assert!(
+        summary.num_rounds > summary.num_failed_rounds,
+        "{summary:?}"
+    );
+    let today = Utc::now().date_naive();
+    let names = attached().await;
+    for d in 0..=2 {
+        let name = partition::partition_name(today + Duration::days(d));
+        assert!(names.contains(&name), "{name} in {names:?}");
+    }
+    assert!(names.contains(&"events_p123é567".to_string()));
+    eprintln!("maintenance loop: {summary:?}");
+}
+
+/// Runs `auditflow partitions ARGS` eight times at once, each from a thread of its own.
+fn eight_at_once(db: &TestDb, args: &[&str]) -> Vec<std::thread::JoinHandle<TimedOutput>> {
+    let started = Instant::now();
+    (0..8)
+        .map(|_| {
+            let mut command = cli_command(db, args);
+            std::thread::spawn(move || {
+                let output = command.output().expect("run auditflow");
+                (started.elapsed(), output)
+            })
+        })
+        .collect()
+}
+
+type TimedOutput = (StdDuration, std::process::Output);
+
+/// Checks that each of `runs` (`apply --json`) exited 0 and ran here; returns the partitions
+/// they created, in one sorted list, and how many waited for the lock.
+fn created_by(runs: Vec<std::thread::JoinHandle<TimedOutput>>) -> (Vec<String>, usize) {
+    let mut created = Vec::new();
+    let mut num_waited = 0;
+    for run in runs {
+        let (elapsed, output) = run.join().unwrap();
+        assert_eq!(output.status.code(), Some(0), "{}", stderr(&output));
+        let report: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+        assert_eq!(report["ran_elsewhere"], false, "{report}");
+        let results = report["results"].as_array().unwrap();
+        for result in results {
+            assert_eq!(result["outcome"], "created", "{report}");
+            created.push(result["partition"].as_str().unwrap().to_string());
+        }
+        if report["waited_ms"].as_u64().unwrap() > 0 {
+            num_waited += 1;
+        }
+        eprintln!(
+            "apply exited 0 after {} ms: waited {} ms, {} created",
+            elapsed.as_millis(),
+            report["waited_ms"],
+            results.len()
+        );
+    }
+    created.sort();
+    (created, num_waited)
+}
+
+#[tokio::test]
+async fn eight_concurrent_apply_commands_all_exit_0_and_create_each_partition_once() {
+    // As a cron on every node starts them.
+    let db = TestDb::new().await;
+    let (created, _) = created_by(eight_at_once(&db, &["apply", "--json"]));
+    assert_eq!(
+        created,
+        db.attached().await,
+        "each partition created exactly once"
+    );
+    assert_eq!(created.len(), 3, "today and two premade: {created:?}");
+
+    // A replica's round holds the maintenance lock while the eight start: they all find
+    // maintenance running elsewhere and wait for it.
+    let db = TestDb::new().await;
+    let key = partitions::maintenance_lock_key(&db.schema);
+    let mut holder = db.pool.acquire().await.unwrap();
+    sqlx::query("SELECT pg_advisory_lock(hashtextextended($1, 0))")
+        .bind(&key)
+        .execute(&mut *holder)
+        .await
+        .unwrap();
+    let started = Instant::now();
+    let runs = eight_at_once(&db, &["apply", "--json"]);
+    // Released once all eight are queued on the lock.
+    let deadline = Instant::now() + StdDuration::from_secs(20);
+    loop {
+        let waiting: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM pg_locks l, (SELECT hashtextextended($1, 0) AS h) k \
+             WHERE l.locktype = 'advisory' AND NOT l.granted AND l.objsubid = 1 \
+               AND l.classid = ((k.h >> 32) & 4294967295)::oid \
+               AND l.objid = (k.h & 4294967295)::oid",
+        )
+        .bind(&key)
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+        if waiting == 8 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{waiting} of 8 waiting for the lock"
+        );
+        tokio::time::sleep(StdDuration::from_millis(50)).await;
+    }
+    eprintln!(
+        "all eight waiting for the lock {} ms after they started",
+        started.elapsed().as_millis()
+    );
+    sqlx::query("SELECT pg_advisory_unlock(hashtextextended($1, 0))")
+        .bind(&key)
+        .execute(&mut *holder)
+        .await
+        .unwrap();
+    let (created, num_waited) = created_by(runs);
+    assert_eq!(
+        created,
+        db.attached().await,
+        "each partition created exactly once"
+    );
+    assert_eq!(created.len(), 3, "today and two premade: {created:?}");
+    assert_eq!(num_waited, 8, "each says it waited for the lock holder");
+
+    // Held longer than --wait: the run says maintenance is running elsewhere, does nothing and
+    // exits 0.
+    sqlx::query("SELECT pg_advisory_lock(hashtextextended($1, 0))")
+        .bind(&key)
+        .execute(&mut *holder)
+        .await
+        .unwrap();
+    let before = db.snapshot().await;
+    let started = Instant::now();
+    let output = cli(
+        &db,
+        &[
+            "apply",
+            "--json",
+            "--wait",
+            "1",
+            "--now",
+            &Utc::now().to_rfc3339(),
+        ],
+    );
+    assert_eq!(output.status.code(), Some(0), "{}", stderr(&output));
+    assert!(started.elapsed() >= StdDuration::from_secs(1));
+    let report: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+    assert_eq!(report["ran_elsewhere"], true, "{report}");
+    assert_eq!(report["results"], serde_json::json!([]), "{report}");
+    let text = stdout(&cli(&db, &["apply", "--wait", "1"]));
+    assert!(text.contains("running elsewhere"), "{text}");
+    assert_eq!(db.snapshot().await, before);
 }

@@ -450,17 +450,25 @@ pub(crate) async fn attached_partitions(
 ) -> Result<Vec<Attached>, sqlx::Error> {
     // Bounds are printed by pg_get_expr in the session's time zone and DateStyle and cast back in
     // the same session, so the round trip is exact. MINVALUE/MAXVALUE do not match and are NULL.
+    // So are bounds a hand-made partition may have that chrono cannot hold ('infinity', years
+    // past 200000; decoding them would panic): for coverage they mean the same as unbounded.
     sqlx::query_as(
         r#"SELECT c.relname::text AS name,
                   b.bound = 'DEFAULT' AS is_default,
-                  (regexp_match(b.bound, 'FROM \(''([^'']*)''\)'))[1]::timestamptz AS range_from,
-                  (regexp_match(b.bound, 'TO \(''([^'']*)''\)'))[1]::timestamptz AS range_to,
+                  CASE WHEN t.range_from BETWEEN '0001-01-01 00:00:00+00' AND '200000-01-01 00:00:00+00'
+                       THEN t.range_from END AS range_from,
+                  CASE WHEN t.range_to BETWEEN '0001-01-01 00:00:00+00' AND '200000-01-01 00:00:00+00'
+                       THEN t.range_to END AS range_to,
                   i.inhdetachpending AS detach_pending
            FROM pg_catalog.pg_inherits i
            JOIN pg_catalog.pg_class c ON c.oid = i.inhrelid
            CROSS JOIN LATERAL (SELECT pg_catalog.pg_get_expr(c.relpartbound, c.oid) AS bound) b
+           CROSS JOIN LATERAL (
+               SELECT (regexp_match(b.bound, 'FROM \(''([^'']*)''\)'))[1]::timestamptz AS range_from,
+                      (regexp_match(b.bound, 'TO \(''([^'']*)''\)'))[1]::timestamptz AS range_to
+           ) t
            WHERE i.inhparent = to_regclass(format('%I.events', $1::text))
-           ORDER BY range_from NULLS FIRST, name"#,
+           ORDER BY 3 NULLS FIRST, name"#,
     )
     .bind(schema)
     .fetch_all(conn)

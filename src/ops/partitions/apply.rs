@@ -2,14 +2,16 @@
 //! and rename), drop, and restoring a retired partition.
 
 use std::fmt;
+use std::time::Duration as StdDuration;
 
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use sqlx::{Connection, PgConnection};
 
+use super::guard::Guard;
 use super::inventory::read_inventory;
 use super::inventory::Range;
-use super::inventory::{LifecycleRow, LIFECYCLE_COLUMNS};
+use super::inventory::{lifecycle_columns, LifecycleRow};
 use super::plan::timestamp;
 use super::plan::{plan_from, Action, ActionKind, Plan};
 use super::{is_connection_problem, is_lock_conflict, PartitionError, PartitionLifecycle};
@@ -38,6 +40,12 @@ pub enum Outcome {
         /// Why.
         detail: String,
     },
+    /// Not done: the partition overlaps the protected window around the real time (see
+    /// [`Guard`]), whatever time the plan was made for. Shown as skipped, with the window.
+    Protected {
+        /// Why, with the window.
+        detail: String,
+    },
     /// The database refused the DDL for a reason other than a lock conflict.
     Failed {
         /// The error.
@@ -48,7 +56,16 @@ pub enum Outcome {
 impl Outcome {
     /// True for the outcomes that leave nothing to retry.
     pub fn is_done(&self) -> bool {
-        !matches!(self, Outcome::Skipped { .. } | Outcome::Failed { .. })
+        !matches!(
+            self,
+            Outcome::Skipped { .. } | Outcome::Protected { .. } | Outcome::Failed { .. }
+        )
+    }
+
+    /// True for the outcomes a round soon after may change (a busy table, a refused statement);
+    /// a protected partition stays protected until the real time moves on.
+    pub fn is_retried_soon(&self) -> bool {
+        matches!(self, Outcome::Skipped { .. } | Outcome::Failed { .. })
     }
 }
 
@@ -60,6 +77,7 @@ impl fmt::Display for Outcome {
             Outcome::Retired => f.write_str("retired"),
             Outcome::Dropped => f.write_str("dropped"),
             Outcome::Skipped { detail } => write!(f, "skipped: {detail}"),
+            Outcome::Protected { detail } => write!(f, "skipped (protected): {detail}"),
             Outcome::Failed { detail } => write!(f, "failed: {detail}"),
         }
     }
@@ -85,10 +103,47 @@ pub struct ApplyReport {
     pub now: DateTime<Utc>,
     /// One result per action of the plan, in the plan's order.
     pub results: Vec<ActionResult>,
+    /// How long this run waited for maintenance running elsewhere to finish, in milliseconds.
+    #[serde(default)]
+    pub waited_ms: u64,
+    /// Maintenance was still running elsewhere when the wait ended: nothing was done here (the
+    /// other run does the same work).
+    #[serde(default)]
+    pub ran_elsewhere: bool,
+}
+
+impl ApplyReport {
+    pub(super) fn running_elsewhere(schema: &str, now: DateTime<Utc>, waited: StdDuration) -> Self {
+        ApplyReport {
+            schema: schema.to_string(),
+            now,
+            results: Vec::new(),
+            waited_ms: millis(waited),
+            ran_elsewhere: true,
+        }
+    }
+
+    pub(super) fn after_waiting(mut self, waited: StdDuration) -> Self {
+        self.waited_ms = millis(waited);
+        self
+    }
+}
+
+fn millis(duration: StdDuration) -> u64 {
+    u64::try_from(duration.as_millis()).unwrap_or(u64::MAX)
 }
 
 impl fmt::Display for ApplyReport {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let waited = self.waited_ms as f64 / 1000.0;
+        if self.ran_elsewhere {
+            return write!(
+                f,
+                "partition maintenance of {}.events is running elsewhere: waited {waited:.1} s \
+                 for it to finish, nothing done here (the other run does the same work)",
+                self.schema
+            );
+        }
         writeln!(
             f,
             "partition maintenance of {}.events at {}",
@@ -103,7 +158,14 @@ impl fmt::Display for ApplyReport {
             f,
             "{done} done, {} skipped or failed",
             self.results.len() - done
-        )
+        )?;
+        if self.waited_ms > 0 {
+            write!(
+                f,
+                " (after waiting {waited:.1} s for maintenance running elsewhere)"
+            )?;
+        }
+        Ok(())
     }
 }
 
@@ -155,8 +217,9 @@ impl PartitionLifecycle {
         let mut tx = conn.begin().await?;
         lock_ddl(&mut tx, &self.schema).await?;
         let row: Option<LifecycleRow> = sqlx::query_as(&format!(
-            "SELECT {LIFECYCLE_COLUMNS} FROM {schema_q}.partition_lifecycle \
-             WHERE partition_name = $1 FOR UPDATE"
+            "SELECT {} FROM {schema_q}.partition_lifecycle \
+             WHERE partition_name = $1 FOR UPDATE",
+            lifecycle_columns()
         ))
         .bind(spec.name())
         .fetch_optional(&mut *tx)
@@ -293,6 +356,8 @@ impl PartitionLifecycle {
             schema: self.schema.clone(),
             now: plan.now,
             results,
+            waited_ms: 0,
+            ran_elsewhere: false,
         })
     }
 
@@ -371,6 +436,23 @@ impl PartitionLifecycle {
         Ok(Outcome::Created)
     }
 
+    /// The refusal of the retire and drop steps for a partition in the protected window, computed
+    /// from the real clock when the step runs (never from the plan's `now`, which may be
+    /// simulated).
+    fn protected(&self, spec: &PartitionSpec) -> Option<Outcome> {
+        let guard = Guard::from_real_clock(&self.config);
+        guard
+            .protects(spec.from(), spec.to())
+            .then(|| Outcome::Protected {
+                detail: format!(
+                    "{} {} overlaps the protected window {guard}; it is never retired or dropped \
+                 while it does",
+                    spec.name(),
+                    Range(Some(spec.from()), Some(spec.to()))
+                ),
+            })
+    }
+
     /// Plans again from what the catalog says now (inside the caller's transaction and locks)
     /// and tells whether `action` is still part of the plan; if not, why.
     async fn recheck(
@@ -401,6 +483,9 @@ impl PartitionLifecycle {
         action: &Action,
         spec: &PartitionSpec,
     ) -> Result<Outcome, PartitionError> {
+        if let Some(protected) = self.protected(spec) {
+            return Ok(protected);
+        }
         let schema_q = quote_ident(&self.schema);
         let name = spec.name();
         // Step 1: re-check with new holds locked out, and record the intent.
@@ -579,6 +664,9 @@ impl PartitionLifecycle {
         action: &Action,
         spec: &PartitionSpec,
     ) -> Result<Outcome, PartitionError> {
+        if let Some(protected) = self.protected(spec) {
+            return Ok(protected);
+        }
         let schema_q = quote_ident(&self.schema);
         let mut tx = conn.begin().await?;
         execute_ddl(

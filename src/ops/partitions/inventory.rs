@@ -24,8 +24,42 @@ pub(super) struct LifecycleRow {
     pub(super) dropped_at: Option<DateTime<Utc>>,
 }
 
-pub(super) const LIFECYCLE_COLUMNS: &str =
-    "partition_name, state, range_from, range_to, retired_at, restored_at, dropped_at";
+/// `column` (a timestamptz) as a time chrono can hold: '-infinity', 'infinity' or a year past
+/// 200000 typed in by hand would make decoding panic, so it is clamped (NULL stays NULL).
+fn clamped(column: &str) -> String {
+    format!(
+        "CASE WHEN {column} IS NOT NULL THEN least(greatest({column}, \
+         '0001-01-01 00:00:00+00'), '200000-01-01 00:00:00+00') END AS {column}"
+    )
+}
+
+/// The columns of a [`LifecycleRow`], times clamped: a row edited to 'infinity' no longer
+/// matches its name's range and is reported, not acted on.
+pub(super) fn lifecycle_columns() -> String {
+    format!(
+        "partition_name, state, {}",
+        [
+            "range_from",
+            "range_to",
+            "retired_at",
+            "restored_at",
+            "dropped_at"
+        ]
+        .map(clamped)
+        .join(", ")
+    )
+}
+
+/// The columns of a [`Hold`], times clamped: a hold typed in by hand reaching 'infinity' (no
+/// end) covers the same partitions once clamped.
+pub(super) fn hold_columns() -> String {
+    format!(
+        "id, {}, {}, reason, {}, created_by",
+        clamped("range_from"),
+        clamped("range_to"),
+        clamped("created_at")
+    )
+}
 
 /// An active legal hold.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, sqlx::FromRow)]
@@ -103,13 +137,14 @@ pub(super) async fn read_inventory(
     .await?;
     let schema_q = quote_ident(schema);
     let lifecycle: Vec<LifecycleRow> = sqlx::query_as(&format!(
-        "SELECT {LIFECYCLE_COLUMNS} FROM {schema_q}.partition_lifecycle WHERE state <> 'dropped'"
+        "SELECT {} FROM {schema_q}.partition_lifecycle WHERE state <> 'dropped'",
+        lifecycle_columns()
     ))
     .fetch_all(&mut *conn)
     .await?;
     let holds: Vec<Hold> = sqlx::query_as(&format!(
-        "SELECT id, range_from, range_to, reason, created_at, created_by \
-         FROM {schema_q}.legal_holds WHERE released_at IS NULL ORDER BY id"
+        "SELECT {} FROM {schema_q}.legal_holds WHERE released_at IS NULL ORDER BY id",
+        hold_columns()
     ))
     .fetch_all(&mut *conn)
     .await?;

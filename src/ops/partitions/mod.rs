@@ -14,7 +14,13 @@
 //!
 //! Names, ranges and creation are [`crate::db::partition`]'s; this module plans and applies the
 //! lifecycle: `inventory` reads the catalog and bookkeeping, `plan` decides (pure), `apply`
-//! carries a plan out.
+//! carries a plan out, `guard` is the protected window no retire or drop crosses.
+//!
+//! What it must never do: retire or drop a partition overlapping the protected window around the
+//! real time ([`Guard`], computed from the real clock inside the retire and drop steps, whatever
+//! `now` the plan was made for), or act on a table that is not auditflow's (a name that does not
+//! parse back into a spec reproducing it and its bounds is [`Foreign`]: listed, compared,
+//! printed, never put in DDL). A catalog name is never sliced or indexed.
 //!
 //! Lifecycle: [`PartitionLifecycle::plan`] reads the catalog, the `partition_lifecycle`
 //! bookkeeping table and the active `legal_holds` and decides, for a given `now`, what to create,
@@ -22,7 +28,10 @@
 //! plan's actions in order and re-checks each one at the moment it runs (by planning again for
 //! that partition under the relevant locks): an action whose precondition no longer holds is
 //! skipped with the reason. [`maintain_partitions_once`] does both under a session advisory lock,
-//! so one replica at a time maintains, and [`run_maintenance`] repeats it on an interval.
+//! so one replica at a time maintains, and [`run_maintenance`] repeats it on an interval,
+//! surviving any failure (error or panic) of one round. `auditflow partitions apply`
+//! ([`PartitionLifecycle::plan_and_apply`]) waits, bounded, for the same lock instead of
+//! skipping, so concurrent applies run one after the other.
 //! Maintenance DDL runs with a short `lock_timeout`: a statement that would queue behind
 //! application traffic is cancelled (SQLSTATE 55P03), reported as skipped and retried next
 //! round.
@@ -36,20 +45,25 @@
 //! not finishing one: a retired partition keeps every row and can be restored.
 
 mod apply;
+mod guard;
 mod inventory;
 mod plan;
 #[cfg(test)]
 mod tests;
 
 pub use apply::{ActionResult, ApplyReport, Outcome, Restored};
+pub use guard::{check_simulated_now, Guard, NOW_TOLERANCE};
 pub use inventory::Hold;
-pub use plan::{Action, ActionKind, Kept, Plan};
+pub use plan::{Action, ActionKind, Foreign, Kept, Plan};
 
+use std::any::Any;
 use std::future::Future;
+use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 use std::time::Duration as StdDuration;
 
-use chrono::{DateTime, NaiveDate, Utc};
+use chrono::{DateTime, Datelike, NaiveDate, Utc};
+use futures::FutureExt as _;
 use rand::Rng;
 use sqlx::pool::PoolConnection;
 use sqlx::{PgPool, Postgres};
@@ -61,7 +75,7 @@ use crate::db::partition::execute_ddl;
 use crate::db::partition::{midnight, PartitionSpec};
 use crate::db::quote_ident;
 use crate::db::retry::{classify, sqlstate, Retry};
-use inventory::read_inventory;
+use inventory::{hold_columns, read_inventory};
 use plan::{plan_from, timestamp};
 
 /// Describes the partition metrics for the Prometheus exposition (call once at start-up).
@@ -82,20 +96,34 @@ pub fn describe_metrics() {
         "auditflow_partitions_dropped_total",
         "retired partitions dropped after the grace period"
     );
+    metrics::describe_counter!(
+        "auditflow_partition_maintenance_failures_total",
+        "maintenance rounds of `run` that failed (cause: error or panic); the loop retries"
+    );
     metrics::describe_gauge!(
         "auditflow_partition_premake_ahead_seconds",
         "upper bound of the newest attached partition minus now; alert when below premake"
     );
 }
 
-/// Parses a time given on the command line: RFC 3339, or a date meaning midnight UTC.
+/// Parses a time given on the command line: RFC 3339, or a date meaning midnight UTC, in the
+/// years 1000 to 9998 (those `auditflow_create_partition` accepts; interval arithmetic on them
+/// stays far inside chrono's range).
 pub fn parse_time(value: &str) -> Result<DateTime<Utc>, String> {
-    if let Ok(time) = DateTime::parse_from_rfc3339(value) {
-        return Ok(time.to_utc());
+    let time = match DateTime::parse_from_rfc3339(value) {
+        Ok(time) => time.to_utc(),
+        Err(_) => NaiveDate::parse_from_str(value, "%Y-%m-%d")
+            .map(midnight)
+            .map_err(|_| {
+                format!("expected an RFC 3339 time or a YYYY-MM-DD date, got {value:?}")
+            })?,
+    };
+    if !(1000..=9998).contains(&time.year()) {
+        return Err(format!(
+            "{value:?} is out of range: years 1000 to 9998 only"
+        ));
     }
-    NaiveDate::parse_from_str(value, "%Y-%m-%d")
-        .map(midnight)
-        .map_err(|_| format!("expected an RFC 3339 time or a YYYY-MM-DD date, got {value:?}"))
+    Ok(time)
 }
 
 /// After a round with skipped or failed actions, the next round comes at most this much later.
@@ -136,6 +164,11 @@ pub enum PartitionError {
 }
 
 impl PartitionError {
+    /// True when the role lacks a privilege (SQLSTATE 42501): a configuration fault.
+    pub fn is_permission_denied(&self) -> bool {
+        matches!(self, PartitionError::Database(err) if sqlstate(err).as_deref() == Some("42501"))
+    }
+
     /// True for failures that say the database is unavailable (they count against a breaker);
     /// lock timeouts, deadlocks and refusals do not.
     pub fn is_unavailability(&self) -> bool {
@@ -154,6 +187,8 @@ pub(super) fn is_lock_conflict(err: &PartitionError) -> bool {
 }
 
 /// What one maintenance round did.
+// One value per round, never stored in bulk: boxing the plan would buy nothing.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum MaintenanceRound {
     /// Another replica holds the maintenance lock: nothing was read or changed.
@@ -186,25 +221,62 @@ struct MaintenanceLock {
 }
 
 impl MaintenanceLock {
+    /// Takes the lock if it is free (`None` if another session holds it).
     pub(super) async fn try_acquire(
         pool: &PgPool,
         schema: &str,
         lock_timeout: StdDuration,
     ) -> Result<Option<Self>, sqlx::Error> {
+        Ok(Self::acquire(pool, schema, lock_timeout, StdDuration::ZERO)
+            .await?
+            .0)
+    }
+
+    /// Takes the lock, waiting up to `wait` for its holder to release it (`None` if it still
+    /// holds it then; a zero `wait` does not wait at all), and how long it waited. Waiters
+    /// queue in Postgres's lock manager, so they get the lock one after the other, in order.
+    pub(super) async fn acquire(
+        pool: &PgPool,
+        schema: &str,
+        lock_timeout: StdDuration,
+        wait: StdDuration,
+    ) -> Result<(Option<Self>, StdDuration), sqlx::Error> {
         let mut conn = pool.acquire().await?;
         conn.close_on_drop();
+        let key = maintenance_lock_key(schema);
+        let started = std::time::Instant::now();
+        let locked = if wait.is_zero() {
+            sqlx::query_scalar("SELECT pg_try_advisory_lock(hashtextextended($1, 0))")
+                .bind(&key)
+                .fetch_one(&mut *conn)
+                .await?
+        } else {
+            // lock_timeout bounds the wait for an advisory lock as for any other (55P03).
+            execute_ddl(
+                &mut conn,
+                &format!("SET lock_timeout = {}", wait.as_millis().max(1)),
+            )
+            .await?;
+            match sqlx::query("SELECT pg_advisory_lock(hashtextextended($1, 0))")
+                .bind(&key)
+                .execute(&mut *conn)
+                .await
+            {
+                Ok(_) => true,
+                Err(err) if sqlstate(&err).as_deref() == Some("55P03") => false,
+                Err(err) => return Err(err),
+            }
+        };
+        let waited = started.elapsed();
+        if !locked {
+            return Ok((None, waited));
+        }
         execute_ddl(
             &mut conn,
             &format!("SET lock_timeout = {}", lock_timeout.as_millis()),
         )
         .await?;
-        let key = maintenance_lock_key(schema);
-        let locked: bool =
-            sqlx::query_scalar("SELECT pg_try_advisory_lock(hashtextextended($1, 0))")
-                .bind(&key)
-                .fetch_one(&mut *conn)
-                .await?;
-        Ok(locked.then_some(MaintenanceLock { conn, key }))
+        Ok((Some(MaintenanceLock { conn, key }), waited))
     }
 
     pub(super) async fn release(mut self) {
@@ -254,20 +326,87 @@ pub async fn maintain_partitions_once(
         .await
 }
 
+/// What [`run_maintenance`] did until it was stopped.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct MaintenanceSummary {
+    /// Rounds attempted.
+    pub num_rounds: u64,
+    /// Rounds that ended in an error or a panic; the loop went on after each.
+    pub num_failed_rounds: u64,
+}
+
 /// Runs [`maintain_partitions_once`] now and then every
 /// `AUDITFLOW_PARTITION_MAINTENANCE_INTERVAL_MS` (±10%), sooner (within 30 s) after a round with
 /// skipped or failed actions, until `shutdown`. A round in progress is finished, not abandoned:
 /// each of its statements is bounded by the lock timeout.
-pub async fn run_maintenance(lifecycle: PartitionLifecycle, shutdown: CancellationToken) {
-    let interval = lifecycle.config.maintenance_interval();
+///
+/// No failure of one round ends the loop: an error or a panic is logged, counted in
+/// `auditflow_partition_maintenance_failures_total` and retried (a missing privilege, 42501,
+/// at the normal interval: it is a configuration fault that only an operator fixes).
+pub async fn run_maintenance(
+    lifecycle: PartitionLifecycle,
+    shutdown: CancellationToken,
+) -> MaintenanceSummary {
+    maintenance_loop(
+        &lifecycle.schema,
+        lifecycle.config.maintenance_interval(),
+        &shutdown,
+        || maintain_partitions_once(&lifecycle, Utc::now()),
+    )
+    .await
+}
+
+/// The loop of [`run_maintenance`], over any `round` (tests pass rounds that fail).
+pub(super) async fn maintenance_loop<F, Fut>(
+    schema: &str,
+    interval: StdDuration,
+    shutdown: &CancellationToken,
+    mut round: F,
+) -> MaintenanceSummary
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<MaintenanceRound, PartitionError>>,
+{
+    let mut summary = MaintenanceSummary::default();
     while !shutdown.is_cancelled() {
-        let retry_soon = match maintain_partitions_once(&lifecycle, Utc::now()).await {
-            Ok(MaintenanceRound::Skipped) => false,
-            Ok(MaintenanceRound::Done { report, .. }) => {
-                report.results.iter().any(|r| !r.outcome.is_done())
+        summary.num_rounds += 1;
+        // A panic in a round (a bug, or catalog contents nobody foresaw) must not end maintenance
+        // for the rest of the process's life: it is caught like an error. Nothing outlives the
+        // round: the maintenance lock's connection is closed when the unwind drops it.
+        let outcome = AssertUnwindSafe(round()).catch_unwind().await;
+        let retry_soon = match outcome {
+            Ok(Ok(MaintenanceRound::Skipped)) => false,
+            Ok(Ok(MaintenanceRound::Done { report, .. })) => report
+                .results
+                .iter()
+                .any(|result| result.outcome.is_retried_soon()),
+            Ok(Err(err)) => {
+                summary.num_failed_rounds += 1;
+                metrics::counter!("auditflow_partition_maintenance_failures_total", "cause" => "error")
+                    .increment(1);
+                if err.is_permission_denied() {
+                    tracing::error!(
+                        schema,
+                        error = %err,
+                        "partition maintenance is not permitted: a configuration fault (grant the \
+                         privilege, or give AUDITFLOW_MAINTENANCE_DATABASE_URL the owner's role); \
+                         retrying at the normal interval"
+                    );
+                    false
+                } else {
+                    tracing::error!(schema, error = %err, "partition maintenance round failed; retrying");
+                    true
+                }
             }
-            Err(err) => {
-                tracing::warn!(schema = %lifecycle.schema, error = %err, "partition maintenance failed; retrying");
+            Err(panic) => {
+                summary.num_failed_rounds += 1;
+                metrics::counter!("auditflow_partition_maintenance_failures_total", "cause" => "panic")
+                    .increment(1);
+                tracing::error!(
+                    schema,
+                    panic = panic_message(panic.as_ref()),
+                    "partition maintenance round panicked; retrying"
+                );
                 true
             }
         };
@@ -283,6 +422,16 @@ pub async fn run_maintenance(lifecycle: PartitionLifecycle, shutdown: Cancellati
             _ = tokio::time::sleep(delay) => {}
         }
     }
+    summary
+}
+
+/// The message a panic carried, if it was a string.
+fn panic_message(panic: &(dyn Any + Send)) -> &str {
+    panic
+        .downcast_ref::<&str>()
+        .copied()
+        .or_else(|| panic.downcast_ref::<String>().map(String::as_str))
+        .unwrap_or("(not a string)")
 }
 
 impl PartitionLifecycle {
@@ -330,12 +479,15 @@ impl PartitionLifecycle {
     }
 
     /// Reads the catalog, the lifecycle bookkeeping and the holds, and says what maintenance
-    /// would do at `now`. Changes nothing.
+    /// would do at `now`, with a warning for the retirements and drops `apply` would refuse
+    /// because they overlap the protected window around the real time. Changes nothing.
     pub async fn plan(&self, now: DateTime<Utc>) -> Result<Plan, PartitionError> {
         self.guarded(async {
             let mut conn = self.pool.acquire().await?;
             let inventory = read_inventory(&mut conn, &self.schema).await?;
-            Ok(plan_from(&inventory, &self.schema, &self.config, now))
+            let mut plan = plan_from(&inventory, &self.schema, &self.config, now);
+            guard::warn_protected(&mut plan, &Guard::from_real_clock(&self.config));
+            Ok(plan)
         })
         .await
     }
@@ -359,6 +511,78 @@ impl PartitionLifecycle {
             let report = self.apply_on(&mut lock.conn, plan).await;
             lock.release().await;
             report
+        })
+        .await
+    }
+
+    /// What `auditflow partitions apply` does: takes the maintenance lock, waiting up to `wait`
+    /// for maintenance running elsewhere (a replica's round, another `apply`) to finish, then
+    /// plans at `now` and applies that plan, like one maintenance round. Concurrent calls (a cron
+    /// on every node) thus run one after the other, and each partition is created by one of them
+    /// only; the later ones find nothing left to do. If the lock is still held after `wait`,
+    /// changes nothing and reports [`ApplyReport::ran_elsewhere`].
+    pub async fn plan_and_apply(
+        &self,
+        now: DateTime<Utc>,
+        wait: StdDuration,
+    ) -> Result<ApplyReport, PartitionError> {
+        self.guarded(async {
+            let (lock, waited) = MaintenanceLock::acquire(
+                &self.pool,
+                &self.schema,
+                self.config.lock_timeout(),
+                wait,
+            )
+            .await?;
+            let Some(mut lock) = lock else {
+                return Ok(ApplyReport::running_elsewhere(&self.schema, now, waited));
+            };
+            let report = async {
+                let inventory = read_inventory(&mut lock.conn, &self.schema).await?;
+                let plan = plan_from(&inventory, &self.schema, &self.config, now);
+                self.apply_on(&mut lock.conn, &plan).await
+            }
+            .await;
+            lock.release().await;
+            report.map(|report| report.after_waiting(waited))
+        })
+        .await
+    }
+
+    /// Carries out `plan`'s actions like [`PartitionLifecycle::apply`], but waits up to `wait`
+    /// for maintenance running elsewhere to finish instead of failing with
+    /// [`PartitionError::Busy`]; if it is still running then, changes nothing and reports
+    /// [`ApplyReport::ran_elsewhere`]. Actions done meanwhile by the other are re-checked, and
+    /// come out as `already existed` or skipped.
+    pub async fn apply_waiting(
+        &self,
+        plan: &Plan,
+        wait: StdDuration,
+    ) -> Result<ApplyReport, PartitionError> {
+        if plan.schema != self.schema {
+            return Err(PartitionError::Invalid(format!(
+                "the plan is for schema {:?}, not {:?}",
+                plan.schema, self.schema
+            )));
+        }
+        self.guarded(async {
+            let (lock, waited) = MaintenanceLock::acquire(
+                &self.pool,
+                &self.schema,
+                self.config.lock_timeout(),
+                wait,
+            )
+            .await?;
+            let Some(mut lock) = lock else {
+                return Ok(ApplyReport::running_elsewhere(
+                    &self.schema,
+                    plan.now,
+                    waited,
+                ));
+            };
+            let report = self.apply_on(&mut lock.conn, plan).await;
+            lock.release().await;
+            report.map(|report| report.after_waiting(waited))
         })
         .await
     }
@@ -435,8 +659,8 @@ impl PartitionLifecycle {
     pub async fn holds(&self) -> Result<Vec<Hold>, PartitionError> {
         self.guarded(async {
             let holds = sqlx::query_as(&format!(
-                "SELECT id, range_from, range_to, reason, created_at, created_by \
-                 FROM {}.legal_holds WHERE released_at IS NULL ORDER BY id",
+                "SELECT {} FROM {}.legal_holds WHERE released_at IS NULL ORDER BY id",
+                hold_columns(),
                 quote_ident(&self.schema)
             ))
             .fetch_all(&self.pool)
@@ -458,7 +682,9 @@ impl PartitionLifecycle {
             .or_else(|| PartitionSpec::from_name(name))
             .ok_or_else(|| {
                 PartitionError::Invalid(format!(
-                    "{name:?} is not the name of an auditflow partition (events_p… or retired_events_p…)"
+                    "{name:?} is not the name of a partition auditflow made (events_pYYYYMMDD, \
+                     events_pIYYYwIW or events_pYYYYMM, or retired_ and one of those): auditflow \
+                     restores only partitions it retired, and leaves other tables alone"
                 ))
             })?;
         self.guarded(async {

@@ -129,6 +129,35 @@ impl fmt::Display for Kept {
     }
 }
 
+/// A table that looks like a partition but is not one of auditflow's: a hand-made partition of
+/// `events` (any other name, or an auditflow name with other bounds), the default partition, or
+/// a detached table named `events_p…` or `retired_…` that no date gives. Maintenance never
+/// retires, drops, restores or renames it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Foreign {
+    /// The table's name, as the catalog has it (any characters).
+    pub table: String,
+    /// Attached to `events`.
+    pub attached: bool,
+    /// Lower bound when attached (inclusive); `None` for MINVALUE or when detached.
+    pub from: Option<DateTime<Utc>>,
+    /// Upper bound when attached (exclusive); `None` for MAXVALUE or when detached.
+    pub to: Option<DateTime<Utc>>,
+    /// Why it is not auditflow's.
+    pub reason: String,
+}
+
+impl fmt::Display for Foreign {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let range = if self.attached {
+            Range(self.from, self.to).to_string()
+        } else {
+            "(detached)".to_string()
+        };
+        write!(f, "foreign {}  {range}  {}", self.table, self.reason)
+    }
+}
+
 /// What maintenance would do at `now`, and why it keeps what it keeps.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Plan {
@@ -150,6 +179,9 @@ pub struct Plan {
     pub kept: Vec<Kept>,
     /// Anomalies found that maintenance does not fix by itself.
     pub warnings: Vec<String>,
+    /// Tables that look like partitions but are not auditflow's; left alone.
+    #[serde(default)]
+    pub foreign: Vec<Foreign>,
 }
 
 impl Plan {
@@ -184,6 +216,9 @@ impl fmt::Display for Plan {
         for kept in &self.kept {
             writeln!(f, "  {kept}")?;
         }
+        for foreign in &self.foreign {
+            writeln!(f, "  {foreign}")?;
+        }
         for warning in &self.warnings {
             writeln!(f, "  warning: {warning}")?;
         }
@@ -195,7 +230,11 @@ impl fmt::Display for Plan {
             count(ActionKind::Retire),
             count(ActionKind::Drop),
             self.kept.len()
-        )
+        )?;
+        if !self.foreign.is_empty() {
+            write!(f, ", {} foreign", self.foreign.len())?;
+        }
+        Ok(())
     }
 }
 
@@ -244,11 +283,70 @@ pub(super) fn plan_from(
         actions: Vec::new(),
         kept: Vec::new(),
         warnings: Vec::new(),
+        foreign: Vec::new(),
     };
+    plan_foreign(inventory, &mut plan);
     plan_creation(inventory, config, now, &mut plan);
     plan_retirement(inventory, config, now, &mut plan);
     plan_drop(inventory, config, now, &mut plan);
     plan
+}
+
+/// Lists the tables that look like partitions but are not auditflow's. Only names that parse
+/// back into a [`PartitionSpec`] reproducing them, with that spec's bounds, are auditflow's; the
+/// name of anything else is only ever compared and printed.
+fn plan_foreign(inventory: &Inventory, plan: &mut Plan) {
+    const LEFT_ALONE: &str = "never retired, dropped or restored by auditflow";
+    for partition in &inventory.attached {
+        let reason = if partition.is_default {
+            format!("the default partition (auditflow creates none); {LEFT_ALONE}")
+        } else {
+            match PartitionSpec::from_name(&partition.name) {
+                None => format!(
+                    "attached, but not named like an auditflow partition (events_pYYYYMMDD, \
+                     events_pIYYYwIW, events_pYYYYMM); {LEFT_ALONE}"
+                ),
+                Some(spec)
+                    if (partition.from, partition.to) != (Some(spec.from()), Some(spec.to())) =>
+                {
+                    format!(
+                        "named like an auditflow partition, but bounded {} instead of {}; {LEFT_ALONE}",
+                        Range(partition.from, partition.to),
+                        Range(Some(spec.from()), Some(spec.to()))
+                    )
+                }
+                Some(_) => continue,
+            }
+        };
+        plan.foreign.push(Foreign {
+            table: partition.name.clone(),
+            attached: true,
+            from: partition.from,
+            to: partition.to,
+            reason,
+        });
+    }
+    let attached: BTreeSet<&str> = inventory.attached.iter().map(|p| p.name.as_str()).collect();
+    for table in &inventory.tables {
+        let looks_like_a_partition =
+            table.starts_with("events_p") || table.starts_with(RETIRED_PREFIX);
+        if !looks_like_a_partition
+            || attached.contains(table.as_str())
+            || PartitionSpec::from_name(table).is_some()
+            || PartitionSpec::from_retired_name(table).is_some()
+        {
+            continue;
+        }
+        plan.foreign.push(Foreign {
+            table: table.clone(),
+            attached: false,
+            from: None,
+            to: None,
+            reason: format!(
+                "detached, named like a partition, but no interval and date give this name; {LEFT_ALONE}"
+            ),
+        });
+    }
 }
 
 fn plan_creation(
@@ -398,11 +496,7 @@ fn plan_retirement(
                 Some(spec.from()) == partition.from && Some(spec.to()) == partition.to
             });
             let Some(spec) = spec else {
-                plan.kept.push(kept(
-                    "past retention, but not named or bounded like an auditflow partition; left alone"
-                        .into(),
-                    Vec::new(),
-                ));
+                // Not auditflow's: listed in `plan.foreign`.
                 continue;
             };
             let holds: Vec<&Hold> = inventory

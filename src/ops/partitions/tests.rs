@@ -150,6 +150,10 @@ fn times_parse_as_rfc3339_or_dates() {
     assert_eq!(at("2026-02-03"), at("2026-02-03T00:00:00Z"));
     assert_eq!(at("2026-02-03T01:00:00+01:00"), at("2026-02-03T00:00:00Z"));
     assert!(parse_time("yesterday").is_err());
+    for out_of_range in ["0999-12-31", "9999-01-01", "+262143-12-31", "-0001-01-01"] {
+        assert!(parse_time(out_of_range).is_err(), "{out_of_range}");
+    }
+    assert!(parse_time("9998-12-31T23:59:59Z").is_ok());
 }
 
 #[test]
@@ -420,7 +424,101 @@ fn partitions_not_named_by_auditflow_are_left_alone() {
         at("2026-02-01"),
     );
     assert!(names(&plan, ActionKind::Retire).is_empty(), "{plan}");
-    assert_eq!(plan.kept.len(), 2, "{plan}");
+    assert!(plan.kept.is_empty(), "{plan}");
+    let foreign: Vec<&str> = plan.foreign.iter().map(|f| f.table.as_str()).collect();
+    assert_eq!(foreign, ["events_archive", "events_p20200101"], "{plan}");
+    assert!(
+        plan.foreign[1]
+            .reason
+            .contains("bounded [2020-01-01, 2020-01-03) instead of [2020-01-01, 2020-01-02)"),
+        "{plan}"
+    );
+    assert!(
+        plan.to_string()
+            .contains("foreign events_archive  [MINVALUE, 2020-01-01)"),
+        "{plan}"
+    );
+}
+
+#[test]
+fn foreign_names_of_any_characters_are_listed_and_never_acted_on() {
+    let inside = PartitionSpec::containing(PartitionInterval::Day, day(2026, 1, 10));
+    let mut inv = inventory(&[inside]);
+    for (name, from, to) in [
+        ("events_p123é567", Some("2020-01-01"), Some("2020-01-05")),
+        ("events_p12é4567", None, Some("2019-01-01")),
+        ("ÉVÉNEMENTS", Some("2030-01-01"), None),
+    ] {
+        inv.attached.push(Attached {
+            name: name.into(),
+            from: from.map(at),
+            to: to.map(at),
+            is_default: false,
+            detach_pending: false,
+        });
+        inv.tables.insert(name.into());
+    }
+    inv.attached.push(Attached {
+        name: "events_default".into(),
+        from: None,
+        to: None,
+        is_default: true,
+        detach_pending: false,
+    });
+    // Detached: hand-made, and one auditflow would recognize (not foreign).
+    for name in [
+        "retired_events_p123é567",
+        "events_p2026é",
+        "retired_events_p20250101",
+        "chain_links",
+    ] {
+        inv.tables.insert(name.into());
+    }
+    inv.holds.push(hold(1, "2020-01-02", "2020-01-03"));
+    let plan = plan_from(
+        &inv,
+        "audit",
+        &config(PartitionInterval::Day, 1, 30, 0),
+        at("2026-03-01"),
+    );
+    let foreign: Vec<(&str, bool)> = plan
+        .foreign
+        .iter()
+        .map(|f| (f.table.as_str(), f.attached))
+        .collect();
+    assert_eq!(
+        foreign,
+        [
+            ("events_p123é567", true),
+            ("events_p12é4567", true),
+            ("ÉVÉNEMENTS", true),
+            ("events_default", true),
+            ("events_p2026é", false),
+            ("retired_events_p123é567", false),
+        ],
+        "{plan}"
+    );
+    // Only the auditflow partition is retired; nothing is done to any foreign one.
+    assert_eq!(
+        names(&plan, ActionKind::Retire),
+        ["events_p20260110"],
+        "{plan}"
+    );
+    for action in &plan.actions {
+        assert!(action.spec().is_some(), "{plan}");
+    }
+    let text = plan.to_string();
+    assert!(
+        text.contains("foreign events_p123é567  [2020-01-01, 2020-01-05)"),
+        "{text}"
+    );
+    assert!(
+        text.contains("foreign retired_events_p123é567  (detached)"),
+        "{text}"
+    );
+    assert!(text.ends_with(", 6 foreign"), "{text}");
+    let json = serde_json::to_string(&plan).unwrap();
+    assert_eq!(serde_json::from_str::<Plan>(&json).unwrap(), plan);
 }
 
 #[test]
@@ -459,5 +557,114 @@ fn plans_and_results_round_trip_through_json() {
     assert_eq!(
         serde_json::from_value::<ActionResult>(value).unwrap(),
         result
+    );
+}
+
+#[test]
+fn the_protected_window_reaches_back_accept_past_days_and_ahead_to_the_premake_horizon() {
+    let cfg = PartitionConfig {
+        accept_past_days: 30,
+        ..config(PartitionInterval::Day, 2, 400, 30)
+    };
+    let real_now = at("2026-12-01T12:00:00Z");
+    let guard = Guard::around(real_now, &cfg);
+    assert_eq!(guard.protect_from, at("2026-11-01T12:00:00Z"));
+    // Today and two days ahead: up to the end of 2026-12-03.
+    assert_eq!(guard.protect_to, at("2026-12-04"));
+    let covers = |d: NaiveDate| guard.protects(midnight(d), midnight(d + Duration::days(1)));
+    assert!(!covers(day(2026, 10, 31)));
+    assert!(covers(day(2026, 11, 1)), "overlaps by its last 12 hours");
+    assert!(covers(day(2026, 12, 1)));
+    assert!(covers(day(2026, 12, 3)));
+    assert!(!covers(day(2026, 12, 4)));
+    let monthly = Guard::around(
+        real_now,
+        &PartitionConfig {
+            accept_past_days: 0,
+            ..config(PartitionInterval::Month, 1, 400, 30)
+        },
+    );
+    assert_eq!(
+        (monthly.protect_from, monthly.protect_to),
+        (real_now, at("2027-02-01"))
+    );
+    assert!(guard
+        .to_string()
+        .contains("[2026-11-01T12:00:00Z, 2026-12-04T00:00:00Z)"));
+}
+
+#[test]
+fn a_simulated_now_is_refused_unless_near_the_real_time_or_on_a_scratch_schema() {
+    let real_now = at("2026-12-01T12:00:00Z");
+    assert!(check_simulated_now(real_now + Duration::minutes(4), real_now, false).is_ok());
+    assert!(check_simulated_now(real_now - Duration::minutes(5), real_now, false).is_ok());
+    let refusal = check_simulated_now(real_now + Duration::days(365), real_now, false)
+        .expect_err("a year ahead is a simulation");
+    assert!(refusal.contains("365 days"), "{refusal}");
+    assert!(
+        refusal.contains("partitions plan --now 2027-12-01T12:00:00Z"),
+        "{refusal}"
+    );
+    assert!(refusal.contains("--scratch-schema"), "{refusal}");
+    let refusal = check_simulated_now(real_now - Duration::minutes(6), real_now, false)
+        .expect_err("six minutes back is a simulation");
+    assert!(refusal.contains("6 minutes"), "{refusal}");
+    assert!(check_simulated_now(real_now + Duration::days(365), real_now, true).is_ok());
+}
+
+#[test]
+fn a_plan_warns_about_the_actions_the_protected_window_refuses() {
+    let real_now = at("2026-12-01T12:00:00Z");
+    let cfg = config(PartitionInterval::Day, 1, 40, 0);
+    // Planned a year ahead: every partition around the real time is past retention.
+    let mut plan = plan_from(
+        &inventory(&daily(day(2026, 11, 29), 4)),
+        "audit",
+        &cfg,
+        real_now + Duration::days(365),
+    );
+    assert_eq!(names(&plan, ActionKind::Retire).len(), 4, "{plan}");
+    guard::warn_protected(&mut plan, &Guard::around(real_now, &cfg));
+    assert_eq!(plan.warnings.len(), 1, "{plan}");
+    assert!(
+        plan.warnings[0]
+            .contains("apply would skip retire events_p20261129, retire events_p20261130"),
+        "{plan}"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_maintenance_loop_survives_a_round_that_fails_or_panics() {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    let shutdown = CancellationToken::new();
+    let calls = AtomicU32::new(0);
+    let started = tokio::time::Instant::now();
+    let summary = maintenance_loop("audit", StdDuration::from_secs(600), &shutdown, || {
+        let call = calls.fetch_add(1, Ordering::SeqCst) + 1;
+        let shutdown = shutdown.clone();
+        async move {
+            match call {
+                1 => panic!("a round that panics"),
+                2 => Err(PartitionError::Invalid("a round that fails".into())),
+                _ => {
+                    shutdown.cancel();
+                    Ok(MaintenanceRound::Skipped)
+                }
+            }
+        }
+    })
+    .await;
+    assert_eq!(
+        summary,
+        MaintenanceSummary {
+            num_rounds: 3,
+            num_failed_rounds: 2
+        }
+    );
+    // Each failure brings the next round within 30 s (±10%), not a whole interval later.
+    assert!(
+        started.elapsed() <= StdDuration::from_secs(66),
+        "{:?}",
+        started.elapsed()
     );
 }
