@@ -419,14 +419,15 @@ async fn execute(command: Command, mut live: LiveConfig) -> anyhow::Result<()> {
                     .await
                     .context("verifying the hash chain")?;
             print_result(json, &report)?;
-            anyhow::ensure!(
-                report.is_intact(),
-                "the audit trail does not verify: {}",
-                match &report.broken {
-                    Some(broken) => broken.to_string(),
-                    None => "the expected head is not in the chain".to_owned(),
-                }
-            );
+            let why = match &report.broken {
+                Some(broken) => broken.to_string(),
+                None if !report.append_only_disabled.is_empty() => format!(
+                    "append-only protection is off on {}",
+                    report.append_only_disabled.join(", ")
+                ),
+                None => "the expected head is not in the chain".to_owned(),
+            };
+            anyhow::ensure!(report.is_intact(), "the audit trail does not verify: {why}");
             Ok(())
         }
         Command::Serve => {

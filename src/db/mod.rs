@@ -141,7 +141,8 @@ pub enum GrantError {
 /// Grants `role` exactly what `auditflow run` needs in `schema`, and nothing more (idempotent):
 /// reading the schema's version; SELECT and INSERT on `events` (the duplicate-tolerant path reads
 /// what it skipped), `batches` and `publishers` (the hash chain, the committed-batch log); reading
-/// `partition_lifecycle`; and creating partitions only through `auditflow_create_partition`.
+/// `partition_lifecycle` and `legal_holds` (the premaking upkeep plans from them); and creating
+/// partitions only through `auditflow_create_partition`.
 /// No UPDATE, DELETE, TRUNCATE, no ownership, no DDL. The staging table is a temporary table:
 /// PostgreSQL's default TEMP privilege on the database covers it.
 pub async fn grant_writer(pool: &PgPool, schema: &str, role: &str) -> Result<(), GrantError> {
@@ -237,9 +238,10 @@ pub async fn ensure_migrated(pool: &PgPool, schema: &str) -> Result<(), EnsureMi
 pub enum EnsureMigratedError {
     /// The schema is behind and this role cannot migrate it.
     #[error(
-        "schema {schema} is at migration {found:?} and this auditflow needs {required}; this role \
+        "schema {schema} is at migration {} and this auditflow needs {required}; this role \
          may not migrate it: run `auditflow migrate` as the schema's owner (and \
-         `auditflow migrate --grant-writer ROLE` for this role)"
+         `auditflow migrate --grant-writer ROLE` for this role)",
+        found.map_or_else(|| "none (never migrated)".to_owned(), |v| v.to_string())
     )]
     NotAllowed {
         /// The schema.

@@ -60,6 +60,10 @@ const COLUMNS: &str = "event_id, occurred_at, tenant_id, actor_id, actor_type, a
     session_id, content_hash, schema_version, writer_schema_id, kafka_topic, kafka_partition, \
     kafka_offset, kafka_timestamp";
 
+/// Conflicting rows of one transaction logged one by one; the rest are counted (each is
+/// dead-lettered anyway).
+const MAX_CONFLICTS_LOGGED: usize = 20;
+
 /// Per-connection staging table for the duplicate-tolerant path; emptied at every commit.
 const CREATE_STAGING: &str = "CREATE TEMP TABLE IF NOT EXISTS auditflow_staging (
     event_id uuid NOT NULL, occurred_at timestamptz NOT NULL, tenant_id text NOT NULL,
@@ -526,11 +530,24 @@ impl Store {
             ))
             .fetch_all(&mut *tx)
             .await?;
-            for (event_id, occurred_at, partition, offset, hash, publisher_id, batch_seq) in rows {
+            if rows.len() > MAX_CONFLICTS_LOGGED {
                 tracing::warn!(
-                    %event_id, %occurred_at, partition, offset,
-                    "event id repeats with different content; kept the stored row, dead-lettering the repeat"
+                    num_conflicts = rows.len(),
+                    logged = MAX_CONFLICTS_LOGGED,
+                    "many event ids repeat with different content in one batch"
                 );
+            }
+            for (
+                index,
+                (event_id, occurred_at, partition, offset, hash, publisher_id, batch_seq),
+            ) in rows.into_iter().enumerate()
+            {
+                if index < MAX_CONFLICTS_LOGGED {
+                    tracing::warn!(
+                        %event_id, %occurred_at, partition, offset,
+                        "event id repeats with different content; kept the stored row, dead-lettering the repeat"
+                    );
+                }
                 conflicting.push(Conflict {
                     event_id,
                     occurred_at,
@@ -555,7 +572,7 @@ impl Store {
         }
         let outcome = WriteOutcome {
             stored,
-            duplicates: duplicates - conflicting.len() as u64,
+            duplicates: duplicates.saturating_sub(conflicting.len() as u64),
             conflicts: conflicting.len() as u64,
             conflicting,
         };
