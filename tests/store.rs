@@ -516,3 +516,165 @@ async fn a_failed_transaction_leaves_no_batch_and_no_hole_in_the_sequence() {
     .unwrap();
     assert_eq!(seqs, [1, 2]);
 }
+
+/// Binary COPY stores every value exactly, on both paths: NULLs and empty strings apart, text at
+/// the size limits, unicode, nested JSON, timestamps before 2000 and before 1970 (the decoder's
+/// window would refuse those; the encoding must not care), the numbers at their column limits.
+#[tokio::test]
+async fn every_type_edge_round_trips_through_binary_copy_on_both_paths() {
+    use auditflow::ingest::decode::SizeLimits;
+    let db = TestDb::new().await;
+    let limits = SizeLimits::default();
+    let edges = |first_id: u128| {
+        let mut nulls = event(first_id, "");
+        nulls.actor.ip = None;
+        nulls.details = None;
+        let mut empties = event(first_id + 1, "t");
+        empties.actor.ip = Some(String::new());
+        empties.actor.user_agent = Some(String::new());
+        empties.reason = Some(String::new());
+        empties.trace_id = Some(String::new());
+        empties.session_id = Some(String::new());
+        empties.details = Some("{}".into());
+        let mut longest = event(first_id + 2, &"k".repeat(limits.key_field_bytes));
+        longest.reason = Some("é".repeat(limits.text_field_bytes / 2));
+        let padding = limits.details_bytes - r#"{"pad":""}"#.len();
+        longest.details = Some(format!(r#"{{"pad":"{}"}}"#, "x".repeat(padding)));
+        let mut old = event(first_id + 3, "Zoë 東京 🚀");
+        old.occurred_at = DateTime::parse_from_rfc3339("1999-12-31T23:59:59.999999Z")
+            .unwrap()
+            .to_utc();
+        old.details = Some(r#"{"a":{"b":[1,{"c":null,"d":"e\"f\\g\n"}]},"k":[],"ü":"🚀"}"#.into());
+        let mut older = event(first_id + 4, "t");
+        older.occurred_at = DateTime::parse_from_rfc3339("1969-07-20T20:17:40.5Z")
+            .unwrap()
+            .to_utc();
+        vec![nulls, empties, longest, old, older]
+    };
+    type Stored = (
+        Uuid,
+        DateTime<Utc>,
+        String,
+        Option<String>,
+        Option<String>,
+        Option<String>,
+        Option<String>,
+        Option<String>,
+        Option<serde_json::Value>,
+        Vec<u8>,
+        Option<i16>,
+        Option<i64>,
+        i32,
+        i64,
+        Option<DateTime<Utc>>,
+    );
+    for (path, first_id) in [("staging", 100u128), ("fast", 200)] {
+        let events = edges(first_id);
+        let mut rows = store::CopyRows::new();
+        for (index, event) in events.iter().enumerate() {
+            rows.push(
+                event,
+                store::RowMeta {
+                    content_hash: auditflow::event::content_hash(event),
+                    schema_version: [None, Some(0), Some(i16::MAX as u32), Some(1), Some(2)][index],
+                    writer_schema_id: [None, Some(0), Some(u32::MAX), Some(1), Some(2)][index],
+                    topic: "audit-events",
+                    partition: [0, 1, i32::MAX, 3, 4][index],
+                    // Up to the largest offset there is (unique per path: the staging path
+                    // matches inserted rows by partition and offset).
+                    offset: if index == 2 {
+                        i64::MAX - first_id as i64
+                    } else {
+                        first_id as i64 + index as i64
+                    },
+                    kafka_timestamp: [
+                        None,
+                        Some(DateTime::UNIX_EPOCH),
+                        Some(event.occurred_at),
+                        Some(event.occurred_at),
+                        Some(event.occurred_at),
+                    ][index],
+                },
+            );
+        }
+        let outcome = db.store.write(&rows, 0..rows.len()).await.unwrap();
+        assert_eq!(outcome.stored, 5, "{path} path");
+        let stored: Vec<Stored> = sqlx::query_as(&format!(
+            "SELECT event_id, occurred_at, tenant_id, actor_ip, actor_user_agent, reason, \
+               trace_id, session_id, details, content_hash, schema_version, writer_schema_id, \
+               kafka_partition, kafka_offset, kafka_timestamp \
+             FROM \"{}\".events WHERE event_id >= $1 AND event_id < $2 ORDER BY event_id",
+            db.schema
+        ))
+        .bind(Uuid::from_u128(first_id))
+        .bind(Uuid::from_u128(first_id + 100))
+        .fetch_all(db.store.pool())
+        .await
+        .unwrap();
+        assert_eq!(stored.len(), 5, "{path} path");
+        for (index, (event, row)) in events.iter().zip(&stored).enumerate() {
+            let context = format!("{path} path, row {index}");
+            assert_eq!(row.0, event.event_id, "{context}");
+            // Microseconds, truncated (the column's precision).
+            assert_eq!(
+                row.1.timestamp_micros(),
+                event.occurred_at.timestamp_micros(),
+                "{context}"
+            );
+            assert_eq!(row.2, event.tenant_id, "{context}");
+            assert_eq!(row.3, event.actor.ip, "{context}");
+            assert_eq!(row.4, event.actor.user_agent, "{context}");
+            assert_eq!(row.5, event.reason, "{context}");
+            assert_eq!(row.6, event.trace_id, "{context}");
+            assert_eq!(row.7, event.session_id, "{context}");
+            let details = event
+                .details
+                .as_deref()
+                .map(|text| serde_json::from_str::<serde_json::Value>(text).unwrap());
+            assert_eq!(row.8, details, "{context}");
+            assert_eq!(row.9, auditflow::event::content_hash(event), "{context}");
+            assert_eq!(
+                (row.10, row.11, row.12),
+                [
+                    (None, None, 0),
+                    (Some(0), Some(0), 1),
+                    (Some(i16::MAX), Some(i64::from(u32::MAX)), i32::MAX),
+                    (Some(1), Some(1), 3),
+                    (Some(2), Some(2), 4),
+                ][index],
+                "{context}"
+            );
+        }
+        assert_eq!(stored[2].13, i64::MAX - first_id as i64, "{path} path");
+        assert_eq!(stored[0].14, None);
+        assert_eq!(stored[1].14, Some(DateTime::UNIX_EPOCH));
+        assert_eq!(stored[4].14, Some(events[4].occurred_at));
+        // Empty strings stay empty strings, never NULL.
+        assert_eq!(stored[1].3.as_deref(), Some(""));
+        assert_eq!(stored[0].2, "");
+    }
+}
+
+/// A file version past smallint is refused by the server for that row, as COPY text refused it,
+/// and the refusal is permanent (the row is dead-lettered by isolation, never stored as NULL).
+#[tokio::test]
+async fn a_schema_version_past_smallint_is_refused_not_stored_as_null() {
+    let db = TestDb::new().await;
+    let event = event(1, "t");
+    let mut rows = store::CopyRows::new();
+    rows.push(
+        &event,
+        store::RowMeta {
+            content_hash: auditflow::event::content_hash(&event),
+            schema_version: Some(40_000),
+            writer_schema_id: Some(40_000),
+            topic: "audit-events",
+            partition: 0,
+            offset: 0,
+            kafka_timestamp: None,
+        },
+    );
+    let err = db.store.write(&rows, 0..1).await.unwrap_err();
+    assert_eq!(err.sqlstate().as_deref(), Some("22P03"), "{err}");
+    assert_eq!(err.retry(), auditflow::db::retry::Retry::Permanent);
+}

@@ -1,8 +1,11 @@
 //! `auditflow bench`: the end-to-end benchmark, measured in one run on one machine.
 //!
-//! 1. Ceiling: the same rows the pipeline will store, decoded and COPY-encoded beforehand, are
-//!    copied straight into a fresh copy of the partitioned table, one transaction per batch of
-//!    the default size: the physical limit of this Postgres for this data.
+//! 1. Ceilings: the same rows the pipeline will store, decoded and COPY-encoded beforehand, are
+//!    copied straight into a fresh copy of the partitioned table (a scratch schema per
+//!    configuration, migrated like the sink's), one transaction per batch of the default size:
+//!    in COPY text over one connection, in binary COPY (what the store sends) over one, and in
+//!    binary over 2 and 4 concurrent connections, each taking its own batches. The one-stream
+//!    binary figure is what one store task can reach; the best is what this PostgreSQL can take.
 //! 2. Pipeline: the same N events, already in the broker, are consumed, decoded, deduplicated
 //!    and committed by the sink (`auditflow run --until-idle`, a child process with default
 //!    settings, so its peak RSS is its own), from first fetch to last commit.
@@ -13,13 +16,17 @@
 //! only about 5 MB per partition, so the topics get enough partitions for every event to survive
 //! until it is read.
 
+use std::collections::BTreeMap;
 use std::process::Stdio;
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context as _;
 use chrono::Utc;
+use futures::TryStreamExt as _;
 use rdkafka::mocking::MockCluster;
 use serde::Serialize;
+use sqlx::Connection as _;
 use tokio::time::Instant;
 
 use crate::breaker::{Breaker, BreakerConfig};
@@ -49,12 +56,21 @@ pub struct BenchOptions {
 pub struct BenchReport {
     /// Events per phase.
     pub events: u64,
-    /// COPY straight into the table, rows per second.
+    /// COPY straight into the table over one connection, in the format the store uses (binary),
+    /// rows per second: what one store stream can reach.
     pub ceiling_rows_per_s: f64,
+    /// Every configuration measured (see [`CeilingConfig::name`]), rows per second.
+    pub ceilings: BTreeMap<String, f64>,
+    /// The highest of `ceilings`: what this PostgreSQL takes with the best configuration tried.
+    pub best_ceiling_rows_per_s: f64,
+    /// The configuration that reached `best_ceiling_rows_per_s`.
+    pub best_ceiling_config: String,
     /// The sink, first fetch to last commit, events per second.
     pub pipeline_events_per_s: f64,
     /// `pipeline_events_per_s / ceiling_rows_per_s`.
-    pub ratio: f64,
+    pub pipeline_to_ceiling: f64,
+    /// `pipeline_events_per_s / best_ceiling_rows_per_s`.
+    pub pipeline_to_best_ceiling: f64,
     /// 99th percentile end-to-end latency at `latency_rate_eps`, milliseconds.
     pub p99_latency_ms: Option<u64>,
     /// Median of the same.
@@ -120,15 +136,26 @@ pub async fn run(mut config: Config, options: &BenchOptions) -> anyhow::Result<B
                 .context("creating a benchmark topic")?;
         }
     }
-    let ceiling_schema = format!("auditflow_bench_ceiling_{suffix:08x}");
+    let ceiling_schemas: Vec<String> = CEILING_CONFIGS
+        .iter()
+        .map(|config| format!("auditflow_bench_ceiling_{suffix:08x}_{}", config.name()))
+        .collect();
     let pipeline_schema = format!("auditflow_bench_{suffix:08x}");
     // The schemas go whatever happens, so a failed run leaves nothing behind.
     let report: anyhow::Result<BenchReport> = async {
         tracing::info!(events = options.events, "generating events");
         let payloads = generate(options.events, u64::from(suffix));
-        let ceiling =
-            measure_ceiling(&config, database_url.expose(), &ceiling_schema, &payloads).await?;
-        tracing::info!(rows_per_s = ceiling, "ceiling measured");
+        let ceilings =
+            measure_ceilings(&config, database_url.expose(), &ceiling_schemas, &payloads).await?;
+        let ceiling = ceilings
+            .get(&CeilingConfig::STORE.name())
+            .copied()
+            .context("the store's configuration was not measured")?;
+        let (best_ceiling_config, best_ceiling) = ceilings
+            .iter()
+            .max_by(|a, b| a.1.total_cmp(b.1))
+            .map(|(name, rate)| (name.clone(), *rate))
+            .context("no ceiling measured")?;
 
         tracing::info!(%topic, "producing the benchmark events");
         produce_payloads(&brokers, &config, &topic, options.partitions, &payloads).await?;
@@ -217,8 +244,12 @@ pub async fn run(mut config: Config, options: &BenchOptions) -> anyhow::Result<B
             },
             events: options.events,
             ceiling_rows_per_s: ceiling,
+            ceilings,
+            best_ceiling_rows_per_s: best_ceiling,
+            best_ceiling_config,
             pipeline_events_per_s: pipeline_rate,
-            ratio: pipeline_rate / ceiling,
+            pipeline_to_ceiling: pipeline_rate / ceiling,
+            pipeline_to_best_ceiling: pipeline_rate / best_ceiling,
             p99_latency_ms: latency_run.latency_p99_ms,
             p50_latency_ms: latency_run.latency_p50_ms,
             latency_rate_eps: latency_rate,
@@ -230,7 +261,12 @@ pub async fn run(mut config: Config, options: &BenchOptions) -> anyhow::Result<B
         })
     }
     .await;
-    drop_schemas(database_url.expose(), &[&ceiling_schema, &pipeline_schema]).await;
+    let schemas: Vec<&str> = ceiling_schemas
+        .iter()
+        .map(String::as_str)
+        .chain([pipeline_schema.as_str()])
+        .collect();
+    drop_schemas(database_url.expose(), &schemas).await;
     report
 }
 
@@ -246,23 +282,87 @@ fn generate(count: u64, seed: u64) -> Vec<(Vec<u8>, Vec<u8>)> {
     .collect()
 }
 
-/// COPYs the decoded rows into a fresh copy of the table, one transaction per default batch.
-async fn measure_ceiling(
+/// A COPY format and a number of concurrent connections.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct CeilingConfig {
+    binary: bool,
+    streams: usize,
+}
+
+/// What the ceilings measure, in this order (text first: it is derived from the binary rows).
+const CEILING_CONFIGS: [CeilingConfig; 4] = [
+    CeilingConfig {
+        binary: false,
+        streams: 1,
+    },
+    CeilingConfig::STORE,
+    CeilingConfig {
+        binary: true,
+        streams: 2,
+    },
+    CeilingConfig {
+        binary: true,
+        streams: 4,
+    },
+];
+
+impl CeilingConfig {
+    /// What one store task does: binary COPY over one connection.
+    const STORE: CeilingConfig = CeilingConfig {
+        binary: true,
+        streams: 1,
+    };
+
+    /// The key in the report's `ceilings`, e.g. `binary_2_streams`.
+    fn name(&self) -> String {
+        let format = if self.binary { "binary" } else { "text" };
+        let streams = if self.streams == 1 {
+            "stream"
+        } else {
+            "streams"
+        };
+        format!("{format}_{}_{streams}", self.streams)
+    }
+}
+
+/// The rows of the ceilings, per batch of the default size, in both formats.
+struct CeilingRows {
+    binary: Vec<CopyRows>,
+    /// COPY text of the same rows.
+    text: Vec<Vec<u8>>,
+}
+
+/// Measures every [`CEILING_CONFIGS`] entry, the i-th into a fresh table in `schemas[i]`.
+async fn measure_ceilings(
     config: &Config,
     database_url: &str,
-    schema: &str,
+    schemas: &[String],
     payloads: &[(Vec<u8>, Vec<u8>)],
-) -> anyhow::Result<f64> {
-    let mut database = config.database.clone();
-    database.db_schema = schema.to_owned();
-    let pool = store::connect(&database, database_url).await?;
-    crate::db::migrate(&pool, schema).await?;
+) -> anyhow::Result<BTreeMap<String, f64>> {
+    let binary = encode_batches(payloads, config.batch.batch_max_events)?;
+    let rows = Arc::new(CeilingRows {
+        text: to_copy_text(&config.database, database_url, &binary).await?,
+        binary,
+    });
+    let mut ceilings = BTreeMap::new();
+    for (ceiling, schema) in CEILING_CONFIGS.iter().zip(schemas) {
+        let rate = measure_ceiling(config, database_url, schema, *ceiling, &rows).await?;
+        tracing::info!(config = %ceiling.name(), rows_per_s = rate, "ceiling measured");
+        ceilings.insert(ceiling.name(), rate);
+    }
+    Ok(ceilings)
+}
+
+/// Decodes the payloads and encodes them as the sink does, one [`CopyRows`] per batch.
+fn encode_batches(
+    payloads: &[(Vec<u8>, Vec<u8>)],
+    batch_size: usize,
+) -> anyhow::Result<Vec<CopyRows>> {
     let decoder = Decoder::embedded();
-    let batch_size = config.batch.batch_max_events;
     let mut batches = Vec::new();
-    for chunk in payloads.chunks(batch_size) {
+    for (index, chunk) in payloads.chunks(batch_size.max(1)).enumerate() {
         let mut rows = CopyRows::new();
-        for (offset, (_, payload)) in chunk.iter().enumerate() {
+        for (position, (_, payload)) in chunk.iter().enumerate() {
             let decoded = decoder
                 .decode(payload)
                 .context("decoding a generated event")?;
@@ -274,29 +374,135 @@ async fn measure_ceiling(
                     writer_schema_id: Some(decoded.writer.number()),
                     topic: "bench",
                     partition: 0,
-                    offset: offset as i64,
+                    offset: (index * batch_size + position) as i64,
                     kafka_timestamp: Some(Utc::now()),
                 },
             );
         }
         batches.push(rows);
     }
+    Ok(batches)
+}
+
+/// The same rows in COPY text, as PostgreSQL itself writes them: each batch goes through the
+/// connection's temporary staging table (binary in, text out) in a transaction that leaves
+/// nothing behind (the table is emptied at commit). The sink has no text encoder any more.
+async fn to_copy_text(
+    database: &crate::config::DatabaseConfig,
+    database_url: &str,
+    batches: &[CopyRows],
+) -> anyhow::Result<Vec<Vec<u8>>> {
+    let mut database = database.clone();
+    database.db_max_connections = 1;
+    let pool = store::connect(&database, database_url).await?;
+    let mut conn = pool.acquire().await?;
+    let mut texts = Vec::with_capacity(batches.len());
+    for rows in batches {
+        let mut tx = conn.begin().await?;
+        store::copy_into(
+            &mut tx,
+            "pg_temp.auditflow_staging",
+            rows.bytes_of(0..rows.len()),
+        )
+        .await?;
+        let mut text = Vec::with_capacity(rows.num_bytes() * 2);
+        let mut stream = tx
+            .copy_out_raw(&format!(
+                "COPY pg_temp.auditflow_staging ({}) TO STDOUT",
+                store::COLUMNS
+            ))
+            .await?;
+        while let Some(chunk) = stream.try_next().await? {
+            text.extend_from_slice(&chunk);
+        }
+        drop(stream);
+        tx.commit().await?;
+        let num_lines = text.iter().filter(|&&byte| byte == b'\n').count();
+        anyhow::ensure!(
+            num_lines == rows.len(),
+            "COPY text of a batch has {num_lines} lines for {} rows",
+            rows.len()
+        );
+        texts.push(text);
+    }
+    Ok(texts)
+}
+
+/// COPYs every batch into a fresh copy of the table in `schema`, one transaction per batch, over
+/// `ceiling.streams` connections at once (stream i takes batches i, i + streams, ...).
+async fn measure_ceiling(
+    config: &Config,
+    database_url: &str,
+    schema: &str,
+    ceiling: CeilingConfig,
+    rows: &Arc<CeilingRows>,
+) -> anyhow::Result<f64> {
+    let mut database = config.database.clone();
+    database.db_schema = schema.to_owned();
+    database.db_max_connections = u32::try_from(ceiling.streams).unwrap_or(u32::MAX);
+    let pool = store::connect(&database, database_url).await?;
+    crate::db::migrate(&pool, schema).await?;
     let store = Store::new(
         pool.clone(),
         schema,
-        std::sync::Arc::new(Breaker::new("postgres", BreakerConfig::INGEST)),
+        Arc::new(Breaker::new("postgres", BreakerConfig::INGEST)),
     );
     store
-        .ensure_partitions(batches.iter().flat_map(|rows| rows.days().iter().copied()))
+        .ensure_partitions(
+            rows.binary
+                .iter()
+                .flat_map(|rows| rows.days().iter().copied()),
+        )
         .await?;
     let table = format!("{}.events", quote_ident(schema));
-    let started = Instant::now();
-    for rows in &batches {
-        let mut tx = pool.begin().await?;
-        store::copy_into(&mut tx, &table, rows.bytes_of(0..rows.len())).await?;
-        tx.commit().await?;
+    // Every connection is open before the clock starts.
+    let mut connections = Vec::with_capacity(ceiling.streams);
+    for _ in 0..ceiling.streams {
+        connections.push(pool.acquire().await?);
     }
-    Ok(payloads.len() as f64 / started.elapsed().as_secs_f64())
+    let started = Instant::now();
+    let mut streams = tokio::task::JoinSet::new();
+    for (stream, mut conn) in connections.into_iter().enumerate() {
+        let rows = Arc::clone(rows);
+        let table = table.clone();
+        streams.spawn(async move {
+            let num_batches = rows.binary.len();
+            for batch in (stream..num_batches).step_by(ceiling.streams) {
+                let mut tx = conn.begin().await?;
+                if ceiling.binary {
+                    let binary = &rows.binary[batch];
+                    store::copy_into(&mut tx, &table, binary.bytes_of(0..binary.len())).await?;
+                } else {
+                    copy_text(&mut tx, &table, &rows.text[batch]).await?;
+                }
+                tx.commit().await?;
+            }
+            Ok::<(), sqlx::Error>(())
+        });
+    }
+    while let Some(result) = streams.join_next().await {
+        result.context("a COPY stream panicked")??;
+    }
+    let elapsed = started.elapsed().as_secs_f64();
+    let num_rows: usize = rows.binary.iter().map(CopyRows::len).sum();
+    Ok(num_rows as f64 / elapsed)
+}
+
+async fn copy_text(
+    conn: &mut sqlx::PgConnection,
+    table: &str,
+    text: &[u8],
+) -> Result<u64, sqlx::Error> {
+    let mut copy = conn
+        .copy_in_raw(&format!("COPY {table} ({}) FROM STDIN", store::COLUMNS))
+        .await?;
+    for chunk in text.chunks(1 << 20) {
+        if let Err(err) = copy.send(chunk).await {
+            let _ = copy.abort("send failed").await;
+            return Err(err);
+        }
+    }
+    copy.finish().await
 }
 
 async fn produce_payloads(

@@ -1,7 +1,8 @@
 //! Writes batches of decoded events into the partitioned `events` table.
 //!
-//! A batch is one transaction. Rows travel as PostgreSQL COPY text, encoded while the batch is
-//! being filled ([`CopyRows::push`]), so the store only streams bytes.
+//! A batch is one transaction. Rows travel in PostgreSQL's binary COPY format, encoded straight
+//! from the decoded event while the batch is being filled ([`CopyRows::push`]), so the store only
+//! streams bytes: a header, the slice of the range's tuples, a trailer ([`copy_into`]).
 //!
 //! Deduplication: the primary key `(event_id, occurred_at)` is the identity of an event. The
 //! normal path copies straight into `events` (the fastest way in). If that hits a unique
@@ -21,8 +22,8 @@
 //!
 //! Hash chain: the same transaction first reads the publisher's last link and names the next in
 //! two transaction-local settings, which the `events.publisher_id` and `events.batch_seq`
-//! defaults read (migration 0005), so the COPY encoding does not change; then the `batches` row
-//! carries the link: its predecessor's digest, per day the rows it inserted and a digest over
+//! defaults read (migration 0005), so the rows' encoding does not carry them; then the `batches`
+//! row carries the link: its predecessor's digest, per day the rows it inserted and a digest over
 //! their row digests (computed while the batch was filled, see [`CopyRows::day_digests`]), and
 //! its own digest (see [`crate::chain`]). On the staging path only the rows the INSERT returned
 //! count.
@@ -53,9 +54,11 @@ use crate::config::DatabaseConfig;
 use crate::db::partition::{self, PartitionInterval};
 use crate::db::quote_ident;
 use crate::db::retry::{classify, is_partition_missing, Retry};
+use copy::{BINARY_HEADER, BINARY_TRAILER};
 
-/// Columns in COPY order. The staging table has the same ones.
-const COLUMNS: &str = "event_id, occurred_at, tenant_id, actor_id, actor_type, actor_ip, \
+/// Columns in COPY order, the fields of every [`CopyRows`] tuple. The staging table has the same
+/// ones, with the same types (binary COPY does not convert: a field must be the column's type).
+pub const COLUMNS: &str = "event_id, occurred_at, tenant_id, actor_id, actor_type, actor_ip, \
     actor_user_agent, action, resource_type, resource_id, outcome, reason, trace_id, details, \
     session_id, content_hash, schema_version, writer_schema_id, kafka_topic, kafka_partition, \
     kafka_offset, kafka_timestamp";
@@ -580,17 +583,29 @@ impl Store {
     }
 }
 
-/// Streams COPY text rows into `table` (already quoted) on `conn`; returns the rows copied.
+/// Streams the binary COPY tuples `tuples` (whole rows of [`CopyRows::bytes_of`]) into `table`
+/// (already quoted, with the [`COLUMNS`]) on `conn`; returns the rows copied.
+///
+/// The header and trailer frame the tuples per call, so any sub-range of a batch is a complete
+/// COPY; they and the tuples go as separate CopyData chunks, the tuples straight from the batch's
+/// buffer.
 pub async fn copy_into(
     conn: &mut sqlx::PgConnection,
     table: &str,
-    data: &[u8],
+    tuples: &[u8],
 ) -> Result<u64, sqlx::Error> {
+    // A simple-query COPY statement (the fault-injection proxy in tests/ recognises it as such).
     let mut copy = conn
-        .copy_in_raw(&format!("COPY {table} ({COLUMNS}) FROM STDIN"))
+        .copy_in_raw(&format!(
+            "COPY {table} ({COLUMNS}) FROM STDIN (FORMAT binary)"
+        ))
         .await?;
-    // PgCopyIn buffers; send in chunks so a large batch does not double its memory.
-    for chunk in data.chunks(1 << 20) {
+    // PgCopyIn buffers what it is given; send in chunks so a large batch does not double its
+    // memory.
+    let chunks = std::iter::once(BINARY_HEADER)
+        .chain(tuples.chunks(1 << 20))
+        .chain(std::iter::once(BINARY_TRAILER));
+    for chunk in chunks {
         if let Err(err) = copy.send(chunk).await {
             let _ = copy.abort("send failed").await;
             return Err(err);
