@@ -106,6 +106,13 @@ pub struct DatabaseConfig {
     /// enough; more only add load on Postgres.
     #[serde(default = "default_db_max_connections")]
     pub db_max_connections: u32,
+    /// `AUDITFLOW_STORE_CONCURRENCY`: store streams writing each batch's rows in parallel, each
+    /// its own transaction on its own connection, circuit breaker and hash chain; a Kafka
+    /// partition always goes to the same stream (partition mod streams), so a producer's retries,
+    /// which share a key and so a partition, never race each other. Default 2 (see BENCHMARKS.md);
+    /// 1 writes one transaction at a time. At most 16 and at most AUDITFLOW_DB_MAX_CONNECTIONS.
+    #[serde(default = "default_store_concurrency")]
+    pub store_concurrency: u32,
     /// `AUDITFLOW_DB_ACQUIRE_TIMEOUT_MS`: how long a batch waits for a pooled connection before the
     /// attempt counts as failed and is retried.
     #[serde(default = "default_db_acquire_timeout_ms")]
@@ -709,6 +716,9 @@ fn default_db_schema() -> String {
 fn default_db_max_connections() -> u32 {
     4
 }
+fn default_store_concurrency() -> u32 {
+    2
+}
 fn default_db_acquire_timeout_ms() -> u64 {
     5_000
 }
@@ -867,6 +877,10 @@ impl Config {
                 u64::from(self.database.db_max_connections),
             ),
             (
+                "AUDITFLOW_STORE_CONCURRENCY",
+                u64::from(self.database.store_concurrency),
+            ),
+            (
                 "AUDITFLOW_INVALIDATION_QUEUE",
                 self.redis.invalidation_queue as u64,
             ),
@@ -895,6 +909,18 @@ impl Config {
             return Err(ConfigError(format!(
                 "AUDITFLOW_INVALIDATION_QUEUE_BYTES must be at least 262144 (the largest invalidation message), got {}",
                 self.redis.invalidation_queue_bytes
+            )));
+        }
+        if self.database.store_concurrency > 16 {
+            return Err(ConfigError(format!(
+                "AUDITFLOW_STORE_CONCURRENCY must be at most 16, got {}",
+                self.database.store_concurrency
+            )));
+        }
+        if self.database.store_concurrency > self.database.db_max_connections {
+            return Err(ConfigError(format!(
+                "AUDITFLOW_STORE_CONCURRENCY ({}) must not exceed AUDITFLOW_DB_MAX_CONNECTIONS ({}): each stream writes on a connection of its own",
+                self.database.store_concurrency, self.database.db_max_connections
             )));
         }
         if self.batch.batch_max_events > 1_000_000 {

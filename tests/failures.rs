@@ -188,18 +188,31 @@ async fn one_bad_record_among_five_thousand_costs_a_few_statements() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn database_outage_pauses_consumption_dead_letters_nothing_and_recovers() {
+    database_outage(None).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn database_outage_pauses_consumption_dead_letters_nothing_and_recovers_with_one_store_stream(
+) {
+    database_outage(Some("1")).await;
+}
+
+/// With `concurrency` store streams (the default when `None`).
+async fn database_outage(concurrency: Option<&str>) {
     let env = TestEnv::new(2).await;
     let database = common::database_url();
     let upstream = database_host_port(&database);
     let proxy = TcpProxy::start(&upstream).await;
     let via_proxy = database.replace(&upstream, &format!("127.0.0.1:{}", proxy.port()));
-    let sink = Sink::build(env.config(&[
-        ("AUDITFLOW_DATABASE_URL", &via_proxy),
+    let mut vars = vec![
+        ("AUDITFLOW_DATABASE_URL", via_proxy.as_str()),
         ("AUDITFLOW_DB_ACQUIRE_TIMEOUT_MS", "1000"),
         ("AUDITFLOW_BREAKER_OPEN_MS", "2000"),
-    ]))
-    .await
-    .unwrap();
+    ];
+    if let Some(concurrency) = concurrency {
+        vars.push(("AUDITFLOW_STORE_CONCURRENCY", concurrency));
+    }
+    let sink = Sink::build(env.config(&vars)).await.unwrap();
     let stats = sink.stats();
     let board = sink.board();
     let breaker = Arc::clone(sink.store().breaker());

@@ -254,8 +254,24 @@ async fn ingestion_goes_on_while_redis_is_down() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_sink_killed_mid_stream_loses_nothing_after_restart() {
+    killed_mid_stream(None).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sink_killed_mid_stream_loses_nothing_after_restart_with_one_store_stream() {
+    killed_mid_stream(Some("1")).await;
+}
+
+/// With `concurrency` store streams (the default when `None`).
+async fn killed_mid_stream(concurrency: Option<&str>) {
     let env = TestEnv::new(3).await;
-    let mut sink = env.spawn_sink(&["run"], &[("AUDITFLOW_BATCH_MAX_EVENTS", "200")]);
+    let streams: Vec<(&str, &str)> = concurrency
+        .map(|c| ("AUDITFLOW_STORE_CONCURRENCY", c))
+        .into_iter()
+        .collect();
+    let mut vars = vec![("AUDITFLOW_BATCH_MAX_EVENTS", "200")];
+    vars.extend(streams.iter().copied());
+    let mut sink = env.spawn_sink(&["run"], &vars);
     let producing = env.produce_at(12_000, 0.05, 0.005, 21, Some(4_000.0));
     let watcher = async {
         let rows = env.wait_for_rows(2_000, Duration::from_secs(60)).await;
@@ -272,7 +288,7 @@ async fn a_sink_killed_mid_stream_loses_nothing_after_restart() {
         produced.distinct_valid
     );
 
-    let mut restarted = env.spawn_sink(&["run", "--until-idle", "3"], &[]);
+    let mut restarted = env.spawn_sink(&["run", "--until-idle", "3"], &streams);
     let status = wait_exit(&mut restarted, Duration::from_secs(120)).await;
     assert!(status.success(), "restarted sink exits 0 when idle");
     let mut line = String::new();
@@ -508,6 +524,16 @@ async fn with_the_brokers_down_errors_are_one_line_per_interval_not_dozens_a_sec
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_rebalance_storm_loses_nothing_and_stores_nothing_twice() {
+    rebalance_storm("2").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rebalance_storm_loses_nothing_and_stores_nothing_twice_with_one_store_stream() {
+    rebalance_storm("1").await;
+}
+
+/// Replicas with `concurrency` store streams each.
+async fn rebalance_storm(concurrency: &str) {
     // 48 partitions: the mock cluster keeps about 5 MB per partition.
     let env = TestEnv::new(48).await;
     const EVENTS: u64 = 200_000;
@@ -515,6 +541,7 @@ async fn a_rebalance_storm_loses_nothing_and_stores_nothing_twice() {
         ("AUDITFLOW_LOG_LEVEL", "info"),
         ("AUDITFLOW_BATCH_MAX_EVENTS", "1000"),
         ("AUDITFLOW_PARTITION_MAINTENANCE_INTERVAL_MS", "3600000"),
+        ("AUDITFLOW_STORE_CONCURRENCY", concurrency),
     ];
     let mut replicas = Vec::new();
     let mut logs = Vec::new();
@@ -692,5 +719,91 @@ async fn an_id_reused_with_other_content_is_dead_lettered_as_a_conflict_never_dr
     .unwrap();
     assert_eq!(stored_action, "order.create", "the stored row is kept");
     assert_eq!(env.count_rows().await, 150);
+    env.assert_chain_intact().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_store_streams_meeting_the_same_keys_retry_and_store_each_event_once() {
+    use rdkafka::producer::{FutureProducer, FutureRecord};
+
+    let env = TestEnv::new(2).await;
+    // The same 2,000 events on both partitions, in opposite orders: with two store streams
+    // (partition 0 -> stream 0, partition 1 -> stream 1) the streams' concurrent transactions
+    // meet the same keys; whichever loses (a wait then a skip, a unique violation, or a deadlock:
+    // tests/store.rs forces the deadlock) is deduplicated or retried, never dead-lettered.
+    use auditflow::event::{Actor, ActorType, AuditEvent, Outcome, Resource};
+    let decoder = auditflow::ingest::decode::Decoder::embedded();
+    let at = chrono::Utc::now() - chrono::Duration::minutes(5);
+    let events: Vec<AuditEvent> = (0..2_000u128)
+        .map(|n| AuditEvent {
+            event_id: uuid::Uuid::from_u128(0x5eed_0000_0000 + n),
+            occurred_at: at + chrono::Duration::milliseconds(n as i64),
+            tenant_id: format!("tenant-{}", n % 5),
+            actor: Actor {
+                id: "user-1".into(),
+                actor_type: ActorType::User,
+                ip: None,
+                user_agent: None,
+            },
+            action: "order.create".into(),
+            resource: Resource {
+                resource_type: "order".into(),
+                id: format!("o-{n}"),
+            },
+            outcome: Outcome::Success,
+            reason: None,
+            trace_id: None,
+            details: Some(r#"{"n": 1}"#.into()),
+            session_id: None,
+        })
+        .collect();
+    let producer: FutureProducer = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", env.kafka.brokers())
+        .set("linger.ms", "5")
+        .create()
+        .unwrap();
+    let mut records: Vec<(i32, Vec<u8>)> = Vec::new();
+    for (partition, reversed) in [(0, false), (1, true)] {
+        let ordered: Vec<&AuditEvent> = if reversed {
+            events.iter().rev().collect()
+        } else {
+            events.iter().collect()
+        };
+        for event in ordered {
+            records.push((partition, decoder.encode_confluent(event, 2).unwrap()));
+        }
+    }
+    let deliveries: Vec<_> = records
+        .iter()
+        .map(|(partition, payload)| {
+            producer.send(
+                FutureRecord::<(), _>::to(&env.topic)
+                    .payload(payload)
+                    .partition(*partition),
+                Duration::from_secs(10),
+            )
+        })
+        .collect();
+    for delivery in futures::future::join_all(deliveries).await {
+        delivery.expect("record acknowledged");
+    }
+
+    let summary = run_in_process(
+        &env,
+        &[
+            ("AUDITFLOW_STORE_CONCURRENCY", "2"),
+            ("AUDITFLOW_BATCH_MAX_EVENTS", "5000"),
+            ("AUDITFLOW_BATCH_MAX_BYTES", "16000000"),
+            ("AUDITFLOW_BATCH_MAX_WAIT_MS", "3000"),
+        ],
+    )
+    .await;
+    assert_eq!(summary.consumed, 4_000);
+    assert_eq!(summary.stored, 2_000, "{summary:?}");
+    assert_eq!(summary.duplicates, 2_000, "{summary:?}");
+    assert_eq!(summary.dead_lettered, 0, "{summary:?}");
+    assert_eq!(env.count_rows().await, 2_000);
+    assert_eq!(env.count_distinct_ids().await, 2_000);
+    assert!(env.read_dlq(1, Duration::from_secs(2)).await.is_empty());
     env.assert_chain_intact().await;
 }

@@ -678,3 +678,92 @@ async fn a_schema_version_past_smallint_is_refused_not_stored_as_null() {
     assert_eq!(err.sqlstate().as_deref(), Some("22P03"), "{err}");
     assert_eq!(err.retry(), auditflow::db::retry::Retry::Permanent);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_streams_writing_the_same_keys_at_once_store_them_once_and_never_refuse_a_row() {
+    let db = TestDb::new().await;
+    // A second store stream on the same pool, as AUDITFLOW_STORE_CONCURRENCY makes them.
+    let other = Store::new(
+        db.store.pool().clone(),
+        db.schema.clone(),
+        Arc::new(Breaker::new("postgres", BreakerConfig::INGEST)),
+    );
+    // A clean batch each puts both on the fast path (COPY straight into events).
+    for (store, base) in [(&db.store, 50_000u128), (&other, 60_000u128)] {
+        let warm: Vec<AuditEvent> = (base..base + 10).map(|i| event(i, "warm")).collect();
+        store
+            .write(&common::copy_rows(&warm), 0..warm.len())
+            .await
+            .unwrap();
+    }
+    // The same 2,000 events, one stream ascending, the other descending.
+    let events: Vec<AuditEvent> = (0..2_000).map(|i| event(i, "t")).collect();
+    let backward: Vec<AuditEvent> = events.iter().rev().cloned().collect();
+    let (forward_rows, backward_rows) = (
+        common::copy_rows(&events),
+        common::copy_rows_at(&backward, 2, 0),
+    );
+    // Both COPYs queue behind a lock and start together when it goes, so each meets the keys
+    // the other has inserted and not yet committed.
+    let mut gate = db.store.pool().begin().await.unwrap();
+    sqlx::query(&format!(
+        "LOCK TABLE \"{}\".events IN ACCESS EXCLUSIVE MODE",
+        db.schema
+    ))
+    .execute(&mut *gate)
+    .await
+    .unwrap();
+    let both = async {
+        tokio::join!(
+            write_retrying_transient(&db.store, &forward_rows),
+            write_retrying_transient(&other, &backward_rows)
+        )
+    };
+    let release = async {
+        tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+        gate.commit().await.unwrap();
+    };
+    let (((forward, forward_errors), (backward, backward_errors)), ()) =
+        tokio::join!(both, release);
+    println!(
+        "forward stored {} ({} duplicates, errors {forward_errors:?}); backward stored {} ({} duplicates, errors {backward_errors:?})",
+        forward.stored, forward.duplicates, backward.stored, backward.duplicates
+    );
+    assert_eq!(forward.stored + backward.stored, 2_000, "each event once");
+    assert_eq!(forward.conflicts + backward.conflicts, 0);
+    let met = forward.duplicates + backward.duplicates;
+    assert_eq!(met, 2_000, "every key was met by both streams");
+    for code in forward_errors.iter().chain(&backward_errors) {
+        assert_eq!(code, "40P01", "only a deadlock is retried here");
+    }
+    let count: i64 = sqlx::query_scalar(&format!(
+        "SELECT count(*) FROM \"{}\".events WHERE tenant_id = 't'",
+        db.schema
+    ))
+    .fetch_one(db.store.pool())
+    .await
+    .unwrap();
+    assert_eq!(count, 2_000);
+}
+
+/// The sink's retry loop, reduced to what a test needs: transient errors are retried (their
+/// SQLSTATEs returned), a permanent one fails the test.
+async fn write_retrying_transient(
+    store: &Store,
+    rows: &auditflow::ingest::store::CopyRows,
+) -> (auditflow::ingest::store::WriteOutcome, Vec<String>) {
+    let mut transient = Vec::new();
+    loop {
+        match store.write(rows, 0..rows.len()).await {
+            Ok(outcome) => return (outcome, transient),
+            Err(err) => {
+                assert_eq!(
+                    err.retry(),
+                    auditflow::db::retry::Retry::Transient,
+                    "never refused: {err}"
+                );
+                transient.push(err.sqlstate().unwrap_or_default());
+            }
+        }
+    }
+}

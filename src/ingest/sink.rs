@@ -44,7 +44,7 @@ use super::isolate::isolate;
 use super::notify::{self, Notifier, NotifyConfig};
 use super::offsets::{complete_and_store, Delivery, OffsetTracker};
 use super::stats::{add_elapsed, nanos_to_s, peak_rss_mb, BatchReport, RunSummary, SinkStats};
-use super::store::{self, CommittedBatch, Store, StoreError, WriteOutcome};
+use super::store::{self, CommittedBatch, CopyRows, Store, StoreError, WriteOutcome};
 use crate::breaker::{Breaker, State as BreakerState};
 use crate::config::Config;
 use crate::db::retry::Retry;
@@ -67,7 +67,9 @@ pub struct Sink {
     decoder: Arc<Decoder>,
     /// With `AUDITFLOW_SCHEMA_REGISTRY_URL`: the client and the cache the decoder reads.
     registry: Option<(Arc<SchemaRegistry>, Arc<RegistryCache>)>,
-    store: Arc<Store>,
+    /// The store streams (`AUDITFLOW_STORE_CONCURRENCY`): a Kafka partition's rows always go to
+    /// `stores[partition % len]`.
+    stores: Vec<Arc<Store>>,
     dlq: DlqProducer,
     notifier: Notifier,
     notifier_task: tokio::task::JoinHandle<()>,
@@ -81,7 +83,7 @@ pub struct Sink {
     limits: watch::Sender<BatchLimits>,
     /// When the chain head was last logged (it is logged at the first commit, then at most once
     /// per [`CHAIN_HEAD_LOG_INTERVAL`]).
-    chain_head_logged: Mutex<Option<std::time::Instant>>,
+    chain_head_logged: Mutex<std::collections::HashMap<uuid::Uuid, std::time::Instant>>,
 }
 
 /// Dead letters (class `conflict`) for the rows the store did not insert because their id and
@@ -114,6 +116,32 @@ fn conflict_letters(batch: &Batch, conflicts: &[store::Conflict]) -> Vec<DeadLet
             })
         })
         .collect()
+}
+
+/// The `dependency` label of each store stream's breaker (AUDITFLOW_STORE_CONCURRENCY is at most
+/// 16): stream 0 keeps the name `postgres`.
+const STORE_BREAKER_NAMES: [&str; 16] = [
+    "postgres",
+    "postgres-stream-1",
+    "postgres-stream-2",
+    "postgres-stream-3",
+    "postgres-stream-4",
+    "postgres-stream-5",
+    "postgres-stream-6",
+    "postgres-stream-7",
+    "postgres-stream-8",
+    "postgres-stream-9",
+    "postgres-stream-10",
+    "postgres-stream-11",
+    "postgres-stream-12",
+    "postgres-stream-13",
+    "postgres-stream-14",
+    "postgres-stream-15",
+];
+
+/// The store stream of a Kafka partition.
+fn stream_of(partition: i32, streams: usize) -> usize {
+    usize::try_from(partition).unwrap_or(0) % streams.max(1)
 }
 
 /// How often the sink logs its hash chain's head: a copy outside the database that
@@ -183,17 +211,29 @@ impl Sink {
             Err(err) => return Err(anyhow::Error::new(err).context("migrating the database")),
         }
         let breaker_config = config.breakers.ingest();
-        let store = Store::new(
-            pool,
-            config.database.db_schema.clone(),
-            Arc::new(Breaker::new("postgres", breaker_config)),
-        )
-        .with_partition_interval(config.partitions.partition_interval)
-        .with_instance(config.instance_id());
-        store
-            .register_publisher()
-            .await
-            .context("registering the publisher epoch")?;
+        // One store per stream: its own publisher epoch (and so its own hash chain and
+        // invalidation sequence) and its own breaker; stream 0's breaker keeps the name
+        // `postgres`.
+        let mut stores = Vec::new();
+        for stream in 0..config.database.store_concurrency.max(1) {
+            let name = STORE_BREAKER_NAMES
+                .get(stream as usize)
+                .copied()
+                .unwrap_or("postgres");
+            let store = Store::new(
+                pool.clone(),
+                config.database.db_schema.clone(),
+                Arc::new(Breaker::new(name, breaker_config)),
+            )
+            .with_partition_interval(config.partitions.partition_interval)
+            .with_instance(config.instance_id());
+            store
+                .register_publisher()
+                .await
+                .context("registering the publisher epoch")?;
+            stores.push(Arc::new(store));
+        }
+        let store = Arc::clone(&stores[0]);
         let today = Utc::now().date_naive();
         store
             .ensure_partitions(
@@ -254,7 +294,9 @@ impl Sink {
             },
             notifier_shutdown.clone(),
         );
-        board.register_breaker(Arc::clone(store.breaker()));
+        for store in &stores {
+            board.register_breaker(Arc::clone(store.breaker()));
+        }
         board.register_breaker(Arc::clone(dlq.breaker()));
         board.register_breaker(notifier.breaker());
         board.register_pool(store.pool().clone());
@@ -266,7 +308,7 @@ impl Sink {
             consumer: Arc::new(consumer),
             decoder: Arc::new(decoder),
             registry,
-            store: Arc::new(store),
+            stores,
             dlq,
             notifier,
             notifier_task,
@@ -274,7 +316,7 @@ impl Sink {
             tracker,
             membership,
             stats,
-            chain_head_logged: Mutex::new(None),
+            chain_head_logged: Mutex::new(std::collections::HashMap::new()),
         })
     }
 
@@ -290,7 +332,7 @@ impl Sink {
 
     /// The store (shared with the running sink).
     pub fn store(&self) -> Arc<Store> {
-        Arc::clone(&self.store)
+        Arc::clone(&self.stores[0])
     }
 
     /// The dead-letter producer.
@@ -310,11 +352,8 @@ impl Sink {
 
     /// The handle a live reload uses to retune this sink.
     pub fn tuning(&self) -> SinkTuning {
-        let mut breakers = vec![
-            Arc::clone(self.store.breaker()),
-            Arc::clone(self.dlq.breaker()),
-            self.notifier.breaker(),
-        ];
+        let mut breakers = vec![Arc::clone(self.dlq.breaker()), self.notifier.breaker()];
+        breakers.extend(self.stores.iter().map(|store| Arc::clone(store.breaker())));
         if let Some(registry) = self.schema_registry() {
             breakers.push(Arc::clone(registry.breaker()));
         }
@@ -363,7 +402,7 @@ impl Sink {
         // Why the partitions should be paused: the store has not taken a finished batch for
         // PAUSE_AFTER, or the database breaker is not closed.
         let mut store_stalled = false;
-        let mut breaker_rx = sink.store.breaker().subscribe();
+        let mut breaker_rx = sink.stores[0].breaker().subscribe();
         let mut database_unavailable = false;
         let mut paused_generation: Option<u64> = None;
         let mut last_message = Instant::now();
@@ -411,7 +450,8 @@ impl Sink {
                 }
                 changed = breaker_rx.changed() => {
                     if changed.is_ok() {
-                        database_unavailable = *breaker_rx.borrow_and_update() != BreakerState::Closed;
+                        breaker_rx.borrow_and_update();
+                        database_unavailable = sink.any_store_breaker_open();
                     }
                 }
                 Some(id) = settled_rx.recv() => held.settled(id),
@@ -441,6 +481,8 @@ impl Sink {
                     }
                 }
                 _ = tick.tick() => {
+                    // The other streams' breakers are read here (stream 0's also wakes the loop).
+                    database_unavailable = sink.any_store_breaker_open();
                     // Held messages of revoked partitions go: their new owner reads them again.
                     let revokes = sink.stats.revokes.load(Ordering::Relaxed);
                     if revokes != revokes_seen && !held.is_empty() {
@@ -750,7 +792,7 @@ impl Sink {
                 &batch.invalidation.resources,
             ));
         }
-        if let Some(head) = written.commits.last() {
+        for head in &written.commits {
             self.log_chain_head(head);
         }
         Ok(BatchReport {
@@ -765,12 +807,17 @@ impl Sink {
         })
     }
 
+    /// Logs a stream's chain head at its first commit, then at most once per interval.
     fn log_chain_head(&self, head: &CommittedBatch) {
         let mut logged = self.chain_head_logged.lock();
-        if logged.is_some_and(|at| at.elapsed() < CHAIN_HEAD_LOG_INTERVAL) {
+        let now = std::time::Instant::now();
+        if logged
+            .get(&head.publisher)
+            .is_some_and(|at| now.duration_since(*at) < CHAIN_HEAD_LOG_INTERVAL)
+        {
             return;
         }
-        *logged = Some(std::time::Instant::now());
+        logged.insert(head.publisher, now);
         tracing::info!(
             publisher = %head.publisher,
             batch_seq = head.batch_seq,
@@ -786,15 +833,59 @@ impl Sink {
         batch: &Batch,
         abort: &CancellationToken,
     ) -> Result<(Written, Vec<DeadLetter>), BatchError> {
-        let isolated = isolate(batch.rows.len(), |range| {
-            self.write_retrying(batch, range, abort)
+        if self.stores.len() == 1 {
+            return self
+                .write_stream(&self.stores[0], &batch.rows, &batch.row_sources, abort)
+                .await;
+        }
+        // Each stream its rows (a partition always to the same stream), written concurrently:
+        // one transaction per stream, each on its own connection.
+        let mut indices: Vec<Vec<usize>> = vec![Vec::new(); self.stores.len()];
+        for (row, source) in batch.row_sources.iter().enumerate() {
+            indices[stream_of(source.partition, self.stores.len())].push(row);
+        }
+        let parts: Vec<(usize, CopyRows, Vec<SourceRecord>)> = indices
+            .into_iter()
+            .enumerate()
+            .filter(|(_, rows)| !rows.is_empty())
+            .map(|(stream, rows)| {
+                let sources = rows
+                    .iter()
+                    .map(|&row| batch.row_sources[row].clone())
+                    .collect();
+                (stream, batch.rows.select(&rows), sources)
+            })
+            .collect();
+        let results = futures::future::try_join_all(parts.iter().map(|(stream, rows, sources)| {
+            self.write_stream(&self.stores[*stream], rows, sources, abort)
+        }))
+        .await?;
+        let mut written = Written::default();
+        let mut refused = Vec::new();
+        for (part, part_refused) in results {
+            written += part;
+            refused.extend(part_refused);
+        }
+        Ok((written, refused))
+    }
+
+    /// Writes one stream's rows through its store, isolating refused rows.
+    async fn write_stream(
+        &self,
+        store: &Store,
+        rows: &CopyRows,
+        sources: &[SourceRecord],
+        abort: &CancellationToken,
+    ) -> Result<(Written, Vec<DeadLetter>), BatchError> {
+        let isolated = isolate(rows.len(), |range| {
+            self.write_retrying(store, rows, range, abort)
         })
         .await?;
         let refused = isolated
             .refused
             .into_iter()
             .map(|(row, err)| {
-                let source = batch.row_sources[row].clone();
+                let source = sources[row].clone();
                 let sqlstate = err.sqlstate();
                 let class = match sqlstate.as_deref() {
                     Some(code) if code.starts_with("22") => "data",
@@ -821,7 +912,8 @@ impl Sink {
     /// The inner result is a permanent failure for the caller to isolate.
     async fn write_retrying(
         &self,
-        batch: &Batch,
+        store: &Store,
+        rows: &CopyRows,
         range: std::ops::Range<usize>,
         abort: &CancellationToken,
     ) -> Result<Result<Written, StoreError>, BatchError> {
@@ -831,10 +923,7 @@ impl Sink {
             .with_jitter()
             .without_max_times();
         let attempt = || async {
-            let (outcome, committed) = self
-                .store
-                .write_committed(&batch.rows, range.clone())
-                .await?;
+            let (outcome, committed) = store.write_committed(rows, range.clone()).await?;
             Ok::<_, StoreError>(Written {
                 outcome,
                 commits: committed.into_iter().collect(),
@@ -862,6 +951,13 @@ impl Sink {
             _ = abort.cancelled() => return Err(BatchError::Interrupted),
         };
         Ok(result)
+    }
+
+    /// Whether any store stream's breaker is not closed: then consumption pauses.
+    fn any_store_breaker_open(&self) -> bool {
+        self.stores
+            .iter()
+            .any(|store| store.breaker().state() != BreakerState::Closed)
     }
 
     /// Marks the batch's messages done and stores every offset that became committable.

@@ -201,6 +201,42 @@ impl CopyRows {
         &self.days
     }
 
+    /// The rows at `indices` (ascending), as rows of their own: what one store stream writes of a
+    /// batch. Encoded bytes are copied, not re-encoded.
+    pub fn select(&self, indices: &[usize]) -> CopyRows {
+        let mut selected = CopyRows::new();
+        for &index in indices {
+            let start = if index == 0 {
+                0
+            } else {
+                self.row_ends[index - 1]
+            };
+            selected
+                .data
+                .extend_from_slice(&self.data[start..self.row_ends[index]]);
+            selected.row_ends.push(selected.data.len());
+            let (tenant, occurred_at) = self.row_keys[index];
+            selected.days.insert(occurred_at.date_naive());
+            let name = self
+                .tenants
+                .get(tenant as usize)
+                .cloned()
+                .unwrap_or_default();
+            let tenant = match selected.tenant_index.get(&name) {
+                Some(existing) => *existing,
+                None => {
+                    let new = u32::try_from(selected.tenants.len()).unwrap_or(u32::MAX);
+                    selected.tenant_index.insert(name.clone(), new);
+                    selected.tenants.push(name);
+                    new
+                }
+            };
+            selected.row_keys.push((tenant, occurred_at));
+            selected.links.push(self.links[index]);
+        }
+        selected
+    }
+
     /// The encoded tuples of rows `range`, without the binary COPY header and trailer.
     pub fn bytes_of(&self, range: std::ops::Range<usize>) -> &[u8] {
         if range.is_empty() {
