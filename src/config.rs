@@ -110,7 +110,8 @@ pub struct DatabaseConfig {
     /// its own transaction on its own connection, circuit breaker and hash chain; a Kafka
     /// partition always goes to the same stream (partition mod streams), so a producer's retries,
     /// which share a key and so a partition, never race each other. Default 2 (see BENCHMARKS.md);
-    /// 1 writes one transaction at a time. At most 16 and at most AUDITFLOW_DB_MAX_CONNECTIONS.
+    /// 1 writes one transaction at a time. At most 16; a pool smaller than this
+    /// (AUDITFLOW_DB_MAX_CONNECTIONS) caps it, with a warning.
     #[serde(default = "default_store_concurrency")]
     pub store_concurrency: u32,
     /// `AUDITFLOW_DB_ACQUIRE_TIMEOUT_MS`: how long a batch waits for a pooled connection before the
@@ -915,12 +916,6 @@ impl Config {
             return Err(ConfigError(format!(
                 "AUDITFLOW_STORE_CONCURRENCY must be at most 16, got {}",
                 self.database.store_concurrency
-            )));
-        }
-        if self.database.store_concurrency > self.database.db_max_connections {
-            return Err(ConfigError(format!(
-                "AUDITFLOW_STORE_CONCURRENCY ({}) must not exceed AUDITFLOW_DB_MAX_CONNECTIONS ({}): each stream writes on a connection of its own",
-                self.database.store_concurrency, self.database.db_max_connections
             )));
         }
         if self.batch.batch_max_events > 1_000_000 {

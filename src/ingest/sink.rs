@@ -215,7 +215,19 @@ impl Sink {
         // invalidation sequence) and its own breaker; stream 0's breaker keeps the name
         // `postgres`.
         let mut stores = Vec::new();
-        for stream in 0..config.database.store_concurrency.max(1) {
+        let streams = config
+            .database
+            .store_concurrency
+            .clamp(1, config.database.db_max_connections.max(1));
+        if streams < config.database.store_concurrency {
+            tracing::warn!(
+                streams,
+                store_concurrency = config.database.store_concurrency,
+                db_max_connections = config.database.db_max_connections,
+                "AUDITFLOW_STORE_CONCURRENCY is capped by AUDITFLOW_DB_MAX_CONNECTIONS: each stream needs a connection"
+            );
+        }
+        for stream in 0..streams {
             let name = STORE_BREAKER_NAMES
                 .get(stream as usize)
                 .copied()
