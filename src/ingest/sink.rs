@@ -847,7 +847,7 @@ impl Sink {
     ) -> Result<(Written, Vec<DeadLetter>), BatchError> {
         if self.stores.len() == 1 {
             return self
-                .write_stream(&self.stores[0], &batch.rows, &batch.row_sources, abort)
+                .write_stream(&self.stores[0], &batch.rows, batch, None, abort)
                 .await;
         }
         // Each stream its rows (a partition always to the same stream), written concurrently:
@@ -856,20 +856,14 @@ impl Sink {
         for (row, source) in batch.row_sources.iter().enumerate() {
             indices[stream_of(source.partition, self.stores.len())].push(row);
         }
-        let parts: Vec<(usize, CopyRows, Vec<SourceRecord>)> = indices
+        let parts: Vec<(usize, CopyRows, Vec<usize>)> = indices
             .into_iter()
             .enumerate()
             .filter(|(_, rows)| !rows.is_empty())
-            .map(|(stream, rows)| {
-                let sources = rows
-                    .iter()
-                    .map(|&row| batch.row_sources[row].clone())
-                    .collect();
-                (stream, batch.rows.select(&rows), sources)
-            })
+            .map(|(stream, rows)| (stream, batch.rows.select(&rows), rows))
             .collect();
-        let results = futures::future::try_join_all(parts.iter().map(|(stream, rows, sources)| {
-            self.write_stream(&self.stores[*stream], rows, sources, abort)
+        let results = futures::future::try_join_all(parts.iter().map(|(stream, rows, indices)| {
+            self.write_stream(&self.stores[*stream], rows, batch, Some(indices), abort)
         }))
         .await?;
         let mut written = Written::default();
@@ -881,12 +875,14 @@ impl Sink {
         Ok((written, refused))
     }
 
-    /// Writes one stream's rows through its store, isolating refused rows.
+    /// Writes one stream's rows through its store, isolating refused rows. `indices` maps the
+    /// stream's rows to the batch's (`None`: the stream has the whole batch).
     async fn write_stream(
         &self,
         store: &Store,
         rows: &CopyRows,
-        sources: &[SourceRecord],
+        batch: &Batch,
+        indices: Option<&[usize]>,
         abort: &CancellationToken,
     ) -> Result<(Written, Vec<DeadLetter>), BatchError> {
         let isolated = isolate(rows.len(), |range| {
@@ -897,7 +893,7 @@ impl Sink {
             .refused
             .into_iter()
             .map(|(row, err)| {
-                let source = sources[row].clone();
+                let source = batch.row_sources[indices.map_or(row, |indices| indices[row])].clone();
                 let sqlstate = err.sqlstate();
                 let class = match sqlstate.as_deref() {
                     Some(code) if code.starts_with("22") => "data",
