@@ -1398,29 +1398,11 @@ impl OwnRole {
 impl Drop for OwnRole {
     fn drop(&mut self) {
         common::drop_schema_blocking(&self.schema);
-        let role = self.role.clone();
-        let url = common::database_url();
-        let _ = std::thread::spawn(move || {
-            let runtime = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .expect("runtime");
-            runtime.block_on(async {
-                if let Ok(pool) = sqlx::postgres::PgPoolOptions::new()
-                    .max_connections(1)
-                    .connect(&url)
-                    .await
-                {
-                    let _ = sqlx::raw_sql(&format!(
-                        "DROP OWNED BY {role} CASCADE; REVOKE CREATE ON DATABASE test FROM {role}; \
-                         DROP ROLE IF EXISTS {role}"
-                    ))
-                    .execute(&pool)
-                    .await;
-                }
-            });
-        })
-        .join();
+        let role = &self.role;
+        common::run_sql_blocking(&format!(
+            "DROP OWNED BY {role} CASCADE; REVOKE CREATE ON DATABASE test FROM {role}; \
+             DROP ROLE IF EXISTS {role}"
+        ));
     }
 }
 

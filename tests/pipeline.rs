@@ -4,6 +4,7 @@ mod common;
 
 use std::time::Duration;
 
+use auditflow::event::{Actor, ActorType, AuditEvent, Outcome, Resource};
 use auditflow::ingest::dlq::header as dlq_header;
 use auditflow::Sink;
 use common::{header, http_get, signal, wait_exit, TestEnv};
@@ -11,6 +12,31 @@ use rdkafka::message::{Headers, Message};
 use tokio_util::sync::CancellationToken;
 
 const IDLE: Duration = Duration::from_secs(2);
+
+/// Event `id`: `order.create` on order `o-<n>` of `tenant-1` by `user-1`, `n` ms after `at`.
+fn order_event(id: u128, n: u128, at: chrono::DateTime<chrono::Utc>) -> AuditEvent {
+    AuditEvent {
+        event_id: uuid::Uuid::from_u128(id),
+        occurred_at: at + chrono::Duration::milliseconds(n as i64),
+        tenant_id: "tenant-1".into(),
+        actor: Actor {
+            id: "user-1".into(),
+            actor_type: ActorType::User,
+            ip: None,
+            user_agent: None,
+        },
+        action: "order.create".into(),
+        resource: Resource {
+            resource_type: "order".into(),
+            id: format!("o-{n}"),
+        },
+        outcome: Outcome::Success,
+        reason: None,
+        trace_id: None,
+        details: None,
+        session_id: None,
+    }
+}
 
 async fn run_in_process(env: &TestEnv, overrides: &[(&str, &str)]) -> auditflow::RunSummary {
     let sink = Sink::build(env.config(overrides))
@@ -657,32 +683,14 @@ async fn rebalance_storm(concurrency: &str) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_id_reused_with_other_content_is_dead_lettered_as_a_conflict_never_dropped() {
-    use auditflow::event::{Actor, ActorType, AuditEvent, Outcome, Resource};
     use auditflow::ingest::decode::Decoder;
 
     let env = TestEnv::new(1).await;
     let decoder = Decoder::embedded();
     let at = chrono::Utc::now() - chrono::Duration::minutes(5);
     let event = |n: u128, action: &str| AuditEvent {
-        event_id: uuid::Uuid::from_u128(0xc0ff_ee00_0000 + n),
-        occurred_at: at + chrono::Duration::milliseconds(n as i64),
-        tenant_id: "tenant-1".into(),
-        actor: Actor {
-            id: "user-1".into(),
-            actor_type: ActorType::User,
-            ip: None,
-            user_agent: None,
-        },
         action: action.into(),
-        resource: Resource {
-            resource_type: "order".into(),
-            id: format!("o-{n}"),
-        },
-        outcome: Outcome::Success,
-        reason: None,
-        trace_id: None,
-        details: None,
-        session_id: None,
+        ..order_event(0xc0ff_ee00_0000 + n, n, at)
     };
     let record = |event: &AuditEvent| {
         (
@@ -752,30 +760,13 @@ async fn two_store_streams_meeting_the_same_keys_retry_and_store_each_event_once
     // (partition 0 -> stream 0, partition 1 -> stream 1) the streams' concurrent transactions
     // meet the same keys; whichever loses (a wait then a skip, a unique violation, or a deadlock:
     // tests/store.rs forces the deadlock) is deduplicated or retried, never dead-lettered.
-    use auditflow::event::{Actor, ActorType, AuditEvent, Outcome, Resource};
     let decoder = auditflow::ingest::decode::Decoder::embedded();
     let at = chrono::Utc::now() - chrono::Duration::minutes(5);
     let events: Vec<AuditEvent> = (0..2_000u128)
         .map(|n| AuditEvent {
-            event_id: uuid::Uuid::from_u128(0x5eed_0000_0000 + n),
-            occurred_at: at + chrono::Duration::milliseconds(n as i64),
             tenant_id: format!("tenant-{}", n % 5),
-            actor: Actor {
-                id: "user-1".into(),
-                actor_type: ActorType::User,
-                ip: None,
-                user_agent: None,
-            },
-            action: "order.create".into(),
-            resource: Resource {
-                resource_type: "order".into(),
-                id: format!("o-{n}"),
-            },
-            outcome: Outcome::Success,
-            reason: None,
-            trace_id: None,
             details: Some(r#"{"n": 1}"#.into()),
-            session_id: None,
+            ..order_event(0x5eed_0000_0000 + n, n, at)
         })
         .collect();
     let producer: FutureProducer = rdkafka::ClientConfig::new()

@@ -3,7 +3,12 @@
 //! topics, a consumer group and a Redis channel of the test's own, all with random suffixes.
 #![allow(dead_code)]
 
+pub mod db;
 pub mod registry;
+
+// Not every test crate uses each of them.
+#[allow(unused_imports)]
+pub use db::{database_url, drop_schema_blocking, redis_url, run_sql_blocking};
 
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
@@ -20,17 +25,6 @@ use rdkafka::producer::DefaultProducerContext;
 use rdkafka::{ClientConfig, Message};
 use sqlx::postgres::PgPoolOptions;
 use sqlx::PgPool;
-
-/// Where Postgres is; `AUDITFLOW_TEST_DATABASE_URL` overrides.
-pub fn database_url() -> String {
-    std::env::var("AUDITFLOW_TEST_DATABASE_URL")
-        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".into())
-}
-
-/// Where Redis is; `AUDITFLOW_TEST_REDIS_URL` overrides.
-pub fn redis_url() -> String {
-    std::env::var("AUDITFLOW_TEST_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into())
-}
 
 /// A random lowercase suffix.
 pub fn suffix() -> String {
@@ -474,35 +468,6 @@ pub fn copy_rows_at(
         );
     }
     rows
-}
-
-/// Drops a test's schema from a `Drop` impl: on a thread of its own, since the test's runtime may
-/// be shutting down.
-pub fn drop_schema_blocking(schema: &str) {
-    run_sql_blocking(&format!("DROP SCHEMA IF EXISTS \"{schema}\" CASCADE"));
-}
-
-/// Runs `sql` (one or more statements, errors ignored) as the test database's superuser, on a
-/// thread and runtime of its own: for `Drop` impls, which may run while the test's runtime is
-/// shutting down.
-pub fn run_sql_blocking(sql: &str) {
-    let sql = sql.to_owned();
-    let _ = std::thread::spawn(move || {
-        let runtime = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .expect("runtime");
-        runtime.block_on(async {
-            if let Ok(pool) = PgPoolOptions::new()
-                .max_connections(1)
-                .connect(&database_url())
-                .await
-            {
-                let _ = sqlx::raw_sql(&sql).execute(&pool).await;
-            }
-        });
-    })
-    .join();
 }
 
 /// An `auditflow` child process that is killed when dropped, so a failing test leaves no sink

@@ -21,14 +21,11 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
-pub fn database_url() -> String {
-    std::env::var("AUDITFLOW_TEST_DATABASE_URL")
-        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".into())
-}
+#[path = "../common/db.rs"]
+mod db;
 
-pub fn redis_url() -> String {
-    std::env::var("AUDITFLOW_TEST_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into())
-}
+#[allow(unused_imports)]
+pub use db::{database_url, redis_url};
 
 pub fn suffix() -> String {
     Uuid::new_v4().simple().to_string()[..12].to_owned()
@@ -231,25 +228,7 @@ impl ServeEnv {
 impl Drop for ServeEnv {
     fn drop(&mut self) {
         self.notifier_shutdown.cancel();
-        let schema = self.schema.clone();
-        let _ = std::thread::spawn(move || {
-            let runtime = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .expect("runtime");
-            runtime.block_on(async {
-                if let Ok(pool) = sqlx::postgres::PgPoolOptions::new()
-                    .max_connections(1)
-                    .connect(&database_url())
-                    .await
-                {
-                    let _ = sqlx::query(&format!("DROP SCHEMA IF EXISTS \"{schema}\" CASCADE"))
-                        .execute(&pool)
-                        .await;
-                }
-            });
-        })
-        .join();
+        db::drop_schema_blocking(&self.schema);
     }
 }
 
