@@ -4,19 +4,17 @@
 //! run, `/status`, `/status.json`, `/metrics`, and the dead-letter topic's records and headers.
 
 mod common;
-#[path = "common/servers.rs"]
-mod servers;
 
 use std::time::Duration;
 
+use common::servers::{PgCluster, RedisTls, TestCa};
 use common::{http_get, signal, wait_exit, TestEnv};
 use rdkafka::message::{Headers, Message};
-use servers::{PgCluster, RedisTls, TestCa};
 
 /// Each planted secret, recognisable wherever it lands.
-const DB_PASSWORD: &str = servers::PASSWORD;
+const DB_PASSWORD: &str = common::servers::PASSWORD;
 const WRONG_DB_PASSWORD: &str = "db-Wr0ng-pl4nted-61f3";
-const REDIS_PASSWORD: &str = servers::PASSWORD;
+const REDIS_PASSWORD: &str = common::servers::PASSWORD;
 const WRONG_REDIS_PASSWORD: &str = "redis-Wr0ng-pl4nted-7a2c";
 const SASL_PASSWORD: &str = "sasl-Pl4nted-5b4a9e";
 const REGISTRY_PASSWORD: &str = "registry-Pl4nted-3c2d";

@@ -3,14 +3,12 @@
 //! with a message that says so.
 
 mod common;
-#[path = "common/servers.rs"]
-mod servers;
 
 use std::time::Duration;
 
 use auditflow::breaker::BreakerConfig;
 use auditflow::ingest::notify::{self, Invalidation, NotifyConfig};
-use servers::{PgCluster, RedisTls, TestCa, PASSWORD};
+use common::servers::{PgCluster, RedisTls, TestCa, PASSWORD};
 use tokio_util::sync::CancellationToken;
 
 fn start_cluster(ca: &TestCa) -> Option<PgCluster> {

@@ -5,6 +5,7 @@
 
 pub mod db;
 pub mod registry;
+pub mod servers;
 
 // Not every test crate uses each of them.
 #[allow(unused_imports)]

@@ -170,53 +170,6 @@ impl Registrar {
     }
 }
 
-/// A self-signed certificate for `127.0.0.1` and its key, both PEM: the CA a test trusts and
-/// the certificate a TLS registry serves.
-pub fn self_signed_certificate() -> (Vec<u8>, Vec<u8>) {
-    use openssl::asn1::Asn1Time;
-    use openssl::bn::BigNum;
-    use openssl::hash::MessageDigest;
-    use openssl::pkey::PKey;
-    use openssl::rsa::Rsa;
-    use openssl::x509::extension::{BasicConstraints, SubjectAlternativeName};
-    use openssl::x509::{X509NameBuilder, X509};
-    let key = PKey::from_rsa(Rsa::generate(2048).unwrap()).unwrap();
-    let mut name = X509NameBuilder::new().unwrap();
-    name.append_entry_by_text("CN", "auditflow test registry")
-        .unwrap();
-    let name = name.build();
-    let mut builder = X509::builder().unwrap();
-    builder.set_version(2).unwrap();
-    builder
-        .set_serial_number(
-            &BigNum::from_u32(rand::random::<u32>() >> 1)
-                .unwrap()
-                .to_asn1_integer()
-                .unwrap(),
-        )
-        .unwrap();
-    builder.set_subject_name(&name).unwrap();
-    builder.set_issuer_name(&name).unwrap();
-    builder.set_pubkey(&key).unwrap();
-    builder
-        .set_not_before(&Asn1Time::days_from_now(0).unwrap())
-        .unwrap();
-    builder
-        .set_not_after(&Asn1Time::days_from_now(2).unwrap())
-        .unwrap();
-    builder
-        .append_extension(BasicConstraints::new().critical().ca().build().unwrap())
-        .unwrap();
-    let san = SubjectAlternativeName::new()
-        .ip("127.0.0.1")
-        .build(&builder.x509v3_context(None, None))
-        .unwrap();
-    builder.append_extension(san).unwrap();
-    builder.sign(&key, MessageDigest::sha256()).unwrap();
-    let certificate = builder.build().to_pem().unwrap();
-    (certificate, key.private_key_to_pem_pkcs8().unwrap())
-}
-
 /// A TCP proxy in front of a registry that records the HTTP request lines it forwards
 /// (`GET /schemas/ids/7 HTTP/1.1`), so a test counts what auditflow asked.
 pub struct CountingProxy {
@@ -343,8 +296,8 @@ impl OwnedRegistry {
         Self::start_with(test, false).await
     }
 
-    /// Like [`OwnedRegistry::start`], serving https with a self-signed certificate for
-    /// 127.0.0.1 ([`OwnedRegistry::ca_pem`]).
+    /// Like [`OwnedRegistry::start`], serving https with a certificate for localhost and
+    /// 127.0.0.1 signed by a CA of the test's own ([`OwnedRegistry::ca_pem`]).
     pub async fn start_tls(test: &str) -> Option<Self> {
         Self::start_with(test, true).await
     }
@@ -393,15 +346,14 @@ impl OwnedRegistry {
         });
         let mut tls_ca = None;
         if tls {
-            let (certificate, key) = self_signed_certificate();
-            let (cert_path, key_path) =
-                (dir.path().join("server.pem"), dir.path().join("server.key"));
-            std::fs::write(&cert_path, &certificate).expect("write certificate");
-            std::fs::write(&key_path, &key).expect("write key");
+            // A CA of the test's own signs the registry's certificate (localhost, 127.0.0.1);
+            // clients are given the CA.
+            let ca = super::servers::TestCa::new("auditflow test registry ca");
+            let (cert_path, key_path) = ca.issue(dir.path());
             config["server_tls_certfile"] = cert_path.display().to_string().into();
             config["server_tls_keyfile"] = key_path.display().to_string().into();
             config["advertised_protocol"] = "https".into();
-            tls_ca = Some(certificate);
+            tls_ca = Some(std::fs::read(&ca.cert_file).expect("read the CA certificate"));
         }
         std::fs::write(&config_path, config.to_string()).expect("write karapace config");
         let mut registry = OwnedRegistry {
