@@ -12,6 +12,9 @@
 //! The parser is a small one of its own because the values must stay exact (serde_json parses
 //! numbers into doubles, and `47e23` and `4700000000000000000000000` into different ones).
 
+use std::borrow::Cow;
+use std::io::Write as _;
+
 /// Why a text could not be canonicalised.
 #[derive(Debug, thiserror::Error)]
 #[error("details is not JSON at byte {at}: {what}")]
@@ -26,6 +29,7 @@ const MAX_DEPTH: usize = 256;
 /// The canonical bytes of the JSON value in `text`.
 pub fn canonical_json(text: &str) -> Result<Vec<u8>, CanonicalJsonError> {
     let mut parser = Parser {
+        text,
         bytes: text.as_bytes(),
         at: 0,
     };
@@ -39,22 +43,31 @@ pub fn canonical_json(text: &str) -> Result<Vec<u8>, CanonicalJsonError> {
     Ok(out)
 }
 
-enum Value {
+/// A parsed value; strings without escapes borrow from the text (the common case, and the one
+/// that keeps this off the allocator on the sink's hot path).
+enum Value<'a> {
     Literal(&'static [u8]),
-    /// Already canonical.
-    Number(String),
-    String(String),
-    Array(Vec<Value>),
+    /// A non-zero number: `-`? `integer` `fraction` `e` `scale`, its digits already stripped of
+    /// leading and trailing zeros (so written as they are, it is canonical).
+    Number {
+        negative: bool,
+        integer: &'a [u8],
+        fraction: &'a [u8],
+        scale: i64,
+    },
+    String(Cow<'a, str>),
+    Array(Vec<Value<'a>>),
     /// Sorted by key, repeated keys removed (the last kept).
-    Object(Vec<(String, Value)>),
+    Object(Vec<(Cow<'a, str>, Value<'a>)>),
 }
 
 struct Parser<'a> {
+    text: &'a str,
     bytes: &'a [u8],
     at: usize,
 }
 
-impl Parser<'_> {
+impl<'a> Parser<'a> {
     fn error(&self, what: &'static str) -> CanonicalJsonError {
         CanonicalJsonError { at: self.at, what }
     }
@@ -74,7 +87,7 @@ impl Parser<'_> {
         }
     }
 
-    fn value(&mut self, depth: usize) -> Result<Value, CanonicalJsonError> {
+    fn value(&mut self, depth: usize) -> Result<Value<'a>, CanonicalJsonError> {
         if depth > MAX_DEPTH {
             return Err(self.error("nested too deeply"));
         }
@@ -107,7 +120,7 @@ impl Parser<'_> {
             }
             Some(b'{') => {
                 self.at += 1;
-                let mut entries: Vec<(String, Value)> = Vec::new();
+                let mut entries: Vec<(Cow<'a, str>, Value<'a>)> = Vec::new();
                 self.whitespace();
                 if self.bytes.get(self.at) == Some(&b'}') {
                     self.at += 1;
@@ -133,47 +146,49 @@ impl Parser<'_> {
                             self.at += 1;
                             // Stable sort keeps repeats in text order; the last one stays.
                             entries.sort_by(|a, b| a.0.as_bytes().cmp(b.0.as_bytes()));
-                            let mut unique: Vec<(String, Value)> =
-                                Vec::with_capacity(entries.len());
-                            for entry in entries {
-                                match unique.last_mut() {
-                                    Some(last) if last.0 == entry.0 => *last = entry,
-                                    _ => unique.push(entry),
+                            entries.dedup_by(|later, earlier| {
+                                if later.0 == earlier.0 {
+                                    std::mem::swap(later, earlier);
+                                    true
+                                } else {
+                                    false
                                 }
-                            }
-                            return Ok(Value::Object(unique));
+                            });
+                            return Ok(Value::Object(entries));
                         }
                         _ => return Err(self.error("expected , or }")),
                     }
                 }
             }
-            Some(b'-' | b'0'..=b'9') => self.number().map(Value::Number),
+            Some(b'-' | b'0'..=b'9') => self.number(),
             _ => Err(self.error("expected a value")),
         }
     }
 
-    fn digits(&mut self) -> &[u8] {
+    fn digits(&mut self) -> &'a [u8] {
+        let bytes = self.bytes;
         let start = self.at;
-        while matches!(self.bytes.get(self.at), Some(b'0'..=b'9')) {
+        while matches!(bytes.get(self.at), Some(b'0'..=b'9')) {
             self.at += 1;
         }
-        &self.bytes[start..self.at]
+        &bytes[start..self.at]
     }
 
-    /// Reads a number and writes its exact value canonically.
-    fn number(&mut self) -> Result<String, CanonicalJsonError> {
+    /// Reads a number as its exact value: the significand's digits without leading or trailing
+    /// zeros, and the power of ten they are scaled by.
+    fn number(&mut self) -> Result<Value<'a>, CanonicalJsonError> {
         let negative = self.bytes.get(self.at) == Some(&b'-');
         if negative {
             self.at += 1;
         }
-        let integer = self.digits().to_vec();
+        let mut integer = self.digits();
         if integer.is_empty() || (integer.len() > 1 && integer[0] == b'0') {
             return Err(self.error("bad number"));
         }
-        let mut fraction = Vec::new();
+        let mut fraction: &[u8] = &[];
         if self.bytes.get(self.at) == Some(&b'.') {
             self.at += 1;
-            fraction = self.digits().to_vec();
+            fraction = self.digits();
             if fraction.is_empty() {
                 return Err(self.error("bad number"));
             }
@@ -200,34 +215,34 @@ impl Parser<'_> {
             if digits.len() > 9 {
                 return Err(self.error("exponent out of range"));
             }
-            let value: i64 = std::str::from_utf8(digits)
-                .ok()
-                .and_then(|digits| digits.parse().ok())
-                .ok_or_else(|| self.error("bad exponent"))?;
+            let value = digits
+                .iter()
+                .fold(0i64, |value, digit| value * 10 + i64::from(digit - b'0'));
             exponent = sign * value;
         }
-        let mut significand: Vec<u8> = integer
-            .into_iter()
-            .chain(fraction.iter().copied())
-            .collect();
+        // The significand is `integer` followed by `fraction`, scaled by 10^scale.
         let mut scale = exponent - fraction.len() as i64;
-        let leading = significand
-            .iter()
-            .take_while(|digit| **digit == b'0')
-            .count();
-        significand.drain(..leading);
-        if significand.is_empty() {
-            return Ok("0".to_owned());
+        integer = trim_start_zeros(integer);
+        if integer.is_empty() {
+            fraction = trim_start_zeros(fraction);
         }
-        while significand.last() == Some(&b'0') {
-            significand.pop();
-            scale += 1;
+        if integer.is_empty() && fraction.is_empty() {
+            return Ok(Value::Literal(b"0"));
         }
-        let digits = String::from_utf8(significand).map_err(|_| self.error("bad number"))?;
-        Ok(format!(
-            "{}{digits}e{scale}",
-            if negative { "-" } else { "" }
-        ))
+        let kept = trim_end_zeros(fraction);
+        scale += (fraction.len() - kept.len()) as i64;
+        fraction = kept;
+        if fraction.is_empty() {
+            let kept = trim_end_zeros(integer);
+            scale += (integer.len() - kept.len()) as i64;
+            integer = kept;
+        }
+        Ok(Value::Number {
+            negative,
+            integer,
+            fraction,
+            scale,
+        })
     }
 
     fn hex4(&mut self) -> Result<u32, CanonicalJsonError> {
@@ -241,9 +256,10 @@ impl Parser<'_> {
         Ok(hex)
     }
 
-    fn string(&mut self) -> Result<String, CanonicalJsonError> {
+    /// Reads a string; one without escapes is borrowed from the text.
+    fn string(&mut self) -> Result<Cow<'a, str>, CanonicalJsonError> {
         self.at += 1;
-        let mut out = String::new();
+        let mut out: Option<String> = None;
         loop {
             let start = self.at;
             while let Some(&byte) = self.bytes.get(self.at) {
@@ -252,31 +268,40 @@ impl Parser<'_> {
                 }
                 self.at += 1;
             }
-            out.push_str(
-                std::str::from_utf8(&self.bytes[start..self.at])
-                    .map_err(|_| self.error("not UTF-8"))?,
-            );
+            // The run ends at an ASCII byte or at the end, so it is whole characters.
+            let run = self
+                .text
+                .get(start..self.at)
+                .ok_or_else(|| self.error("not UTF-8"))?;
             match self.bytes.get(self.at) {
                 Some(b'"') => {
                     self.at += 1;
-                    return Ok(out);
+                    return Ok(match out {
+                        None => Cow::Borrowed(run),
+                        Some(mut out) => {
+                            out.push_str(run);
+                            Cow::Owned(out)
+                        }
+                    });
                 }
                 Some(b'\\') => {
+                    let out = out.get_or_insert_with(String::new);
+                    out.push_str(run);
                     self.at += 1;
                     let escape = *self
                         .bytes
                         .get(self.at)
                         .ok_or_else(|| self.error("bad escape"))?;
                     self.at += 1;
-                    match escape {
-                        b'"' => out.push('"'),
-                        b'\\' => out.push('\\'),
-                        b'/' => out.push('/'),
-                        b'b' => out.push('\u{8}'),
-                        b'f' => out.push('\u{c}'),
-                        b'n' => out.push('\n'),
-                        b'r' => out.push('\r'),
-                        b't' => out.push('\t'),
+                    let character = match escape {
+                        b'"' => '"',
+                        b'\\' => '\\',
+                        b'/' => '/',
+                        b'b' => '\u{8}',
+                        b'f' => '\u{c}',
+                        b'n' => '\n',
+                        b'r' => '\r',
+                        b't' => '\t',
                         b'u' => {
                             let first = self.hex4()?;
                             let code = if (0xD800..0xDC00).contains(&first) {
@@ -292,12 +317,11 @@ impl Parser<'_> {
                             } else {
                                 first
                             };
-                            out.push(
-                                char::from_u32(code).ok_or_else(|| self.error("lone surrogate"))?,
-                            );
+                            char::from_u32(code).ok_or_else(|| self.error("lone surrogate"))?
                         }
                         _ => return Err(self.error("bad escape")),
-                    }
+                    };
+                    out.push(character);
                 }
                 _ => return Err(self.error("unterminated string")),
             }
@@ -305,10 +329,37 @@ impl Parser<'_> {
     }
 }
 
-fn write(value: &Value, out: &mut Vec<u8>) {
+fn trim_start_zeros(digits: &[u8]) -> &[u8] {
+    let zeros = digits.iter().take_while(|digit| **digit == b'0').count();
+    &digits[zeros..]
+}
+
+fn trim_end_zeros(digits: &[u8]) -> &[u8] {
+    let zeros = digits
+        .iter()
+        .rev()
+        .take_while(|digit| **digit == b'0')
+        .count();
+    &digits[..digits.len() - zeros]
+}
+
+fn write(value: &Value<'_>, out: &mut Vec<u8>) {
     match value {
         Value::Literal(literal) => out.extend_from_slice(literal),
-        Value::Number(number) => out.extend_from_slice(number.as_bytes()),
+        Value::Number {
+            negative,
+            integer,
+            fraction,
+            scale,
+        } => {
+            if *negative {
+                out.push(b'-');
+            }
+            out.extend_from_slice(integer);
+            out.extend_from_slice(fraction);
+            // Writing into a Vec cannot fail.
+            let _ = write!(out, "e{scale}");
+        }
         Value::String(text) => write_string(text, out),
         Value::Array(items) => {
             out.push(b'[');
@@ -335,21 +386,34 @@ fn write(value: &Value, out: &mut Vec<u8>) {
     }
 }
 
+/// Writes `text` quoted, escaping only `"`, `\` and the control characters (as `\u00xx`);
+/// everything else is copied as it is, run by run.
 fn write_string(text: &str, out: &mut Vec<u8>) {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    let bytes = text.as_bytes();
+    out.reserve(bytes.len() + 2);
     out.push(b'"');
-    for character in text.chars() {
-        match character {
-            '"' => out.extend_from_slice(b"\\\""),
-            '\\' => out.extend_from_slice(b"\\\\"),
-            c if (c as u32) < 0x20 => {
-                out.extend_from_slice(format!("\\u{:04x}", c as u32).as_bytes());
-            }
-            c => {
-                let mut buffer = [0u8; 4];
-                out.extend_from_slice(c.encode_utf8(&mut buffer).as_bytes());
-            }
+    let mut start = 0;
+    for (index, &byte) in bytes.iter().enumerate() {
+        if byte != b'"' && byte != b'\\' && byte >= 0x20 {
+            continue;
         }
+        out.extend_from_slice(&bytes[start..index]);
+        match byte {
+            b'"' => out.extend_from_slice(b"\\\""),
+            b'\\' => out.extend_from_slice(b"\\\\"),
+            control => out.extend_from_slice(&[
+                b'\\',
+                b'u',
+                b'0',
+                b'0',
+                HEX[usize::from(control >> 4)],
+                HEX[usize::from(control & 0xf)],
+            ]),
+        }
+        start = index + 1;
     }
+    out.extend_from_slice(&bytes[start..]);
     out.push(b'"');
 }
 
