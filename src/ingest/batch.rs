@@ -103,6 +103,19 @@ impl Batch {
         }
     }
 
+    /// Creates the empty batch `seq` that follows this one, its buffers sized like this one's:
+    /// consecutive batches of a steady stream are alike.
+    pub fn successor(&self, seq: u64) -> Self {
+        Batch {
+            rows: self.rows.sized_like(),
+            row_sources: Vec::with_capacity(self.row_sources.len()),
+            deliveries: Vec::with_capacity(self.deliveries.len()),
+            kafka_timestamps_ms: Vec::with_capacity(self.kafka_timestamps_ms.len()),
+            seen: HashMap::with_capacity(self.seen.len()),
+            ..Batch::new(seq)
+        }
+    }
+
     fn touch(&mut self, delivery: Delivery, num_bytes: usize) {
         self.opened_at.get_or_insert_with(Instant::now);
         self.deliveries.push(delivery);
@@ -289,6 +302,24 @@ mod tests {
         }
         assert!(batch.is_full(&limits()));
         assert_eq!(batch.rows.len(), 3);
+    }
+
+    #[test]
+    fn a_successor_is_empty_and_sized_like_its_predecessor() {
+        let mut batch = Batch::new(1);
+        for i in 0..3 {
+            batch.add_event(
+                delivery(i),
+                &decoded(i as u128, "t"),
+                [0; 16],
+                source(i, 10),
+            );
+        }
+        let next = batch.successor(2);
+        assert_eq!(next.seq, 2);
+        assert!(next.is_empty() && next.rows.is_empty() && next.row_sources.is_empty());
+        assert!(next.deadline(&limits()).is_none());
+        assert!(next.deliveries.capacity() >= 3 && next.row_sources.capacity() >= 3);
     }
 
     #[test]

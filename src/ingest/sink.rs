@@ -472,7 +472,8 @@ impl Sink {
                 }
                 _ = sleep_until_opt(deadline), if ready.is_none() && deadline.is_some() => {
                     seq += 1;
-                    ready = Some(std::mem::replace(&mut open, Batch::new(seq)));
+                    let next = open.successor(seq);
+                    ready = Some(std::mem::replace(&mut open, next));
                     waiting_since = Some(Instant::now());
                 }
                 // While paused, keep polling: it serves rebalances and heartbeats, and whatever
@@ -532,7 +533,8 @@ impl Sink {
             // A full batch goes out as soon as the slot is free, whichever branch freed it.
             if ready.is_none() && open.is_full(&limits) {
                 seq += 1;
-                ready = Some(std::mem::replace(&mut open, Batch::new(seq)));
+                let next = open.successor(seq);
+                ready = Some(std::mem::replace(&mut open, next));
                 waiting_since = Some(Instant::now());
             }
             let holding_full = held.is_full();
