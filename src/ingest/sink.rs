@@ -43,7 +43,9 @@ use super::hold::{Held, Refused, Waiting};
 use super::isolate::isolate;
 use super::notify::{self, Notifier, NotifyConfig};
 use super::offsets::{complete_and_store, Delivery, OffsetTracker};
-use super::stats::{add_elapsed, nanos_to_s, peak_rss_mb, BatchReport, RunSummary, SinkStats};
+use super::stats::{
+    add_elapsed, nanos_to_s, peak_rss_mb, process_cpu_s, BatchReport, RunSummary, SinkStats,
+};
 use super::store::{self, CommittedBatch, CopyRows, Store, StoreError, WriteOutcome};
 use crate::breaker::{Breaker, State as BreakerState};
 use crate::config::Config;
@@ -639,6 +641,7 @@ impl Sink {
             decode_s: nanos_to_s(&stats.decode_ns),
             encode_s: nanos_to_s(&stats.encode_ns),
             store_s: nanos_to_s(&stats.store_ns),
+            cpu_s: process_cpu_s(),
         };
         match Arc::try_unwrap(sink) {
             Ok(sink) => {

@@ -34,6 +34,7 @@ use crate::config::{Config, Secret, METRICS_OFF};
 use crate::db::quote_ident;
 use crate::event::content_hash;
 use crate::ingest::decode::Decoder;
+use crate::ingest::stats::process_cpu_s;
 use crate::ingest::store::{self, CopyRows, RowMeta, Store};
 use crate::ingest::RunSummary;
 use crate::kafka;
@@ -81,8 +82,65 @@ pub struct BenchReport {
     pub peak_rss_mb: Option<f64>,
     /// The pipeline run's own summary: where its time went.
     pub pipeline: RunSummary,
+    /// Where the machine's CPU went during the pipeline run, per event stored.
+    pub pipeline_cpu: CpuFigures,
+    /// The machine's busy CPU per row while each ceiling was measured (PostgreSQL, almost all
+    /// of it), microseconds.
+    pub ceiling_cpu_us_per_row: BTreeMap<String, f64>,
     /// `auditflow verify` over what both phases stored: its verdict and rate.
     pub verify: VerifyFigures,
+}
+
+/// CPU time per event stored during the pipeline run, microseconds, split by process.
+///
+/// With every process on one machine, the pipeline's rate is at most the machine's cores
+/// divided by the sum: what the sink spends per event is taken from what PostgreSQL could
+/// otherwise have used.
+#[derive(Debug, Clone, Serialize)]
+pub struct CpuFigures {
+    /// The sink process (`auditflow run`): fetch, decode, encode, store streams, librdkafka.
+    pub sink_us_per_event: f64,
+    /// This process: the in-process mock broker serving the sink's fetches, when no brokers
+    /// are configured.
+    pub bench_us_per_event: f64,
+    /// Everything else on the machine: PostgreSQL's backends and WAL writer, mostly.
+    pub rest_us_per_event: f64,
+    /// The machine's CPUs, for reading the sum against.
+    pub cpus: usize,
+}
+
+/// Busy CPU time of the whole machine and of this process, seconds.
+#[derive(Debug, Clone, Copy)]
+struct CpuSample {
+    machine_s: f64,
+    own_s: f64,
+}
+
+impl CpuSample {
+    fn now() -> Option<Self> {
+        let stat = std::fs::read_to_string("/proc/stat").ok()?;
+        // cpu user nice system idle iowait irq softirq steal ...: all but idle and iowait are busy.
+        let ticks: Vec<u64> = stat
+            .lines()
+            .next()?
+            .split_whitespace()
+            .skip(1)
+            .take(8)
+            .map(|field| field.parse().ok())
+            .collect::<Option<_>>()?;
+        let busy = ticks.get(..8)?.iter().sum::<u64>() - ticks[3] - ticks[4];
+        Some(CpuSample {
+            // USER_HZ, 100 per second (see `process_cpu_s`).
+            machine_s: busy as f64 / 100.0,
+            own_s: process_cpu_s()?,
+        })
+    }
+
+    /// Busy machine CPU since `self`, per row, microseconds.
+    fn machine_us_per_row_since(&self, rows: usize) -> Option<f64> {
+        let now = Self::now()?;
+        Some((now.machine_s - self.machine_s) * 1e6 / rows.max(1) as f64)
+    }
 }
 
 /// What `auditflow verify` did with the benchmark's rows.
@@ -145,7 +203,7 @@ pub async fn run(mut config: Config, options: &BenchOptions) -> anyhow::Result<B
     let report: anyhow::Result<BenchReport> = async {
         tracing::info!(events = options.events, "generating events");
         let payloads = generate(options.events, u64::from(suffix));
-        let ceilings =
+        let (ceilings, ceiling_cpu_us_per_row) =
             measure_ceilings(&config, database_url.expose(), &ceiling_schemas, &payloads).await?;
         let ceiling = ceilings
             .get(&CeilingConfig::STORE.name())
@@ -175,9 +233,11 @@ pub async fn run(mut config: Config, options: &BenchOptions) -> anyhow::Result<B
             redis_url: config.redis.redis_url.expose().to_owned(),
         };
         tracing::info!("running the sink over the backlog");
+        let cpu_before = CpuSample::now();
         let pipeline = env
             .run(&topic, &format!("bench-{suffix:08x}"), |_| async { Ok(()) })
             .await?;
+        let pipeline_cpu = cpu_figures(cpu_before, &pipeline)?;
         anyhow::ensure!(
             pipeline.stored == options.events,
             "the sink stored {} of {} events",
@@ -258,6 +318,8 @@ pub async fn run(mut config: Config, options: &BenchOptions) -> anyhow::Result<B
                 (a, b) => a.or(b),
             },
             pipeline,
+            pipeline_cpu,
+            ceiling_cpu_us_per_row,
         })
     }
     .await;
@@ -338,19 +400,42 @@ async fn measure_ceilings(
     database_url: &str,
     schemas: &[String],
     payloads: &[(Vec<u8>, Vec<u8>)],
-) -> anyhow::Result<BTreeMap<String, f64>> {
+) -> anyhow::Result<(BTreeMap<String, f64>, BTreeMap<String, f64>)> {
     let binary = encode_batches(payloads, config.batch.batch_max_events)?;
     let rows = Arc::new(CeilingRows {
         text: to_copy_text(&config.database, database_url, &binary).await?,
         binary,
     });
+    let num_rows: usize = rows.binary.iter().map(CopyRows::len).sum();
     let mut ceilings = BTreeMap::new();
+    let mut cpu = BTreeMap::new();
     for (ceiling, schema) in CEILING_CONFIGS.iter().zip(schemas) {
+        let cpu_before = CpuSample::now();
         let rate = measure_ceiling(config, database_url, schema, *ceiling, &rows).await?;
         tracing::info!(config = %ceiling.name(), rows_per_s = rate, "ceiling measured");
         ceilings.insert(ceiling.name(), rate);
+        if let Some(us) = cpu_before.and_then(|before| before.machine_us_per_row_since(num_rows)) {
+            cpu.insert(ceiling.name(), us);
+        }
     }
-    Ok(ceilings)
+    Ok((ceilings, cpu))
+}
+
+/// Splits the machine's CPU time since `before` between the sink, this process and the rest.
+fn cpu_figures(before: Option<CpuSample>, pipeline: &RunSummary) -> anyhow::Result<CpuFigures> {
+    let after = CpuSample::now();
+    let (Some(before), Some(after), Some(sink_s)) = (before, after, pipeline.cpu_s) else {
+        anyhow::bail!("CPU times are read from /proc; this benchmark needs Linux");
+    };
+    let per_event = |seconds: f64| seconds * 1e6 / pipeline.stored.max(1) as f64;
+    let machine_s = after.machine_s - before.machine_s;
+    let own_s = after.own_s - before.own_s;
+    Ok(CpuFigures {
+        sink_us_per_event: per_event(sink_s),
+        bench_us_per_event: per_event(own_s),
+        rest_us_per_event: per_event((machine_s - sink_s - own_s).max(0.0)),
+        cpus: std::thread::available_parallelism().map_or(1, usize::from),
+    })
 }
 
 /// Decodes the payloads and encodes them as the sink does, one [`CopyRows`] per batch.
