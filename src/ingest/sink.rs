@@ -89,9 +89,6 @@ pub struct Sink {
     chain_head_logged: Mutex<std::collections::HashMap<uuid::Uuid, std::time::Instant>>,
 }
 
-/// Dead letters (class `conflict`) for the rows the store did not insert because their id and
-/// time are stored with other content: a producer cannot reuse an id to make a later event
-/// vanish.
 /// The consumer's `fetch.wait.max.ms` unless `AUDITFLOW_KAFKA_OPT_FETCH_WAIT_MAX_MS` says
 /// otherwise.
 pub const FETCH_WAIT_MAX_MS: &str = "100";
@@ -118,6 +115,9 @@ fn consumer_config(brokers: &str, config: &Config) -> ClientConfig {
     consumer
 }
 
+/// Dead letters (class `conflict`) for the rows the store did not insert because their id and
+/// time are stored with other content: a producer cannot reuse an id to make a later event
+/// vanish.
 fn conflict_letters(batch: &Batch, conflicts: &[store::Conflict]) -> Vec<DeadLetter> {
     conflicts
         .iter()

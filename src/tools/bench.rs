@@ -82,8 +82,8 @@ pub struct BenchReport {
     pub peak_rss_mb: Option<f64>,
     /// The pipeline run's own summary: where its time went.
     pub pipeline: RunSummary,
-    /// Where the machine's CPU went during the pipeline run, per event stored.
-    pub pipeline_cpu: CpuFigures,
+    /// Where the machine's CPU went during the pipeline run, per event stored (Linux).
+    pub pipeline_cpu: Option<CpuFigures>,
     /// The machine's busy CPU per row while each ceiling was measured (PostgreSQL, almost all
     /// of it), microseconds.
     pub ceiling_cpu_us_per_row: BTreeMap<String, f64>,
@@ -105,7 +105,8 @@ pub struct CpuFigures {
     pub bench_us_per_event: f64,
     /// Everything else on the machine: PostgreSQL's backends and WAL writer, mostly.
     pub rest_us_per_event: f64,
-    /// The machine's CPUs, for reading the sum against.
+    /// The CPUs this benchmark may run on (the machine's, unless it was started pinned with
+    /// `taskset`), for reading the sum against.
     pub cpus: usize,
 }
 
@@ -237,7 +238,7 @@ pub async fn run(mut config: Config, options: &BenchOptions) -> anyhow::Result<B
         let pipeline = env
             .run(&topic, &format!("bench-{suffix:08x}"), |_| async { Ok(()) })
             .await?;
-        let pipeline_cpu = cpu_figures(cpu_before, &pipeline)?;
+        let pipeline_cpu = cpu_figures(cpu_before, &pipeline);
         anyhow::ensure!(
             pipeline.stored == options.events,
             "the sink stored {} of {} events",
@@ -406,31 +407,29 @@ async fn measure_ceilings(
         text: to_copy_text(&config.database, database_url, &binary).await?,
         binary,
     });
-    let num_rows: usize = rows.binary.iter().map(CopyRows::len).sum();
     let mut ceilings = BTreeMap::new();
     let mut cpu = BTreeMap::new();
     for (ceiling, schema) in CEILING_CONFIGS.iter().zip(schemas) {
-        let cpu_before = CpuSample::now();
-        let rate = measure_ceiling(config, database_url, schema, *ceiling, &rows).await?;
+        let (rate, cpu_us_per_row) =
+            measure_ceiling(config, database_url, schema, *ceiling, &rows).await?;
         tracing::info!(config = %ceiling.name(), rows_per_s = rate, "ceiling measured");
         ceilings.insert(ceiling.name(), rate);
-        if let Some(us) = cpu_before.and_then(|before| before.machine_us_per_row_since(num_rows)) {
+        if let Some(us) = cpu_us_per_row {
             cpu.insert(ceiling.name(), us);
         }
     }
     Ok((ceilings, cpu))
 }
 
-/// Splits the machine's CPU time since `before` between the sink, this process and the rest.
-fn cpu_figures(before: Option<CpuSample>, pipeline: &RunSummary) -> anyhow::Result<CpuFigures> {
-    let after = CpuSample::now();
-    let (Some(before), Some(after), Some(sink_s)) = (before, after, pipeline.cpu_s) else {
-        anyhow::bail!("CPU times are read from /proc; this benchmark needs Linux");
-    };
+/// Splits the machine's CPU time since `before` between the sink, this process and the rest
+/// (`None` where there is no /proc to read them from).
+fn cpu_figures(before: Option<CpuSample>, pipeline: &RunSummary) -> Option<CpuFigures> {
+    let after = CpuSample::now()?;
+    let (before, sink_s) = (before?, pipeline.cpu_s?);
     let per_event = |seconds: f64| seconds * 1e6 / pipeline.stored.max(1) as f64;
     let machine_s = after.machine_s - before.machine_s;
     let own_s = after.own_s - before.own_s;
-    Ok(CpuFigures {
+    Some(CpuFigures {
         sink_us_per_event: per_event(sink_s),
         bench_us_per_event: per_event(own_s),
         rest_us_per_event: per_event((machine_s - sink_s - own_s).max(0.0)),
@@ -514,14 +513,15 @@ async fn to_copy_text(
 }
 
 /// COPYs every batch into a fresh copy of the table in `schema`, one transaction per batch, over
-/// `ceiling.streams` connections at once (stream i takes batches i, i + streams, ...).
+/// `ceiling.streams` connections at once (stream i takes batches i, i + streams, ...): rows per
+/// second, and the machine's busy CPU per row over the same span.
 async fn measure_ceiling(
     config: &Config,
     database_url: &str,
     schema: &str,
     ceiling: CeilingConfig,
     rows: &Arc<CeilingRows>,
-) -> anyhow::Result<f64> {
+) -> anyhow::Result<(f64, Option<f64>)> {
     let mut database = config.database.clone();
     database.db_schema = schema.to_owned();
     database.db_max_connections = u32::try_from(ceiling.streams).unwrap_or(u32::MAX);
@@ -545,6 +545,7 @@ async fn measure_ceiling(
     for _ in 0..ceiling.streams {
         connections.push(pool.acquire().await?);
     }
+    let cpu_before = CpuSample::now();
     let started = Instant::now();
     let mut streams = tokio::task::JoinSet::new();
     for (stream, mut conn) in connections.into_iter().enumerate() {
@@ -570,7 +571,8 @@ async fn measure_ceiling(
     }
     let elapsed = started.elapsed().as_secs_f64();
     let num_rows: usize = rows.binary.iter().map(CopyRows::len).sum();
-    Ok(num_rows as f64 / elapsed)
+    let cpu_us_per_row = cpu_before.and_then(|before| before.machine_us_per_row_since(num_rows));
+    Ok((num_rows as f64 / elapsed, cpu_us_per_row))
 }
 
 async fn copy_text(
