@@ -207,6 +207,54 @@ pub enum NotifyError {
     },
 }
 
+/// Distinct `(resource type, resource id)` pairs, in that order.
+///
+/// Grouped by type, so recording a resource already present allocates nothing, and shared, so
+/// the messages of a batch's transactions (one per store stream) take the batch's set without
+/// copying it.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Resources {
+    by_type: Arc<BTreeMap<String, BTreeSet<String>>>,
+    len: usize,
+}
+
+impl Resources {
+    /// Records one resource; false if it was already there.
+    pub fn insert(&mut self, resource_type: &str, resource_id: &str) -> bool {
+        let by_type = Arc::make_mut(&mut self.by_type);
+        let inserted = match by_type.get_mut(resource_type) {
+            Some(ids) => !ids.contains(resource_id) && ids.insert(resource_id.to_owned()),
+            None => {
+                by_type.insert(
+                    resource_type.to_owned(),
+                    BTreeSet::from([resource_id.to_owned()]),
+                );
+                true
+            }
+        };
+        self.len += usize::from(inserted);
+        inserted
+    }
+
+    /// Number of distinct resources.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// True when none was recorded.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// The resources, by type then id.
+    pub fn iter(&self) -> impl Iterator<Item = (&str, &str)> {
+        self.by_type.iter().flat_map(|(resource_type, ids)| {
+            ids.iter()
+                .map(move |id| (resource_type.as_str(), id.as_str()))
+        })
+    }
+}
+
 /// What one committed transaction changed, published as one message.
 ///
 /// A batch accumulates the resources it touches event by event ([`Invalidation::add`]); once a
@@ -225,7 +273,7 @@ pub struct Invalidation {
     /// Per tenant, the `occurred_at` range and count stored.
     pub ranges: BTreeMap<String, TenantRange>,
     /// Distinct `(resource type, resource id)` pairs touched.
-    pub resources: BTreeSet<(String, String)>,
+    pub resources: Resources,
     /// Tenants were left out upstream (the summary was capped).
     pub tenants_truncated: bool,
     /// The batch's hash-chain link digest, hex (`None` for notices not built from a commit).
@@ -241,7 +289,7 @@ impl Invalidation {
             count: 0,
             tenants: BTreeSet::new(),
             ranges: BTreeMap::new(),
-            resources: BTreeSet::new(),
+            resources: Resources::default(),
             tenants_truncated: false,
             head: None,
         }
@@ -249,7 +297,7 @@ impl Invalidation {
 
     /// The message of one committed transaction: its publisher, sequence number and per-tenant
     /// summary, with the resources the batch touched.
-    pub fn committed(committed: &CommittedBatch, resources: &BTreeSet<(String, String)>) -> Self {
+    pub fn committed(committed: &CommittedBatch, resources: &Resources) -> Self {
         let BatchSummary { tenants, truncated } = &committed.summary;
         Self {
             publisher: committed.publisher,
@@ -269,8 +317,7 @@ impl Invalidation {
         if !self.tenants.contains(tenant) {
             self.tenants.insert(tenant.to_owned());
         }
-        self.resources
-            .insert((resource_type.to_owned(), resource_id.to_owned()));
+        self.resources.insert(resource_type, resource_id);
         self
     }
 
@@ -872,8 +919,12 @@ mod tests {
 
     #[test]
     fn a_committed_batch_message_carries_the_epoch_sequence_and_ranges_per_tenant() {
-        let mut resources = BTreeSet::new();
-        resources.insert(("order".to_owned(), "42".to_owned()));
+        let mut resources = Resources::default();
+        assert!(resources.insert("order", "42"));
+        assert!(
+            !resources.insert("order", "42"),
+            "a repeat is not recorded twice"
+        );
         let message = Invalidation::committed(
             &committed(
                 17,
@@ -894,8 +945,10 @@ mod tests {
 
     #[test]
     fn a_summary_truncated_upstream_marks_the_message_truncated() {
-        let message =
-            Invalidation::committed(&committed(3, &[("acme", 0, 0, 1)], true), &BTreeSet::new());
+        let message = Invalidation::committed(
+            &committed(3, &[("acme", 0, 0, 1)], true),
+            &Resources::default(),
+        );
         let json: serde_json::Value =
             serde_json::from_str(&message.to_json().expect("encodes")).expect("valid json");
         assert_eq!(json["truncated"], serde_json::json!(true));
@@ -1023,6 +1076,32 @@ mod tests {
             message["tenants"],
             serde_json::json!(["tenant-0", "tenant-1", "tenant-2"])
         );
+    }
+
+    #[test]
+    fn resources_are_distinct_ordered_by_type_then_id_and_copied_on_write() {
+        let mut resources = Resources::default();
+        for (resource_type, id) in [
+            ("user", "7"),
+            ("order", "42"),
+            ("order", "5"),
+            ("order", "42"),
+        ] {
+            resources.insert(resource_type, id);
+        }
+        assert_eq!(resources.len(), 3);
+        assert_eq!(
+            resources.iter().collect::<Vec<_>>(),
+            [("order", "42"), ("order", "5"), ("user", "7")]
+        );
+        let shared = resources.clone();
+        resources.insert("order", "6");
+        assert_eq!(
+            (shared.len(), resources.len()),
+            (3, 4),
+            "a clone keeps its own set"
+        );
+        assert!(!shared.iter().any(|(_, id)| id == "6"));
     }
 
     #[test]

@@ -4,7 +4,6 @@
 //! serve instance in process on a free port, and a plain HTTP client.
 #![allow(dead_code)]
 
-use std::collections::BTreeSet;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -12,7 +11,7 @@ use std::time::Duration;
 use auditflow::breaker::{Breaker, BreakerConfig};
 use auditflow::config::Config;
 use auditflow::event::{Actor, ActorType, AuditEvent, Outcome, Resource};
-use auditflow::ingest::notify::{self, Invalidation, Notifier, NotifyConfig};
+use auditflow::ingest::notify::{self, Invalidation, Notifier, NotifyConfig, Resources};
 use auditflow::ingest::store::{self, CommittedBatch, CopyRows, RowMeta, Store};
 use auditflow::serve::api::AppState;
 use auditflow::serve::Serve;
@@ -158,7 +157,7 @@ impl ServeEnv {
     /// Announces a committed batch as the sink does.
     pub fn announce(&self, committed: &CommittedBatch) {
         self.notifier
-            .publish(Invalidation::committed(committed, &BTreeSet::new()));
+            .publish(Invalidation::committed(committed, &Resources::default()));
     }
 
     /// Stores and announces.
