@@ -2,6 +2,7 @@
 
 mod common;
 
+use std::collections::BTreeSet;
 use std::time::Duration;
 
 use auditflow::event::{Actor, ActorType, AuditEvent, Outcome, Resource};
@@ -676,9 +677,39 @@ async fn rebalance_storm(concurrency: &str) {
         "nothing stored twice"
     );
     assert!(revokes.len() >= 4, "the storm rebalanced: {revokes:?}");
-    // Every replica start is a chain of its own; they never waited for each other to append.
+    // Every store stream of every replica that committed is a chain of its own (each logs its
+    // head at its first commit); they never waited for each other to append. How many replicas
+    // got to commit depends on how fast the group settles on a loaded machine (6 of 7 alone, 2
+    // under the whole suite), so the count is read from the logs, not assumed.
+    let publishers_by_replica: Vec<BTreeSet<String>> = logs
+        .iter()
+        .map(|log| {
+            log.lock()
+                .unwrap()
+                .lines()
+                .filter(|line| line.contains("hash chain head"))
+                .filter_map(|line| {
+                    let value = line.split("publisher=").nth(1)?;
+                    Some(value.split_whitespace().next()?.to_owned())
+                })
+                .collect()
+        })
+        .collect();
+    let publishers: BTreeSet<&String> = publishers_by_replica.iter().flatten().collect();
+    let writers = publishers_by_replica
+        .iter()
+        .filter(|publishers| !publishers.is_empty())
+        .count();
     let chain = env.assert_chain_intact().await;
-    assert!(chain.chains >= 5, "{chain}");
+    assert_eq!(
+        chain.chains as usize,
+        publishers.len(),
+        "one chain per publisher that committed: {chain}"
+    );
+    assert!(
+        writers >= 2,
+        "the work moved between replicas: {writers} wrote"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
