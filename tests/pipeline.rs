@@ -576,6 +576,18 @@ async fn a_rebalance_storm_loses_nothing_and_stores_nothing_twice_with_one_store
     rebalance_storm("1").await;
 }
 
+/// The values of `key=` in the lines of `log` that contain `marker`.
+fn logged_values<'a>(
+    log: &'a str,
+    marker: &'a str,
+    key: &'a str,
+) -> impl Iterator<Item = &'a str> + 'a {
+    let key = format!("{key}=");
+    log.lines()
+        .filter(move |line| line.contains(marker))
+        .filter_map(move |line| line.split(key.as_str()).nth(1)?.split_whitespace().next())
+}
+
 /// The two storms run one after the other: each alone keeps two cores busy with five replicas.
 static STORMS: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
@@ -640,14 +652,8 @@ async fn rebalance_storm(concurrency: &str) {
     let revokes: Vec<f64> = logs
         .iter()
         .flat_map(|log| {
-            log.lock()
-                .unwrap()
-                .lines()
-                .filter(|line| line.contains("partitions revoked"))
-                .filter_map(|line| {
-                    let value = line.split("commit_ms=").nth(1)?;
-                    value.split_whitespace().next()?.parse().ok()
-                })
+            logged_values(&log.lock().unwrap(), "partitions revoked", "commit_ms")
+                .filter_map(|value| value.parse().ok())
                 .collect::<Vec<f64>>()
         })
         .collect();
@@ -679,19 +685,13 @@ async fn rebalance_storm(concurrency: &str) {
     assert!(revokes.len() >= 4, "the storm rebalanced: {revokes:?}");
     // Every store stream of every replica that committed is a chain of its own (each logs its
     // head at its first commit); they never waited for each other to append. How many replicas
-    // got to commit depends on how fast the group settles on a loaded machine (6 of 7 alone, 2
-    // under the whole suite), so the count is read from the logs, not assumed.
+    // got to commit depends on how fast the group settles on a loaded machine (6 or 7 of 7
+    // alone, 2 under the whole suite), so the count is read from the logs, not assumed.
     let publishers_by_replica: Vec<BTreeSet<String>> = logs
         .iter()
         .map(|log| {
-            log.lock()
-                .unwrap()
-                .lines()
-                .filter(|line| line.contains("hash chain head"))
-                .filter_map(|line| {
-                    let value = line.split("publisher=").nth(1)?;
-                    Some(value.split_whitespace().next()?.to_owned())
-                })
+            logged_values(&log.lock().unwrap(), "hash chain head", "publisher")
+                .map(str::to_owned)
                 .collect()
         })
         .collect();

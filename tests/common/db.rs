@@ -26,20 +26,26 @@ pub fn drop_schema_blocking(schema: &str) {
 /// shutting down.
 pub fn run_sql_blocking(sql: &str) {
     let sql = sql.to_owned();
+    block_on_own_thread(async move {
+        if let Ok(pool) = PgPoolOptions::new()
+            .max_connections(1)
+            .connect(&database_url())
+            .await
+        {
+            let _ = sqlx::raw_sql(&sql).execute(&pool).await;
+        }
+    });
+}
+
+/// Runs `work` to completion on a thread and current-thread runtime of its own, and waits for
+/// it: cleanup from `Drop` impls, which may run while the test's runtime is shutting down.
+pub fn block_on_own_thread(work: impl std::future::Future<Output = ()> + Send + 'static) {
     let _ = std::thread::spawn(move || {
-        let runtime = tokio::runtime::Builder::new_current_thread()
+        tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
-            .expect("runtime");
-        runtime.block_on(async {
-            if let Ok(pool) = PgPoolOptions::new()
-                .max_connections(1)
-                .connect(&database_url())
-                .await
-            {
-                let _ = sqlx::raw_sql(&sql).execute(&pool).await;
-            }
-        });
+            .expect("runtime")
+            .block_on(work);
     })
     .join();
 }

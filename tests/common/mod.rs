@@ -90,21 +90,14 @@ impl TestKafka {
         if let TestKafka::Real(brokers) = self {
             let brokers = brokers.clone();
             let names: Vec<String> = names.iter().map(|n| n.to_string()).collect();
-            let _ = std::thread::spawn(move || {
-                let runtime = tokio::runtime::Builder::new_current_thread()
-                    .enable_all()
-                    .build()
-                    .expect("runtime");
-                runtime.block_on(async {
-                    let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
-                        .set("bootstrap.servers", &brokers)
-                        .create()
-                        .expect("admin");
-                    let refs: Vec<&str> = names.iter().map(String::as_str).collect();
-                    let _ = admin.delete_topics(&refs, &AdminOptions::new()).await;
-                });
-            })
-            .join();
+            db::block_on_own_thread(async move {
+                let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
+                    .set("bootstrap.servers", &brokers)
+                    .create()
+                    .expect("admin");
+                let refs: Vec<&str> = names.iter().map(String::as_str).collect();
+                let _ = admin.delete_topics(&refs, &AdminOptions::new()).await;
+            });
         }
     }
 }
