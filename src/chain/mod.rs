@@ -23,9 +23,9 @@
 //! in a periodic log line, where the database's superuser cannot reach it; `auditflow verify
 //! --expect-head` checks that a copy kept outside is still in the chain.
 
-mod canonical;
+pub mod canonical;
 
-pub use canonical::{canonical_json, CanonicalJsonError};
+pub use canonical::{canonical_json, canonicalize, CanonicalJsonError, JsonFacts};
 
 use chrono::{Datelike, NaiveDate};
 use sha2::{Digest, Sha256};
@@ -66,6 +66,9 @@ pub struct StoredRow<'a> {
     pub trace_id: Option<&'a str>,
     /// `details` as JSON text, in any formatting: it is canonicalised.
     pub details: Option<&'a str>,
+    /// The canonical JSON of `details` when the caller has it already (the sink's decoder
+    /// writes it while checking `details`); `None` to canonicalise `details` here.
+    pub details_canonical: Option<&'a [u8]>,
     /// `session_id`.
     pub session_id: Option<&'a str>,
     /// `content_hash`.
@@ -100,9 +103,10 @@ pub fn row_digest(row: &StoredRow<'_>) -> Result<Hash, CanonicalJsonError> {
     }
     text_field(&mut hasher, row.reason.map(str::as_bytes));
     text_field(&mut hasher, row.trace_id.map(str::as_bytes));
-    match row.details {
-        Some(details) => text_field(&mut hasher, Some(&canonical_json(details)?)),
-        None => text_field(&mut hasher, None),
+    match (row.details, row.details_canonical) {
+        (Some(_), Some(canonical)) => text_field(&mut hasher, Some(canonical)),
+        (Some(details), None) => text_field(&mut hasher, Some(&canonical_json(details)?)),
+        (None, _) => text_field(&mut hasher, None),
     }
     text_field(&mut hasher, row.session_id.map(str::as_bytes));
     text_field(&mut hasher, Some(row.content_hash));
@@ -293,6 +297,7 @@ mod tests {
             reason: None,
             trace_id: None,
             details,
+            details_canonical: None,
             session_id: None,
             content_hash: &[1; 16],
             schema_version: Some(2),

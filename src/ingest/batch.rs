@@ -13,6 +13,7 @@ use std::collections::HashMap;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
+use foldhash::fast::RandomState;
 use tokio::time::Instant;
 use uuid::Uuid;
 
@@ -81,7 +82,7 @@ pub struct Batch {
     pub num_conflicts: u64,
     num_payload_bytes: usize,
     opened_at: Option<Instant>,
-    seen: HashMap<(Uuid, DateTime<Utc>), [u8; 16]>,
+    seen: HashMap<(Uuid, DateTime<Utc>), [u8; 16], RandomState>,
 }
 
 impl Batch {
@@ -99,7 +100,7 @@ impl Batch {
             num_conflicts: 0,
             num_payload_bytes: 0,
             opened_at: None,
-            seen: HashMap::new(),
+            seen: HashMap::default(),
         }
     }
 
@@ -111,9 +112,29 @@ impl Batch {
             row_sources: Vec::with_capacity(self.row_sources.len()),
             deliveries: Vec::with_capacity(self.deliveries.len()),
             kafka_timestamps_ms: Vec::with_capacity(self.kafka_timestamps_ms.len()),
-            seen: HashMap::with_capacity(self.seen.len()),
+            seen: HashMap::with_capacity_and_hasher(self.seen.len(), RandomState::default()),
             ..Batch::new(seq)
         }
+    }
+
+    /// Turns a batch that is done with into the empty batch `seq`, keeping its buffers: the
+    /// sink hands stored batches back to the loop that fills them, so their memory is reused,
+    /// and freed (the records it holds) on the thread that allocated it.
+    pub fn recycle(mut self, seq: u64) -> Self {
+        self.seq = seq;
+        self.rows.clear();
+        self.row_sources.clear();
+        self.dead_letters.clear();
+        self.deliveries.clear();
+        // Not cleared: messages published from it may still share its resources.
+        self.invalidation = Invalidation::new(seq);
+        self.kafka_timestamps_ms.clear();
+        self.num_duplicates = 0;
+        self.num_conflicts = 0;
+        self.num_payload_bytes = 0;
+        self.opened_at = None;
+        self.seen.clear();
+        self
     }
 
     fn touch(&mut self, delivery: Delivery, num_bytes: usize) {
@@ -171,8 +192,9 @@ impl Batch {
         }
         self.seen
             .insert((event.event_id, event.occurred_at), content_hash);
-        self.rows.push(
+        self.rows.push_with_details(
             event,
+            decoded.details_canonical.as_deref(),
             RowMeta {
                 content_hash,
                 schema_version: decoded.writer.file_version(),
@@ -265,6 +287,7 @@ mod tests {
             },
             writer: crate::ingest::decode::WriterId::File(2),
             wire_format: crate::ingest::decode::WireFormat::Confluent,
+            details_canonical: None,
         }
     }
 
@@ -400,5 +423,82 @@ mod tests {
         assert!(!batch.is_empty());
         assert!(batch.rows.is_empty());
         assert!(batch.deadline(&limits()).is_some());
+    }
+}
+
+/// The consumer task's work per event, without Kafka or the database: decode and validate,
+/// content hash, and the batch (COPY encoding, row digest, deduplication, invalidation set),
+/// over the benchmark's own generated events, batches of the default size split over two store
+/// streams as the sink does. Run with
+/// `cargo test --release --lib batch::consumer_path_benchmark -- --ignored --nocapture`
+/// (or under `valgrind --tool=callgrind` for instruction counts, which do not drift).
+#[cfg(test)]
+mod consumer_path_benchmark {
+    use super::*;
+    use crate::ingest::decode::{Decoder, Policy};
+    use crate::tools::generate::{EventGenerator, GeneratorConfig};
+
+    #[test]
+    #[ignore = "benchmark; run it in release"]
+    fn consumer_path_benchmark() {
+        let events: u64 = std::env::var("AUDITFLOW_BENCH_EVENTS")
+            .ok()
+            .and_then(|n| n.parse().ok())
+            .unwrap_or(100_000);
+        let now = Utc::now();
+        let records: Vec<(Vec<u8>, Vec<u8>)> = EventGenerator::new(GeneratorConfig {
+            count: events,
+            duplicate_ratio: 0.0,
+            invalid_ratio: 0.0,
+            seed: 7,
+            now,
+        })
+        .map(|record| (record.key, record.payload))
+        .collect();
+        let decoder = Decoder::embedded();
+        let policy = Policy::default();
+        let max_events = 5_000;
+        let started = std::time::Instant::now();
+        let mut batch = Batch::new(0);
+        let mut rows = 0;
+        for (offset, (key, payload)) in records.iter().enumerate() {
+            let partition = (offset % 16) as i32;
+            let source = SourceRecord {
+                topic: "bench".to_owned(),
+                partition,
+                offset: offset as i64,
+                timestamp_ms: Some(now.timestamp_millis()),
+                key: Some(key.clone()),
+                payload: Some(payload.clone()),
+                headers: Vec::new(),
+            };
+            let delivery = Delivery {
+                partition,
+                offset: offset as i64,
+                epoch: 0,
+            };
+            let decoded = decoder
+                .decode_validated(payload, now, &policy)
+                .expect("generated events are valid");
+            let hash = crate::event::content_hash(&decoded.event);
+            if batch.add_event(delivery, &decoded, hash, source) == Added::Row {
+                rows += 1;
+            }
+            if batch.rows.len() == max_events {
+                let next = batch.successor(batch.seq + 1);
+                let done = std::mem::replace(&mut batch, next);
+                // What the store streams take: each its partitions' rows.
+                for stream in 0..2 {
+                    let indices: Vec<usize> = (0..done.rows.len())
+                        .filter(|index| done.row_sources[*index].partition % 2 == stream)
+                        .collect();
+                    std::hint::black_box(done.rows.select(&indices));
+                }
+                std::hint::black_box(done.invalidation.to_json().ok());
+            }
+        }
+        let us = started.elapsed().as_secs_f64() * 1e6 / events as f64;
+        assert_eq!(rows, events);
+        println!("consumer path: {us:.2} us/event over {events} events");
     }
 }

@@ -72,13 +72,14 @@
 //! up counted exactly once in [`NotifyStats`] (and the matching Prometheus counter) as published,
 //! failed or dropped, once the worker has stopped.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::fmt;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use backon::{BackoffBuilder, ExponentialBuilder};
+use foldhash::fast::RandomState;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use serde::Serialize;
 use tokio::sync::mpsc;
@@ -207,14 +208,15 @@ pub enum NotifyError {
     },
 }
 
-/// Distinct `(resource type, resource id)` pairs, in that order.
+/// Distinct `(resource type, resource id)` pairs.
 ///
-/// Grouped by type, so recording a resource already present allocates nothing, and shared, so
-/// the messages of a batch's transactions (one per store stream) take the batch's set without
-/// copying it.
+/// Grouped by type, so recording a resource already present allocates nothing; hashed, because
+/// a batch records every event's resource and sorts them once, when a message is written
+/// ([`Resources::first_sorted`]); and shared, so the messages of a batch's transactions (one per store
+/// stream) take the batch's set without copying it.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Resources {
-    by_type: Arc<BTreeMap<String, BTreeSet<String>>>,
+    by_type: Arc<HashMap<String, HashSet<String, RandomState>, RandomState>>,
     len: usize,
 }
 
@@ -225,10 +227,9 @@ impl Resources {
         let inserted = match by_type.get_mut(resource_type) {
             Some(ids) => !ids.contains(resource_id) && ids.insert(resource_id.to_owned()),
             None => {
-                by_type.insert(
-                    resource_type.to_owned(),
-                    BTreeSet::from([resource_id.to_owned()]),
-                );
+                let mut ids = HashSet::default();
+                ids.insert(resource_id.to_owned());
+                by_type.insert(resource_type.to_owned(), ids);
                 true
             }
         };
@@ -246,12 +247,23 @@ impl Resources {
         self.len == 0
     }
 
-    /// The resources, by type then id.
-    pub fn iter(&self) -> impl Iterator<Item = (&str, &str)> {
-        self.by_type.iter().flat_map(|(resource_type, ids)| {
-            ids.iter()
-                .map(move |id| (resource_type.as_str(), id.as_str()))
-        })
+    /// The first `limit` resources by type then id, in that order.
+    pub fn first_sorted(&self, limit: usize) -> Vec<(&str, &str)> {
+        let mut all: Vec<(&str, &str)> = self
+            .by_type
+            .iter()
+            .flat_map(|(resource_type, ids)| {
+                ids.iter()
+                    .map(move |id| (resource_type.as_str(), id.as_str()))
+            })
+            .collect();
+        // Only the first `limit` need an order: pick them, then sort just those.
+        if limit < all.len() {
+            all.select_nth_unstable(limit);
+            all.truncate(limit);
+        }
+        all.sort_unstable();
+        all
     }
 }
 
@@ -330,10 +342,11 @@ impl Invalidation {
     /// and `ranges` at [`MAX_TENANTS_PER_SUMMARY`], `resources` at [`MAX_RESOURCES_PER_MESSAGE`],
     /// and the whole at [`MAX_MESSAGE_BYTES`].
     pub fn to_json(&self) -> Result<String, serde_json::Error> {
-        let mut num_resources = self.resources.len().min(MAX_RESOURCES_PER_MESSAGE);
+        let resources = self.resources.first_sorted(MAX_RESOURCES_PER_MESSAGE);
+        let mut num_resources = resources.len();
         let mut num_tenants = self.tenants.len().min(MAX_TENANTS_PER_SUMMARY);
         loop {
-            let encoded = self.encode(num_tenants, num_resources)?;
+            let encoded = self.encode(&resources[..num_resources], num_tenants)?;
             if encoded.len() <= MAX_MESSAGE_BYTES || (num_resources == 0 && num_tenants == 0) {
                 return Ok(encoded);
             }
@@ -346,16 +359,16 @@ impl Invalidation {
         }
     }
 
+    /// Encodes the message with `resources` (the first of [`Resources::first_sorted`]) and the first
+    /// `num_tenants` tenants.
     fn encode(
         &self,
+        resources: &[(&str, &str)],
         num_tenants: usize,
-        num_resources: usize,
     ) -> Result<String, serde_json::Error> {
-        let resources: Vec<ResourceRef<'_>> = self
-            .resources
+        let resources: Vec<ResourceRef<'_>> = resources
             .iter()
-            .take(num_resources)
-            .map(|(resource_type, id)| ResourceRef { resource_type, id })
+            .map(|&(resource_type, id)| ResourceRef { resource_type, id })
             .collect();
         let tenants: Vec<&String> = self.tenants.iter().take(num_tenants).collect();
         let ranges: BTreeMap<&String, &TenantRange> = tenants
@@ -1091,9 +1104,10 @@ mod tests {
         }
         assert_eq!(resources.len(), 3);
         assert_eq!(
-            resources.iter().collect::<Vec<_>>(),
+            resources.first_sorted(usize::MAX),
             [("order", "42"), ("order", "5"), ("user", "7")]
         );
+        assert_eq!(resources.first_sorted(2), [("order", "42"), ("order", "5")]);
         let shared = resources.clone();
         resources.insert("order", "6");
         assert_eq!(
@@ -1101,7 +1115,10 @@ mod tests {
             (3, 4),
             "a clone keeps its own set"
         );
-        assert!(!shared.iter().any(|(_, id)| id == "6"));
+        assert!(!shared
+            .first_sorted(usize::MAX)
+            .iter()
+            .any(|(_, id)| *id == "6"));
     }
 
     #[test]

@@ -371,6 +371,7 @@ pub async fn verify(
             reason: row.try_get("reason")?,
             trace_id: row.try_get("trace_id")?,
             details: row.try_get("details")?,
+            details_canonical: None,
             session_id: row.try_get("session_id")?,
             content_hash: &content_hash,
             schema_version: row.try_get("schema_version")?,

@@ -392,6 +392,9 @@ pub struct Decoded {
     pub writer: WriterId,
     /// The framing the payload arrived in.
     pub wire_format: WireFormat,
+    /// The canonical JSON of `event.details`, once validated ([`Decoder::decode_validated`]):
+    /// the hash chain's form of it, written by the check that judged it.
+    pub details_canonical: Option<Vec<u8>>,
 }
 
 /// The known writer schemas, compiled against the reader schema. Built once and shared; decoding
@@ -539,6 +542,7 @@ impl Decoder {
             event,
             writer: writer.id,
             wire_format,
+            details_canonical: None,
         })
     }
 
@@ -556,8 +560,8 @@ impl Decoder {
                 limit: policy.sizes.event_bytes,
             });
         }
-        let decoded = self.decode(payload)?;
-        validate(&decoded.event, now, policy)?;
+        let mut decoded = self.decode(payload)?;
+        decoded.details_canonical = validate(&decoded.event, now, policy)?;
         Ok(decoded)
     }
 

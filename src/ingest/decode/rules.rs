@@ -8,6 +8,7 @@ use chrono::{DateTime, Duration, Utc};
 use serde::de::{self, Deserialize, Deserializer, MapAccess, SeqAccess, Visitor};
 
 use super::DecodeError;
+use crate::chain;
 use crate::config::SinkConfig;
 use crate::event::AuditEvent;
 
@@ -98,11 +99,14 @@ impl Default for SizeLimits {
 
 /// Checks the content rules and the accept window. Content problems are reported before the time
 /// window, so an event that is both malformed and late is classed `validation`.
+///
+/// A valid event's `details` comes back as its canonical JSON (see [`chain::canonicalize`]),
+/// which the hash chain's row digest needs: the check that judges `details` writes it on the way.
 pub fn validate(
     event: &AuditEvent,
     now: DateTime<Utc>,
     policy: &Policy,
-) -> Result<(), DecodeError> {
+) -> Result<Option<Vec<u8>>, DecodeError> {
     if event.event_id.is_nil() {
         return Err(invalid("event_id", "is the nil uuid".to_owned()));
     }
@@ -138,16 +142,20 @@ pub fn validate(
             "AUDITFLOW_MAX_TEXT_FIELD_BYTES",
         )?;
     }
-    if let Some(details) = event.details.as_deref() {
-        check_text(
-            "details",
-            Some(details),
-            sizes.details_bytes,
-            "AUDITFLOW_MAX_DETAILS_BYTES",
-        )?;
-        check_details_json(details)?;
-    }
-    check_window(event.occurred_at, now, &policy.window)
+    let canonical = match event.details.as_deref() {
+        Some(details) => {
+            check_text(
+                "details",
+                Some(details),
+                sizes.details_bytes,
+                "AUDITFLOW_MAX_DETAILS_BYTES",
+            )?;
+            Some(check_details_json(details)?)
+        }
+        None => None,
+    };
+    check_window(event.occurred_at, now, &policy.window)?;
+    Ok(canonical)
 }
 
 pub(crate) fn invalid(field: &'static str, reason: String) -> DecodeError {
@@ -181,7 +189,35 @@ fn check_text(
     }
 }
 
-fn check_details_json(details: &str) -> Result<(), DecodeError> {
+/// Nesting below this is judged by the one pass alone; serde_json refuses nesting deeper than 128.
+const ONE_PASS_DEPTH: usize = 100;
+
+/// Checks that `details` is a JSON object with no NUL in any string or key, and returns its
+/// canonical JSON. One pass of the canonical writer judges the ordinary document; whatever it
+/// cannot vouch for alone (not an object, a NUL, deep nesting, a number beyond a double's range,
+/// broken syntax) is judged by serde_json as it always was, so the verdicts and their messages do
+/// not depend on which pass ran.
+fn check_details_json(details: &str) -> Result<Vec<u8>, DecodeError> {
+    let mut canonical = Vec::with_capacity(chain::canonical::capacity_for(details));
+    let written = chain::canonicalize(details, &mut canonical);
+    if let Ok(facts) = written {
+        if facts.object && !facts.nul && facts.depth < ONE_PASS_DEPTH && !facts.huge_number {
+            return Ok(canonical);
+        }
+    }
+    check_details_json_serde(details)?;
+    match written {
+        Ok(_) => Ok(canonical),
+        // JSON to serde_json, but with a number no stored value can have (an exponent of ten
+        // digits): without a canonical form the row could not join the hash chain.
+        Err(err) => Err(invalid(
+            "details",
+            format!("has no canonical form for the hash chain: {err}"),
+        )),
+    }
+}
+
+fn check_details_json_serde(details: &str) -> Result<(), DecodeError> {
     match serde_json::from_str::<JsonShape>(details) {
         Ok(JsonShape::Object) => Ok(()),
         Ok(JsonShape::Other(kind)) => Err(invalid(
@@ -328,5 +364,69 @@ impl<'de> Visitor<'de> for NulFreeVisitor {
     fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<NulFree, A::Error> {
         while map.next_entry::<NulFree, NulFree>()?.is_some() {}
         Ok(NulFree)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The one pass decides only what it can vouch for; every verdict and message is the one
+    /// serde_json alone gave, and an accepted document comes back canonical.
+    #[test]
+    fn details_verdicts_are_serde_json_s() {
+        // 80, 110 and 140 levels: the one pass alone, serde_json accepting, serde_json refusing.
+        let nested = |pairs: usize| format!("{}{}", "{\"a\":[".repeat(pairs), "]}".repeat(pairs));
+        let (deep, deeper, deepest) = (nested(40), nested(55), nested(70));
+        for details in [
+            r#"{"b":1,"a":{"c":[true,null,"x"]}}"#,
+            r#" { "z" : 1.50 , "a" : -0 } "#,
+            r#"{"k":1,"k":2}"#,
+            "{}",
+            "[]",
+            "\"text\"",
+            "12",
+            "null",
+            "true",
+            r#"{"a":"\u0000"}"#,
+            r#"{"\u0000":1}"#,
+            r#"{"a":["\u0000"]}"#,
+            r#"{"a":"\\u0000"}"#,
+            r#"{"a":1e300}"#,
+            r#"{"a":1e309}"#,
+            r#"{"a":-2e400}"#,
+            r#"{"a":1e-400}"#,
+            r#"{"a":123456789012345678901234567890}"#,
+            &deep,
+            &deeper,
+            &deepest,
+            r#"{"a":1,}"#,
+            r#"{"a":01}"#,
+            r#"{"a":"\ud800"}"#,
+            "{\"a\":\"\u{1}\"}",
+            r#"{"a":1} x"#,
+            "",
+        ] {
+            let old = check_details_json_serde(details);
+            let new = check_details_json(details);
+            match (&old, &new) {
+                (Ok(()), Ok(canonical)) => assert_eq!(
+                    canonical,
+                    &chain::canonical_json(details).unwrap(),
+                    "{details}"
+                ),
+                (Err(old), Err(new)) => assert_eq!(old.to_string(), new.to_string()),
+                _ => panic!("{details}: {old:?} before, {new:?} now"),
+            }
+        }
+    }
+
+    #[test]
+    fn json_without_a_canonical_form_is_refused_not_stored_with_a_broken_digest() {
+        // serde_json reads the exponent as a double's underflow to zero; no stored value has it.
+        let details = r#"{"a":1e-10000000000}"#;
+        assert!(check_details_json_serde(details).is_ok());
+        let err = check_details_json(details).unwrap_err().to_string();
+        assert!(err.contains("no canonical form"), "{err}");
     }
 }

@@ -14,6 +14,7 @@
 use std::collections::{BTreeSet, HashMap};
 
 use chrono::{DateTime, NaiveDate, Utc};
+use foldhash::fast::RandomState;
 
 use super::summary::{BatchSummary, TenantRange};
 use crate::chain::{self, DayDigests, Hash, StoredRow};
@@ -44,7 +45,7 @@ pub struct CopyRows {
     /// what a range stores.
     row_keys: Vec<(u32, DateTime<Utc>)>,
     tenants: Vec<String>,
-    tenant_index: HashMap<String, u32>,
+    tenant_index: HashMap<String, u32, RandomState>,
     /// Per row: its Kafka partition and offset, and its [`chain::row_digest`].
     links: Vec<(i32, i64, Hash)>,
 }
@@ -89,8 +90,30 @@ impl CopyRows {
         }
     }
 
+    /// Empties the set, keeping its buffers for the next rows.
+    pub fn clear(&mut self) {
+        self.data.clear();
+        self.row_ends.clear();
+        self.days.clear();
+        self.row_keys.clear();
+        self.tenants.clear();
+        self.tenant_index.clear();
+        self.links.clear();
+    }
+
     /// Appends one row.
     pub fn push(&mut self, event: &AuditEvent, meta: RowMeta<'_>) {
+        self.push_with_details(event, None, meta);
+    }
+
+    /// Appends one row whose `details` the caller canonicalised already (see
+    /// [`crate::ingest::decode::Decoded::details_canonical`]).
+    pub fn push_with_details(
+        &mut self,
+        event: &AuditEvent,
+        details_canonical: Option<&[u8]>,
+        meta: RowMeta<'_>,
+    ) {
         let out = &mut self.data;
         out.extend_from_slice(&NUM_FIELDS.to_be_bytes());
         field(out, event.event_id.as_bytes());
@@ -148,8 +171,11 @@ impl CopyRows {
             }
         };
         self.row_keys.push((tenant, event.occurred_at));
-        self.links
-            .push((meta.partition, meta.offset, stored_row_digest(event, &meta)));
+        self.links.push((
+            meta.partition,
+            meta.offset,
+            stored_row_digest(event, details_canonical, &meta),
+        ));
     }
 
     /// The hash chain's per-day digests of the rows in `range` for which `stored` is true (the
@@ -217,7 +243,16 @@ impl CopyRows {
     /// The rows at `indices` (ascending), as rows of their own: what one store stream writes of a
     /// batch. Encoded bytes are copied, not re-encoded.
     pub fn select(&self, indices: &[usize]) -> CopyRows {
-        let mut selected = CopyRows::new();
+        let share = |len: usize| len * indices.len() / self.len().max(1) + 1;
+        let mut selected = CopyRows {
+            data: Vec::with_capacity(share(self.data.len()) + share(self.data.len()) / 8),
+            row_ends: Vec::with_capacity(indices.len()),
+            row_keys: Vec::with_capacity(indices.len()),
+            links: Vec::with_capacity(indices.len()),
+            ..CopyRows::default()
+        };
+        // This set's tenant index of each of ours, once it is needed.
+        let mut renumbered: Vec<Option<u32>> = vec![None; self.tenants.len()];
         for &index in indices {
             let start = if index == 0 {
                 0
@@ -230,15 +265,18 @@ impl CopyRows {
             selected.row_ends.push(selected.data.len());
             let (tenant, occurred_at) = self.row_keys[index];
             selected.days.insert(occurred_at.date_naive());
-            let name = self
-                .tenants
-                .get(tenant as usize)
-                .cloned()
-                .unwrap_or_default();
-            let tenant = match selected.tenant_index.get(&name) {
-                Some(existing) => *existing,
+            let tenant = match renumbered.get(tenant as usize).copied().flatten() {
+                Some(existing) => existing,
                 None => {
+                    let name = self
+                        .tenants
+                        .get(tenant as usize)
+                        .cloned()
+                        .unwrap_or_default();
                     let new = u32::try_from(selected.tenants.len()).unwrap_or(u32::MAX);
+                    if let Some(slot) = renumbered.get_mut(tenant as usize) {
+                        *slot = Some(new);
+                    }
                     selected.tenant_index.insert(name.clone(), new);
                     selected.tenants.push(name);
                     new
@@ -267,7 +305,11 @@ impl CopyRows {
 /// The row's digest as `auditflow verify` recomputes it from the stored columns. A `details`
 /// that is not JSON cannot be stored either (the column is `jsonb`), so its row never joins a
 /// link; it gets a zero digest rather than an error here.
-fn stored_row_digest(event: &AuditEvent, meta: &RowMeta<'_>) -> Hash {
+fn stored_row_digest(
+    event: &AuditEvent,
+    details_canonical: Option<&[u8]>,
+    meta: &RowMeta<'_>,
+) -> Hash {
     let row = StoredRow {
         event_id: event.event_id,
         occurred_at_micros: event.occurred_at.timestamp_micros(),
@@ -283,6 +325,7 @@ fn stored_row_digest(event: &AuditEvent, meta: &RowMeta<'_>) -> Hash {
         reason: event.reason.as_deref(),
         trace_id: event.trace_id.as_deref(),
         details: event.details.as_deref(),
+        details_canonical,
         session_id: event.session_id.as_deref(),
         content_hash: &meta.content_hash,
         schema_version: meta.schema_version.and_then(|v| i16::try_from(v).ok()),
