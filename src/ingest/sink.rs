@@ -25,7 +25,8 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use backon::{ExponentialBuilder, Retryable};
-use chrono::Utc;
+use chrono::{DateTime, Utc};
+use futures::{FutureExt as _, StreamExt as _};
 use rdkafka::consumer::Consumer;
 use rdkafka::message::{BorrowedMessage, Message};
 use rdkafka::ClientConfig;
@@ -54,6 +55,11 @@ use crate::db::retry::Retry;
 use crate::kafka;
 use crate::observe::StatusBoard;
 use crate::telemetry::Throttle;
+
+/// Messages taken from librdkafka's queue in one turn of the consume loop, at most: enough to
+/// spread the loop's own cost (timers, locks) thin, few enough to keep its other branches
+/// (shutdown, the store, breakers) served every few milliseconds.
+const MAX_BURST: u64 = 512;
 
 /// Why a batch did not complete.
 #[derive(Debug, thiserror::Error)]
@@ -113,6 +119,15 @@ fn consumer_config(brokers: &str, config: &Config) -> ClientConfig {
         .set("queued.max.messages.kbytes", "32768")
         .set("statistics.interval.ms", "5000");
     consumer
+}
+
+/// The empty batch `seq` that follows `open`: a stored batch handed back, if one is spare, else
+/// a new one sized like `open`.
+fn next_batch(open: &Batch, spare: &mut Option<Batch>, seq: u64) -> Batch {
+    match spare.take() {
+        Some(spent) => spent.recycle(seq),
+        None => open.successor(seq),
+    }
 }
 
 /// Dead letters (class `conflict`) for the rows the store did not insert because their id and
@@ -406,6 +421,9 @@ impl Sink {
         let started = Instant::now();
         let sink = Arc::new(self);
         let (batch_tx, mut batch_rx) = mpsc::channel::<Batch>(1);
+        // Stored batches come back to this loop: their buffers are reused for the next one and
+        // what they hold is freed on the thread that allocated it.
+        let (spent_tx, mut spent_rx) = mpsc::unbounded_channel::<Batch>();
         let in_flight = Arc::new(AtomicUsize::new(0));
         // Fires when the drain timeout is over: retries stop, offsets of unfinished work stay
         // uncommitted, and the records are redelivered later.
@@ -417,8 +435,9 @@ impl Sink {
             let abort = abort.clone();
             tokio::spawn(async move {
                 while let Some(batch) = batch_rx.recv().await {
-                    let result = sink.process_batch(batch, &abort).await;
+                    let result = sink.process_batch(&batch, &abort).await;
                     in_flight.fetch_sub(1, Ordering::SeqCst);
+                    let _ = spent_tx.send(batch);
                     if let Err(err) = result {
                         tracing::warn!(error = %err, "batch abandoned");
                         break;
@@ -429,6 +448,7 @@ impl Sink {
 
         let mut seq = 0;
         let mut open = Batch::new(seq);
+        let mut spare: Option<Batch> = None;
         let mut ready: Option<Batch> = None;
         let mut waiting_since: Option<Instant> = None;
         // Why the partitions should be paused: the store has not taken a finished batch for
@@ -441,6 +461,8 @@ impl Sink {
         let mut resumed_at = Instant::now();
         let mut tick = tokio::time::interval(Duration::from_millis(100));
         let consumer = Arc::clone(&sink.consumer);
+        // One stream for the whole run: each `recv` would register and drop a waker of its own.
+        let mut messages = consumer.stream();
         // With the brokers down, every poll fails: one line per interval, with the count.
         let consumer_errors = Throttle::default();
         // Messages waiting for their schema from the registry, at most two batches' worth.
@@ -492,25 +514,41 @@ impl Sink {
                 }
                 _ = sleep_until_opt(deadline), if ready.is_none() && deadline.is_some() => {
                     seq += 1;
-                    let next = open.successor(seq);
+                    let next = next_batch(&open, &mut spare, seq);
                     ready = Some(std::mem::replace(&mut open, next));
                     waiting_since = Some(Instant::now());
                 }
                 // While paused, keep polling: it serves rebalances and heartbeats, and whatever
                 // was fetched before the pause still goes into the open batch.
-                message = consumer.recv(), if !store_behind || paused => {
-                    match message {
-                        Ok(message) => {
-                            last_message = Instant::now();
-                            sink.stats.message_arrived();
-                            sink.board.add_consumed(1);
-                            sink.add_message(&mut open, &mut held, &message);
+                Some(message) = messages.next(), if !store_behind || paused => {
+                    // What librdkafka fetched already is taken now, up to the open batch's
+                    // limits, instead of one message per turn of this loop.
+                    let mut next = Some(message);
+                    let mut taken = 0;
+                    // One reading of the clock for the burst's accept-window checks.
+                    let now = Utc::now();
+                    while let Some(message) = next.take() {
+                        match message {
+                            Ok(message) => {
+                                if taken == 0 {
+                                    sink.stats.message_arrived();
+                                }
+                                taken += 1;
+                                sink.add_message(&mut open, &mut held, &message, now);
+                            }
+                            Err(err) => {
+                                consumer_errors.record(|repeated| {
+                                    tracing::warn!(error = %err, repeated, "kafka consumer error");
+                                });
+                            }
                         }
-                        Err(err) => {
-                            consumer_errors.record(|repeated| {
-                                tracing::warn!(error = %err, repeated, "kafka consumer error");
-                            });
+                        if taken < MAX_BURST && !open.is_full(&limits) {
+                            next = messages.next().now_or_never().flatten();
                         }
+                    }
+                    if taken > 0 {
+                        last_message = Instant::now();
+                        sink.board.add_consumed(taken);
                     }
                 }
                 _ = tick.tick() => {
@@ -546,6 +584,9 @@ impl Sink {
                     }
                 }
             }
+            while let Ok(spent) = spent_rx.try_recv() {
+                spare = Some(spent.recycle(0));
+            }
             // Held messages whose schema settled go into the open batch, as far as it has room.
             if held.is_dirty() {
                 held.drain(|waiting| sink.offer(&mut open, &limits, waiting));
@@ -553,7 +594,7 @@ impl Sink {
             // A full batch goes out as soon as the slot is free, whichever branch freed it.
             if ready.is_none() && open.is_full(&limits) {
                 seq += 1;
-                let next = open.successor(seq);
+                let next = next_batch(&open, &mut spare, seq);
                 ready = Some(std::mem::replace(&mut open, next));
                 waiting_since = Some(Instant::now());
             }
@@ -602,6 +643,7 @@ impl Sink {
         }
         // The loop's handle goes now, so the sink's is the last one and closing happens off the
         // runtime below.
+        drop(messages);
         drop(consumer);
         // Drain: hand over what is open, wait for the store within the drain timeout.
         let drain_deadline = Instant::now() + sink.config.sink.drain_timeout();
@@ -676,7 +718,13 @@ impl Sink {
 
     /// Decodes one message into the open batch, or queues it for the dead-letter topic, or
     /// holds it until its schema is fetched (and so every later message of its partition).
-    fn add_message(&self, batch: &mut Batch, held: &mut Held, message: &BorrowedMessage<'_>) {
+    fn add_message(
+        &self,
+        batch: &mut Batch,
+        held: &mut Held,
+        message: &BorrowedMessage<'_>,
+        now: DateTime<Utc>,
+    ) {
         let Some(delivery) = self
             .tracker
             .lock()
@@ -691,18 +739,16 @@ impl Sink {
             return;
         }
         let decode_started = std::time::Instant::now();
-        let decoded = self.decoder.decode_validated(
-            message.payload().unwrap_or_default(),
-            Utc::now(),
-            &self.policy,
-        );
-        add_elapsed(&self.stats.decode_ns, decode_started);
+        let decoded =
+            self.decoder
+                .decode_validated(message.payload().unwrap_or_default(), now, &self.policy);
+        let decoded_at = add_elapsed(&self.stats.decode_ns, decode_started);
         match decoded {
             Err(DecodeError::NotFetched(id)) => {
                 held.hold(delivery, source);
                 held.fetch(id);
             }
-            decoded => self.add_decoded(batch, delivery, source, decoded),
+            decoded => self.add_decoded(batch, delivery, source, decoded, decoded_at),
         }
     }
 
@@ -725,30 +771,37 @@ impl Sink {
         let decoded = self
             .decoder
             .decode_validated(payload, Utc::now(), &self.policy);
-        add_elapsed(&self.stats.decode_ns, decode_started);
+        let decoded_at = add_elapsed(&self.stats.decode_ns, decode_started);
         match decoded {
             Err(DecodeError::NotFetched(id)) => Err((waiting, Refused::Unfetched(id))),
             decoded => {
-                self.add_decoded(batch, waiting.delivery, *waiting.source, decoded);
+                self.add_decoded(
+                    batch,
+                    waiting.delivery,
+                    *waiting.source,
+                    decoded,
+                    decoded_at,
+                );
                 Ok(())
             }
         }
     }
 
-    /// Adds a decoded event to the batch, or its permanent failure as a dead letter.
+    /// Adds a decoded event to the batch, or its permanent failure as a dead letter. `decoded_at`
+    /// is when decoding ended: encoding time counts from there.
     fn add_decoded(
         &self,
         batch: &mut Batch,
         delivery: Delivery,
         source: SourceRecord,
         decoded: Result<Decoded, DecodeError>,
+        decoded_at: std::time::Instant,
     ) {
         match decoded {
             Ok(decoded) => {
-                let encode_started = std::time::Instant::now();
                 let hash = crate::event::content_hash(&decoded.event);
                 batch.add_event(delivery, &decoded, hash, source);
-                add_elapsed(&self.stats.encode_ns, encode_started);
+                add_elapsed(&self.stats.encode_ns, decoded_at);
             }
             Err(err) => {
                 tracing::debug!(
@@ -775,13 +828,13 @@ impl Sink {
     /// Transient failures are retried until `abort` fires.
     pub async fn process_batch(
         &self,
-        batch: Batch,
+        batch: &Batch,
         abort: &CancellationToken,
     ) -> Result<BatchReport, BatchError> {
         let started = std::time::Instant::now();
-        let (written, refused) = self.write_isolating(&batch, abort).await?;
+        let (written, refused) = self.write_isolating(batch, abort).await?;
         let outcome = written.outcome;
-        let conflicting = conflict_letters(&batch, &outcome.conflicting);
+        let conflicting = conflict_letters(batch, &outcome.conflicting);
         let letters: Vec<&DeadLetter> = batch
             .dead_letters
             .iter()
@@ -794,7 +847,7 @@ impl Sink {
                 tracing::warn!(error = %err, "dead letters not acknowledged");
                 BatchError::Interrupted
             })?;
-        self.store_offsets(&batch);
+        self.store_offsets(batch);
 
         let duplicates = outcome.duplicates + batch.num_duplicates;
         let conflicts = outcome.conflicts + batch.num_conflicts;
@@ -815,9 +868,9 @@ impl Sink {
         let now_ms = Utc::now().timestamp_millis();
         stats.record_latencies(&batch.kafka_timestamps_ms, now_ms);
         add_elapsed(&stats.store_ns, started);
+        let latency = metrics::histogram!("auditflow_end_to_end_latency_seconds");
         for ts in &batch.kafka_timestamps_ms {
-            metrics::histogram!("auditflow_end_to_end_latency_seconds")
-                .record((now_ms - ts).max(0) as f64 / 1000.0);
+            latency.record((now_ms - ts).max(0) as f64 / 1000.0);
         }
         // One message per committed transaction that stored rows, in commit order: the
         // publisher's sequence has no gap unless a message is lost.

@@ -123,9 +123,12 @@ pub struct BatchReport {
     pub dead_lettered: u64,
 }
 
-pub(crate) fn add_elapsed(counter: &AtomicU64, since: std::time::Instant) {
-    let nanos = u64::try_from(since.elapsed().as_nanos()).unwrap_or(u64::MAX);
+/// Adds the time since `since` to `counter`; returns now, where the next measurement can start.
+pub(crate) fn add_elapsed(counter: &AtomicU64, since: std::time::Instant) -> std::time::Instant {
+    let now = std::time::Instant::now();
+    let nanos = u64::try_from(now.saturating_duration_since(since).as_nanos()).unwrap_or(u64::MAX);
     counter.fetch_add(nanos, Ordering::Relaxed);
+    now
 }
 
 pub(crate) fn nanos_to_s(counter: &AtomicU64) -> f64 {
