@@ -87,6 +87,11 @@ pub struct BenchReport {
     /// The machine's busy CPU per row while each ceiling was measured (PostgreSQL, almost all
     /// of it), microseconds.
     pub ceiling_cpu_us_per_row: BTreeMap<String, f64>,
+    /// Every phase (each ceiling, the pipeline) began right after a `CHECKPOINT`, so none paid
+    /// for writing out what an earlier one left in PostgreSQL's buffers, and each started its
+    /// checkpoint cycle (and the full-page images that follow a checkpoint) at the same point.
+    /// False when the role may not run `CHECKPOINT` (it needs superuser or `pg_checkpoint`).
+    pub checkpointed: bool,
     /// `auditflow verify` over what both phases stored: its verdict and rate.
     pub verify: VerifyFigures,
 }
@@ -234,6 +239,7 @@ pub async fn run(mut config: Config, options: &BenchOptions) -> anyhow::Result<B
             redis_url: config.redis.redis_url.expose().to_owned(),
         };
         tracing::info!("running the sink over the backlog");
+        let checkpointed = checkpoint(database_url.expose()).await;
         let cpu_before = CpuSample::now();
         let pipeline = env
             .run(&topic, &format!("bench-{suffix:08x}"), |_| async { Ok(()) })
@@ -321,6 +327,7 @@ pub async fn run(mut config: Config, options: &BenchOptions) -> anyhow::Result<B
             pipeline,
             pipeline_cpu,
             ceiling_cpu_us_per_row,
+            checkpointed,
         })
     }
     .await;
@@ -410,8 +417,12 @@ async fn measure_ceilings(
     let mut ceilings = BTreeMap::new();
     let mut cpu = BTreeMap::new();
     for (ceiling, schema) in CEILING_CONFIGS.iter().zip(schemas) {
-        let (rate, cpu_us_per_row) =
-            measure_ceiling(config, database_url, schema, *ceiling, &rows).await?;
+        checkpoint(database_url).await;
+        let measured = measure_ceiling(config, database_url, schema, *ceiling, &rows).await;
+        // Its rows are not needed again: dropped now, their pages are not written out while the
+        // next phase runs.
+        drop_schemas(database_url, &[schema.as_str()]).await;
+        let (rate, cpu_us_per_row) = measured?;
         tracing::info!(config = %ceiling.name(), rows_per_s = rate, "ceiling measured");
         ceilings.insert(ceiling.name(), rate);
         if let Some(us) = cpu_us_per_row {
@@ -696,6 +707,26 @@ async fn wait_for_rows(pool: &sqlx::PgPool, schema: &str, rows: u64) -> anyhow::
             "the sink did not store the warm-up events"
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Runs `CHECKPOINT`; false (and a warning) when the role may not or the database is not there.
+async fn checkpoint(database_url: &str) -> bool {
+    let result = async {
+        let mut conn = sqlx::PgConnection::connect(database_url).await?;
+        sqlx::query("CHECKPOINT").execute(&mut conn).await?;
+        conn.close().await
+    }
+    .await;
+    match result {
+        Ok(()) => true,
+        Err(err) => {
+            tracing::warn!(
+                error = %err,
+                "CHECKPOINT before a phase failed; phases may pay for each other's writes"
+            );
+            false
+        }
     }
 }
 
