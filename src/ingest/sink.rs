@@ -524,10 +524,11 @@ impl Sink {
                     // What librdkafka fetched already is taken now, up to the open batch's
                     // limits, instead of one message per turn of this loop.
                     let mut next = Some(message);
-                    let mut taken = 0;
+                    let (mut polled, mut taken) = (0, 0);
                     // One reading of the clock for the burst's accept-window checks.
                     let now = Utc::now();
                     while let Some(message) = next.take() {
+                        polled += 1;
                         match message {
                             Ok(message) => {
                                 if taken == 0 {
@@ -542,7 +543,7 @@ impl Sink {
                                 });
                             }
                         }
-                        if taken < MAX_BURST && !open.is_full(&limits) {
+                        if polled < MAX_BURST && !open.is_full(&limits) && !held.is_full() {
                             next = messages.next().now_or_never().flatten();
                         }
                     }
