@@ -48,8 +48,8 @@ pub struct JsonFacts {
     pub nul: bool,
     /// The deepest nesting of arrays and objects (0 for a scalar).
     pub depth: usize,
-    /// Some number is 1e300 or more in magnitude: beyond what a double holds, so a parser that
-    /// reads numbers as doubles refuses it.
+    /// Some number is 1e300 or more in magnitude: near or past the largest double (1.8e308),
+    /// where a parser that reads numbers as doubles refuses it.
     pub huge_number: bool,
 }
 

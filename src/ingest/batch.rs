@@ -424,6 +424,30 @@ mod tests {
         assert!(batch.rows.is_empty());
         assert!(batch.deadline(&limits()).is_some());
     }
+
+    #[test]
+    fn a_recycled_batch_is_empty_and_forgets_what_it_saw() {
+        let mut batch = Batch::new(1);
+        let event = decoded(1, "acme");
+        assert_eq!(
+            batch.add_event(delivery(1), &event, [1; 16], source(1, 10)),
+            Added::Row
+        );
+        let recycled = batch.recycle(7);
+        assert_eq!(recycled.seq, 7);
+        assert!(recycled.is_empty() && recycled.rows.is_empty());
+        assert!(recycled.row_sources.is_empty() && recycled.kafka_timestamps_ms.is_empty());
+        assert!(recycled.invalidation.is_empty());
+        assert_eq!(recycled.deadline(&limits()), None);
+        assert!(!recycled.is_full(&limits()));
+        let mut recycled = recycled;
+        // The same event is new to the next batch: not a repeat within it.
+        assert_eq!(
+            recycled.add_event(delivery(2), &event, [1; 16], source(2, 10)),
+            Added::Row
+        );
+        assert_eq!(recycled.rows.len(), 1);
+    }
 }
 
 /// The consumer task's work per event, without Kafka or the database: decode and validate,
