@@ -121,6 +121,94 @@ pub struct AuditEvent {
     pub session_id: Option<String>,
 }
 
+/// An [`AuditEvent`] whose text borrows from elsewhere, typically the Kafka payload it was decoded
+/// from: what the consumer validates, hashes and encodes into a row without copying a field.
+/// Flat, where [`AuditEvent`] nests `actor` and `resource`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct EventView<'a> {
+    /// See [`AuditEvent::event_id`].
+    pub event_id: Uuid,
+    /// See [`AuditEvent::occurred_at`].
+    pub occurred_at: DateTime<Utc>,
+    /// See [`AuditEvent::tenant_id`].
+    pub tenant_id: &'a str,
+    /// See [`Actor::id`].
+    pub actor_id: &'a str,
+    /// See [`Actor::actor_type`].
+    pub actor_type: ActorType,
+    /// See [`Actor::ip`].
+    pub actor_ip: Option<&'a str>,
+    /// See [`Actor::user_agent`].
+    pub actor_user_agent: Option<&'a str>,
+    /// See [`AuditEvent::action`].
+    pub action: &'a str,
+    /// See [`Resource::resource_type`].
+    pub resource_type: &'a str,
+    /// See [`Resource::id`].
+    pub resource_id: &'a str,
+    /// See [`AuditEvent::outcome`].
+    pub outcome: Outcome,
+    /// See [`AuditEvent::reason`].
+    pub reason: Option<&'a str>,
+    /// See [`AuditEvent::trace_id`].
+    pub trace_id: Option<&'a str>,
+    /// See [`AuditEvent::details`].
+    pub details: Option<&'a str>,
+    /// See [`AuditEvent::session_id`].
+    pub session_id: Option<&'a str>,
+}
+
+impl AuditEvent {
+    /// The event as a view borrowing its text.
+    pub fn view(&self) -> EventView<'_> {
+        EventView {
+            event_id: self.event_id,
+            occurred_at: self.occurred_at,
+            tenant_id: &self.tenant_id,
+            actor_id: &self.actor.id,
+            actor_type: self.actor.actor_type,
+            actor_ip: self.actor.ip.as_deref(),
+            actor_user_agent: self.actor.user_agent.as_deref(),
+            action: &self.action,
+            resource_type: &self.resource.resource_type,
+            resource_id: &self.resource.id,
+            outcome: self.outcome,
+            reason: self.reason.as_deref(),
+            trace_id: self.trace_id.as_deref(),
+            details: self.details.as_deref(),
+            session_id: self.session_id.as_deref(),
+        }
+    }
+}
+
+impl EventView<'_> {
+    /// The event with its text copied out.
+    pub fn to_event(&self) -> AuditEvent {
+        let owned = |text: Option<&str>| text.map(str::to_owned);
+        AuditEvent {
+            event_id: self.event_id,
+            occurred_at: self.occurred_at,
+            tenant_id: self.tenant_id.to_owned(),
+            actor: Actor {
+                id: self.actor_id.to_owned(),
+                actor_type: self.actor_type,
+                ip: owned(self.actor_ip),
+                user_agent: owned(self.actor_user_agent),
+            },
+            action: self.action.to_owned(),
+            resource: Resource {
+                resource_type: self.resource_type.to_owned(),
+                id: self.resource_id.to_owned(),
+            },
+            outcome: self.outcome,
+            reason: owned(self.reason),
+            trace_id: owned(self.trace_id),
+            details: owned(self.details),
+            session_id: owned(self.session_id),
+        }
+    }
+}
+
 /// Returns a 16-byte fingerprint of every field of the event, independent of the wire format and
 /// writer schema: the same event written with v1 or v2 (with no session) hashes the same. Used to
 /// tell a redelivery (same id, same content) from an id reused for different content.
@@ -128,24 +216,29 @@ pub struct AuditEvent {
 /// `details` is hashed as the text it arrived as, so re-serialised JSON with other spacing or key
 /// order hashes differently.
 pub fn content_hash(event: &AuditEvent) -> [u8; 16] {
+    view_content_hash(&event.view())
+}
+
+/// [`content_hash`] of a view.
+pub fn view_content_hash(event: &EventView<'_>) -> [u8; 16] {
     let mut hasher = Sha256::new();
     // Domain separation and a version, so the serialisation can change without silent collisions.
     hasher.update(b"auditflow.content.v1\0");
     hasher.update(event.event_id.as_bytes());
     hasher.update(event.occurred_at.timestamp_micros().to_be_bytes());
-    hash_text(&mut hasher, &event.tenant_id);
-    hash_text(&mut hasher, &event.actor.id);
-    hash_text(&mut hasher, event.actor.actor_type.as_str());
-    hash_optional_text(&mut hasher, event.actor.ip.as_deref());
-    hash_optional_text(&mut hasher, event.actor.user_agent.as_deref());
-    hash_text(&mut hasher, &event.action);
-    hash_text(&mut hasher, &event.resource.resource_type);
-    hash_text(&mut hasher, &event.resource.id);
+    hash_text(&mut hasher, event.tenant_id);
+    hash_text(&mut hasher, event.actor_id);
+    hash_text(&mut hasher, event.actor_type.as_str());
+    hash_optional_text(&mut hasher, event.actor_ip);
+    hash_optional_text(&mut hasher, event.actor_user_agent);
+    hash_text(&mut hasher, event.action);
+    hash_text(&mut hasher, event.resource_type);
+    hash_text(&mut hasher, event.resource_id);
     hash_text(&mut hasher, event.outcome.as_str());
-    hash_optional_text(&mut hasher, event.reason.as_deref());
-    hash_optional_text(&mut hasher, event.trace_id.as_deref());
-    hash_optional_text(&mut hasher, event.details.as_deref());
-    hash_optional_text(&mut hasher, event.session_id.as_deref());
+    hash_optional_text(&mut hasher, event.reason);
+    hash_optional_text(&mut hasher, event.trace_id);
+    hash_optional_text(&mut hasher, event.details);
+    hash_optional_text(&mut hasher, event.session_id);
     let digest = hasher.finalize();
     let mut hash = [0u8; 16];
     hash.copy_from_slice(&digest[..16]);

@@ -18,9 +18,9 @@ use tokio::time::Instant;
 use uuid::Uuid;
 
 use crate::config::BatchConfig;
-use crate::ingest::decode::Decoded;
+use crate::ingest::decode::DecodedView;
 use crate::ingest::dlq::{DeadLetter, Failure, SourceRecord};
-use crate::ingest::notify::Invalidation;
+use crate::ingest::notify::Resources;
 use crate::ingest::offsets::Delivery;
 use crate::ingest::store::{CopyRows, RowMeta};
 
@@ -72,8 +72,9 @@ pub struct Batch {
     pub dead_letters: Vec<DeadLetter>,
     /// Every message this batch consumed.
     pub deliveries: Vec<Delivery>,
-    /// What readers of the table must invalidate once this batch is committed.
-    pub invalidation: Invalidation,
+    /// The resources the rows touch: what readers of the table must invalidate once this batch
+    /// is committed (with the tenants and times of each transaction's summary).
+    pub resources: Resources,
     /// Kafka timestamps (ms) of the rows, for end-to-end latency.
     pub kafka_timestamps_ms: Vec<i64>,
     /// Events dropped as repeats within this batch.
@@ -94,7 +95,7 @@ impl Batch {
             row_sources: Vec::new(),
             dead_letters: Vec::new(),
             deliveries: Vec::new(),
-            invalidation: Invalidation::new(seq),
+            resources: Resources::default(),
             kafka_timestamps_ms: Vec::new(),
             num_duplicates: 0,
             num_conflicts: 0,
@@ -126,8 +127,7 @@ impl Batch {
         self.row_sources.clear();
         self.dead_letters.clear();
         self.deliveries.clear();
-        // Not cleared: messages published from it may still share its resources.
-        self.invalidation = Invalidation::new(seq);
+        self.resources.clear();
         self.kafka_timestamps_ms.clear();
         self.num_duplicates = 0;
         self.num_conflicts = 0;
@@ -147,7 +147,7 @@ impl Batch {
     pub fn add_event(
         &mut self,
         delivery: Delivery,
-        decoded: &Decoded,
+        decoded: &DecodedView<'_>,
         content_hash: [u8; 16],
         source: SourceRecord,
     ) -> Added {
@@ -210,11 +210,8 @@ impl Batch {
         if let Some(ts) = source.timestamp_ms {
             self.kafka_timestamps_ms.push(ts);
         }
-        self.invalidation.add(
-            &event.tenant_id,
-            &event.resource.resource_type,
-            &event.resource.id,
-        );
+        self.resources
+            .insert(event.resource_type, event.resource_id);
         self.row_sources.push(source);
         Added::Row
     }
@@ -252,7 +249,7 @@ impl Batch {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::event::{Actor, ActorType, AuditEvent, Outcome, Resource};
+    use crate::event::{ActorType, EventView, Outcome};
 
     fn limits() -> BatchLimits {
         BatchLimits {
@@ -262,23 +259,19 @@ mod tests {
         }
     }
 
-    fn decoded(id: u128, tenant: &str) -> Decoded {
-        Decoded {
-            event: AuditEvent {
+    fn decoded(id: u128, tenant: &'static str) -> DecodedView<'static> {
+        DecodedView {
+            event: EventView {
                 event_id: Uuid::from_u128(id),
                 occurred_at: DateTime::from_timestamp(1_700_000_000, 0).unwrap(),
-                tenant_id: tenant.into(),
-                actor: Actor {
-                    id: "u1".into(),
-                    actor_type: ActorType::User,
-                    ip: None,
-                    user_agent: None,
-                },
-                action: "order.update".into(),
-                resource: Resource {
-                    resource_type: "order".into(),
-                    id: "o1".into(),
-                },
+                tenant_id: tenant,
+                actor_id: "u1",
+                actor_type: ActorType::User,
+                actor_ip: None,
+                actor_user_agent: None,
+                action: "order.update",
+                resource_type: "order",
+                resource_id: "o1",
                 outcome: Outcome::Success,
                 reason: None,
                 trace_id: None,
@@ -437,7 +430,7 @@ mod tests {
         assert_eq!(recycled.seq, 7);
         assert!(recycled.is_empty() && recycled.rows.is_empty());
         assert!(recycled.row_sources.is_empty() && recycled.kafka_timestamps_ms.is_empty());
-        assert!(recycled.invalidation.is_empty());
+        assert!(recycled.resources.is_empty());
         assert_eq!(recycled.deadline(&limits()), None);
         assert!(!recycled.is_full(&limits()));
         let mut recycled = recycled;
@@ -502,9 +495,9 @@ mod consumer_path_benchmark {
                 epoch: 0,
             };
             let decoded = decoder
-                .decode_validated(payload, now, &policy)
+                .decode_view_validated(payload, now, &policy)
                 .expect("generated events are valid");
-            let hash = crate::event::content_hash(&decoded.event);
+            let hash = crate::event::view_content_hash(&decoded.event);
             if batch.add_event(delivery, &decoded, hash, source) == Added::Row {
                 rows += 1;
             }
@@ -518,7 +511,9 @@ mod consumer_path_benchmark {
                         .collect();
                     std::hint::black_box(done.rows.select(&indices));
                 }
-                std::hint::black_box(done.invalidation.to_json().ok());
+                let mut message = crate::ingest::notify::Invalidation::new(done.seq);
+                message.resources = done.resources.clone();
+                std::hint::black_box(message.to_json().ok());
             }
         }
         let us = started.elapsed().as_secs_f64() * 1e6 / events as f64;

@@ -72,14 +72,16 @@
 //! up counted exactly once in [`NotifyStats`] (and the matching Prometheus counter) as published,
 //! failed or dropped, once the worker has stopped.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::fmt;
+use std::hash::BuildHasher;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use backon::{BackoffBuilder, ExponentialBuilder};
 use foldhash::fast::RandomState;
+use hashbrown::HashTable;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use serde::Serialize;
 use tokio::sync::mpsc;
@@ -210,53 +212,113 @@ pub enum NotifyError {
 
 /// Distinct `(resource type, resource id)` pairs.
 ///
-/// Grouped by type, so recording a resource already present allocates nothing; hashed, because
-/// a batch records every event's resource and sorts them once, when a message is written
-/// ([`Resources::first_sorted`]); and shared, so the messages of a batch's transactions (one per store
-/// stream) take the batch's set without copying it.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+/// The pairs' text lives in one buffer and a hash table holds where each pair is in it, so
+/// recording a resource allocates nothing once the buffer has grown (a batch records every
+/// event's resource, and a recycled batch keeps the buffer, [`Resources::clear`]); hashed,
+/// because they are sorted only once, when a message is written
+/// ([`Resources::first_sorted`]); and shared, so the messages of a batch's transactions (one per
+/// store stream) take the batch's set without copying it.
+#[derive(Clone, Default)]
 pub struct Resources {
-    by_type: Arc<HashMap<String, HashSet<String, RandomState>, RandomState>>,
-    len: usize,
+    set: Arc<ResourceSet>,
+}
+
+#[derive(Clone, Default)]
+struct ResourceSet {
+    /// Each pair's type then id, back to back.
+    text: String,
+    pairs: HashTable<Pair>,
+    hasher: RandomState,
+}
+
+/// Where one pair's text is in [`ResourceSet::text`].
+#[derive(Debug, Clone, Copy)]
+struct Pair {
+    start: usize,
+    type_len: usize,
+    id_len: usize,
+}
+
+impl ResourceSet {
+    fn get(&self, pair: Pair) -> (&str, &str) {
+        let type_end = pair.start + pair.type_len;
+        (
+            &self.text[pair.start..type_end],
+            &self.text[type_end..type_end + pair.id_len],
+        )
+    }
+
+    fn hash(hasher: &RandomState, resource_type: &str, resource_id: &str) -> u64 {
+        hasher.hash_one((resource_type, resource_id))
+    }
 }
 
 impl Resources {
     /// Records one resource; false if it was already there.
     pub fn insert(&mut self, resource_type: &str, resource_id: &str) -> bool {
-        let by_type = Arc::make_mut(&mut self.by_type);
-        let inserted = match by_type.get_mut(resource_type) {
-            Some(ids) => !ids.contains(resource_id) && ids.insert(resource_id.to_owned()),
-            None => {
-                let mut ids = HashSet::default();
-                ids.insert(resource_id.to_owned());
-                by_type.insert(resource_type.to_owned(), ids);
-                true
-            }
+        let set = Arc::make_mut(&mut self.set);
+        let hash = ResourceSet::hash(&set.hasher, resource_type, resource_id);
+        let ResourceSet {
+            text,
+            pairs,
+            hasher,
+        } = set;
+        let same = |pair: &Pair| {
+            let type_end = pair.start + pair.type_len;
+            text.get(pair.start..type_end) == Some(resource_type)
+                && text.get(type_end..type_end + pair.id_len) == Some(resource_id)
         };
-        self.len += usize::from(inserted);
-        inserted
+        if pairs.find(hash, same).is_some() {
+            return false;
+        }
+        let pair = Pair {
+            start: text.len(),
+            type_len: resource_type.len(),
+            id_len: resource_id.len(),
+        };
+        text.push_str(resource_type);
+        text.push_str(resource_id);
+        let rehash = |pair: &Pair| {
+            let type_end = pair.start + pair.type_len;
+            ResourceSet::hash(
+                hasher,
+                &text[pair.start..type_end],
+                &text[type_end..type_end + pair.id_len],
+            )
+        };
+        pairs.insert_unique(hash, pair, rehash);
+        true
+    }
+
+    /// Forgets every resource, keeping the buffers unless a message still shares them.
+    pub fn clear(&mut self) {
+        match Arc::get_mut(&mut self.set) {
+            Some(set) => {
+                set.text.clear();
+                set.pairs.clear();
+            }
+            None => *self = Resources::default(),
+        }
     }
 
     /// Number of distinct resources.
     pub fn len(&self) -> usize {
-        self.len
+        self.set.pairs.len()
     }
 
     /// True when none was recorded.
     pub fn is_empty(&self) -> bool {
-        self.len == 0
+        self.set.pairs.is_empty()
+    }
+
+    /// Every resource, in no particular order.
+    fn iter(&self) -> impl Iterator<Item = (&str, &str)> {
+        self.set.pairs.iter().map(|pair| self.set.get(*pair))
     }
 
     /// The first `limit` resources by type then id, in that order.
     pub fn first_sorted(&self, limit: usize) -> Vec<(&str, &str)> {
-        let mut all: Vec<(&str, &str)> = self
-            .by_type
-            .iter()
-            .flat_map(|(resource_type, ids)| {
-                ids.iter()
-                    .map(move |id| (resource_type.as_str(), id.as_str()))
-            })
-            .collect();
+        let mut all: Vec<(&str, &str)> = self.iter().collect();
         // Only the first `limit` need an order: pick them, then sort just those.
         if limit < all.len() {
             all.select_nth_unstable(limit);
@@ -264,6 +326,25 @@ impl Resources {
         }
         all.sort_unstable();
         all
+    }
+}
+
+impl PartialEq for Resources {
+    fn eq(&self, other: &Self) -> bool {
+        self.len() == other.len() && {
+            let theirs: HashSet<(&str, &str)> = other.iter().collect();
+            self.iter().all(|pair| theirs.contains(&pair))
+        }
+    }
+}
+
+impl Eq for Resources {}
+
+impl fmt::Debug for Resources {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_set()
+            .entries(self.first_sorted(self.len()))
+            .finish()
     }
 }
 
@@ -1119,6 +1200,34 @@ mod tests {
             .first_sorted(usize::MAX)
             .iter()
             .any(|(_, id)| *id == "6"));
+    }
+
+    #[test]
+    fn resources_split_between_type_and_id_differently_are_different_and_clear_spares_a_sharer() {
+        let mut resources = Resources::default();
+        assert!(resources.insert("ab", "c"));
+        assert!(resources.insert("a", "bc"), "same bytes, another pair");
+        assert!(resources.insert("", "abc"));
+        assert!(!resources.insert("a", "bc"));
+        for index in 0..10_000 {
+            // Enough to make the table grow and rehash every pair from the shared text.
+            resources.insert("order", &index.to_string());
+        }
+        assert_eq!(resources.len(), 10_003);
+        assert!(!resources.insert("order", "9999"));
+        assert_eq!(
+            resources.first_sorted(3),
+            [("", "abc"), ("a", "bc"), ("ab", "c")]
+        );
+        let published = resources.clone();
+        resources.clear();
+        assert!(resources.is_empty() && resources.first_sorted(10).is_empty());
+        assert_eq!(published.len(), 10_003, "a message keeps what it shares");
+        let mut alone = published.clone();
+        drop(published);
+        alone.clear();
+        assert!(alone.is_empty() && alone.insert("order", "1"));
+        assert_eq!(alone.first_sorted(10), [("order", "1")]);
     }
 
     #[test]

@@ -39,7 +39,7 @@ use super::consume::{
     commit_sync, set_paused, Membership, SinkConsumer, SinkContext, TopicOffsets, PAUSE_AFTER,
 };
 use super::decode::registry::{RegistryState, SchemaRegistry};
-use super::decode::{DecodeError, Decoded, Decoder, Policy, RegistryCache};
+use super::decode::{DecodeError, DecodedView, Decoder, Policy, RegistryCache};
 use super::dlq::{DeadLetter, DlqError, DlqProducer, Failure, SourceRecord};
 use super::hold::{Held, Refused, Waiting};
 use super::isolate::isolate;
@@ -740,9 +740,11 @@ impl Sink {
             return;
         }
         let decode_started = std::time::Instant::now();
-        let decoded =
-            self.decoder
-                .decode_validated(message.payload().unwrap_or_default(), now, &self.policy);
+        let decoded = self.decoder.decode_view_validated(
+            message.payload().unwrap_or_default(),
+            now,
+            &self.policy,
+        );
         let decoded_at = add_elapsed(&self.stats.decode_ns, decode_started);
         match decoded {
             Err(DecodeError::NotFetched(id)) => {
@@ -767,11 +769,13 @@ impl Sink {
             // Revoked meanwhile: the new owner reads it again.
             return Ok(());
         }
-        let payload = waiting.source.payload.as_deref().unwrap_or_default();
+        // The event borrows the payload while the record moves into the batch: a copy of it, on
+        // this path of messages that waited for their schema.
+        let payload = waiting.source.payload.clone().unwrap_or_default();
         let decode_started = std::time::Instant::now();
         let decoded = self
             .decoder
-            .decode_validated(payload, Utc::now(), &self.policy);
+            .decode_view_validated(&payload, Utc::now(), &self.policy);
         let decoded_at = add_elapsed(&self.stats.decode_ns, decode_started);
         match decoded {
             Err(DecodeError::NotFetched(id)) => Err((waiting, Refused::Unfetched(id))),
@@ -795,12 +799,12 @@ impl Sink {
         batch: &mut Batch,
         delivery: Delivery,
         source: SourceRecord,
-        decoded: Result<Decoded, DecodeError>,
+        decoded: Result<DecodedView<'_>, DecodeError>,
         decoded_at: std::time::Instant,
     ) {
         match decoded {
             Ok(decoded) => {
-                let hash = crate::event::content_hash(&decoded.event);
+                let hash = crate::event::view_content_hash(&decoded.event);
                 batch.add_event(delivery, &decoded, hash, source);
                 add_elapsed(&self.stats.encode_ns, decoded_at);
             }
@@ -876,10 +880,8 @@ impl Sink {
         // One message per committed transaction that stored rows, in commit order: the
         // publisher's sequence has no gap unless a message is lost.
         for committed in &written.commits {
-            self.notifier.publish(notify::Invalidation::committed(
-                committed,
-                &batch.invalidation.resources,
-            ));
+            self.notifier
+                .publish(notify::Invalidation::committed(committed, &batch.resources));
         }
         for head in &written.commits {
             self.log_chain_head(head);

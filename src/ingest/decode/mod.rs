@@ -53,7 +53,7 @@ pub(crate) mod types;
 mod wire;
 
 pub use cache::RegistryCache;
-pub use rules::{validate, AcceptWindow, Policy, SizeLimits};
+pub use rules::{validate, validate_view, AcceptWindow, Policy, SizeLimits};
 pub(crate) use schema::WriterSchema;
 
 use std::collections::{BTreeMap, HashMap};
@@ -65,7 +65,7 @@ use std::sync::Arc;
 use apache_avro::Schema;
 use chrono::{DateTime, Utc};
 
-use crate::event::AuditEvent;
+use crate::event::{AuditEvent, EventView};
 
 /// The schema version every payload is resolved into; its text is embedded in the binary.
 pub const READER_VERSION: u32 = 2;
@@ -397,6 +397,32 @@ pub struct Decoded {
     pub details_canonical: Option<Vec<u8>>,
 }
 
+/// A decoded event whose text borrows from the payload: what the consumer validates, hashes and
+/// encodes, without copying a field out of the message.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DecodedView<'p> {
+    /// The event, resolved into the reader schema.
+    pub event: EventView<'p>,
+    /// The schema the producer wrote with.
+    pub writer: WriterId,
+    /// The framing the payload arrived in.
+    pub wire_format: WireFormat,
+    /// See [`Decoded::details_canonical`].
+    pub details_canonical: Option<Vec<u8>>,
+}
+
+impl DecodedView<'_> {
+    /// The decoded event with its text copied out of the payload.
+    pub fn into_decoded(self) -> Decoded {
+        Decoded {
+            event: self.event.to_event(),
+            writer: self.writer,
+            wire_format: self.wire_format,
+            details_canonical: self.details_canonical,
+        }
+    }
+}
+
 /// The known writer schemas, compiled against the reader schema. Built once and shared; decoding
 /// takes `&self` and is safe from many threads.
 #[derive(Debug)]
@@ -536,9 +562,14 @@ impl Decoder {
     /// Decodes a payload into an event resolved into the reader schema. Checks the framing, the
     /// datum and the event id's syntax; the content rules and the time window are [`validate`]'s.
     pub fn decode(&self, payload: &[u8]) -> Result<Decoded, DecodeError> {
+        self.decode_view(payload).map(DecodedView::into_decoded)
+    }
+
+    /// [`Decoder::decode`], the event's text borrowing from `payload`.
+    pub fn decode_view<'p>(&self, payload: &'p [u8]) -> Result<DecodedView<'p>, DecodeError> {
         let (writer, wire_format, datum) = self.frame(payload)?;
         let event = writer.read_event(datum)?;
-        Ok(Decoded {
+        Ok(DecodedView {
             event,
             writer: writer.id,
             wire_format,
@@ -547,21 +578,33 @@ impl Decoder {
     }
 
     /// Refuses a payload over the size limit before reading any of it, then decodes it and
-    /// applies [`validate`]: the one call the consumer needs.
+    /// applies [`validate`].
     pub fn decode_validated(
         &self,
         payload: &[u8],
         now: DateTime<Utc>,
         policy: &Policy,
     ) -> Result<Decoded, DecodeError> {
+        self.decode_view_validated(payload, now, policy)
+            .map(DecodedView::into_decoded)
+    }
+
+    /// [`Decoder::decode_validated`], the event's text borrowing from `payload`: the one call the
+    /// consumer needs.
+    pub fn decode_view_validated<'p>(
+        &self,
+        payload: &'p [u8],
+        now: DateTime<Utc>,
+        policy: &Policy,
+    ) -> Result<DecodedView<'p>, DecodeError> {
         if payload.len() > policy.sizes.event_bytes {
             return Err(DecodeError::TooLarge {
                 len: payload.len(),
                 limit: policy.sizes.event_bytes,
             });
         }
-        let mut decoded = self.decode(payload)?;
-        decoded.details_canonical = validate(&decoded.event, now, policy)?;
+        let mut decoded = self.decode_view(payload)?;
+        decoded.details_canonical = validate_view(&decoded.event, now, policy)?;
         Ok(decoded)
     }
 

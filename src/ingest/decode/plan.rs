@@ -8,7 +8,7 @@ use uuid::Uuid;
 use super::rules::invalid;
 use super::types::{RecordDef, WireType};
 use super::{DecodeError, WriterId, QUOTE_CHARS};
-use crate::event::{Actor, ActorType, AuditEvent, Outcome, Resource};
+use crate::event::{ActorType, AuditEvent, EventView, Outcome};
 
 /// A leaf field of the reader schema.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -390,38 +390,34 @@ impl<'a> Fields<'a> {
         Ok(())
     }
 
-    pub(crate) fn into_event(self, writer: WriterId) -> Result<AuditEvent, DecodeError> {
+    /// The event, its text borrowing from the payload, once every required field has a value.
+    pub(crate) fn into_view(self, writer: WriterId) -> Result<EventView<'a>, DecodeError> {
         let missing = |slot: Slot| DecodeError::Unresolvable {
             writer,
             field: slot.path(),
             reason: "the writer provided no value and the reader field has no default".to_owned(),
         };
-        let text =
-            |value: Option<&str>, slot: Slot| value.map(str::to_owned).ok_or_else(|| missing(slot));
+        let text = |value: Option<&'a str>, slot: Slot| value.ok_or_else(|| missing(slot));
         let event_id = parse_event_id(self.event_id.ok_or_else(|| missing(Slot::EventId))?)?;
         let micros = self.occurred_at.ok_or_else(|| missing(Slot::OccurredAt))?;
         let occurred_at = DateTime::from_timestamp_micros(micros)
             .ok_or(DecodeError::UnrepresentableTime { micros })?;
-        Ok(AuditEvent {
+        Ok(EventView {
             event_id,
             occurred_at,
             tenant_id: text(self.tenant_id, Slot::TenantId)?,
-            actor: Actor {
-                id: text(self.actor_id, Slot::ActorId)?,
-                actor_type: self.actor_type.ok_or_else(|| missing(Slot::ActorType))?,
-                ip: self.actor_ip.map(str::to_owned),
-                user_agent: self.actor_user_agent.map(str::to_owned),
-            },
+            actor_id: text(self.actor_id, Slot::ActorId)?,
+            actor_type: self.actor_type.ok_or_else(|| missing(Slot::ActorType))?,
+            actor_ip: self.actor_ip,
+            actor_user_agent: self.actor_user_agent,
             action: text(self.action, Slot::Action)?,
-            resource: Resource {
-                resource_type: text(self.resource_type, Slot::ResourceType)?,
-                id: text(self.resource_id, Slot::ResourceId)?,
-            },
+            resource_type: text(self.resource_type, Slot::ResourceType)?,
+            resource_id: text(self.resource_id, Slot::ResourceId)?,
             outcome: self.outcome.ok_or_else(|| missing(Slot::Outcome))?,
-            reason: self.reason.map(str::to_owned),
-            trace_id: self.trace_id.map(str::to_owned),
-            details: self.details.map(str::to_owned),
-            session_id: self.session_id.map(str::to_owned),
+            reason: self.reason,
+            trace_id: self.trace_id,
+            details: self.details,
+            session_id: self.session_id,
         })
     }
 }

@@ -10,7 +10,7 @@ use serde::de::{self, Deserialize, Deserializer, MapAccess, SeqAccess, Visitor};
 use super::DecodeError;
 use crate::chain;
 use crate::config::SinkConfig;
-use crate::event::AuditEvent;
+use crate::event::{AuditEvent, EventView};
 
 /// What an event may be: when it happened and how large it is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -107,16 +107,25 @@ pub fn validate(
     now: DateTime<Utc>,
     policy: &Policy,
 ) -> Result<Option<Vec<u8>>, DecodeError> {
+    validate_view(&event.view(), now, policy)
+}
+
+/// [`validate`] of a view.
+pub fn validate_view(
+    event: &EventView<'_>,
+    now: DateTime<Utc>,
+    policy: &Policy,
+) -> Result<Option<Vec<u8>>, DecodeError> {
     if event.event_id.is_nil() {
         return Err(invalid("event_id", "is the nil uuid".to_owned()));
     }
     let sizes = &policy.sizes;
     for (field, value) in [
-        ("tenant_id", &event.tenant_id),
-        ("actor.id", &event.actor.id),
-        ("action", &event.action),
-        ("resource.type", &event.resource.resource_type),
-        ("resource.id", &event.resource.id),
+        ("tenant_id", event.tenant_id),
+        ("actor.id", event.actor_id),
+        ("action", event.action),
+        ("resource.type", event.resource_type),
+        ("resource.id", event.resource_id),
     ] {
         if value.is_empty() {
             return Err(invalid(field, "must not be empty".to_owned()));
@@ -129,20 +138,20 @@ pub fn validate(
         )?;
     }
     for (field, value) in [
-        ("actor.ip", &event.actor.ip),
-        ("actor.user_agent", &event.actor.user_agent),
-        ("reason", &event.reason),
-        ("trace_id", &event.trace_id),
-        ("session_id", &event.session_id),
+        ("actor.ip", event.actor_ip),
+        ("actor.user_agent", event.actor_user_agent),
+        ("reason", event.reason),
+        ("trace_id", event.trace_id),
+        ("session_id", event.session_id),
     ] {
         check_text(
             field,
-            value.as_deref(),
+            value,
             sizes.text_field_bytes,
             "AUDITFLOW_MAX_TEXT_FIELD_BYTES",
         )?;
     }
-    let canonical = match event.details.as_deref() {
+    let canonical = match event.details {
         Some(details) => {
             check_text(
                 "details",

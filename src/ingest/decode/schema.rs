@@ -10,7 +10,7 @@ use super::plan::{compile_plan, Fields, Slot, Step, EVENT_FIELDS};
 use super::types::{Compiler, RecordDef, WireType};
 use super::wire::{Cursor, ReadError, WireError};
 use super::{DecodeError, SchemaLoadError, WriterId};
-use crate::event::AuditEvent;
+use crate::event::EventView;
 
 /// One writer schema, compiled against the reader schema.
 #[derive(Debug)]
@@ -78,7 +78,7 @@ impl WriterSchema {
         Ok((writer, legacy_fingerprint))
     }
 
-    pub(crate) fn read_event(&self, datum: &[u8]) -> Result<AuditEvent, DecodeError> {
+    pub(crate) fn read_event<'p>(&self, datum: &'p [u8]) -> Result<EventView<'p>, DecodeError> {
         let mut cursor = Cursor { bytes: datum };
         let mut fields = Fields::default();
         self.run_steps(&self.steps, &mut cursor, &mut fields)?;
@@ -89,7 +89,7 @@ impl WriterSchema {
                 reason: format!("{} trailing bytes after the datum", cursor.bytes.len()),
             });
         }
-        fields.into_event(self.id)
+        fields.into_view(self.id)
     }
 
     fn run_steps<'a>(

@@ -18,7 +18,7 @@ use foldhash::fast::RandomState;
 
 use super::summary::{BatchSummary, TenantRange};
 use crate::chain::{self, DayDigests, Hash, StoredRow};
-use crate::event::AuditEvent;
+use crate::event::{AuditEvent, EventView};
 
 /// The binary COPY header: signature, flags (none), header extension length (none).
 pub const BINARY_HEADER: &[u8] = b"PGCOPY\n\xff\r\n\0\0\0\0\0\0\0\0\0";
@@ -103,14 +103,14 @@ impl CopyRows {
 
     /// Appends one row.
     pub fn push(&mut self, event: &AuditEvent, meta: RowMeta<'_>) {
-        self.push_with_details(event, None, meta);
+        self.push_with_details(&event.view(), None, meta);
     }
 
     /// Appends one row whose `details` the caller canonicalised already (see
     /// [`crate::ingest::decode::Decoded::details_canonical`]).
     pub fn push_with_details(
         &mut self,
-        event: &AuditEvent,
+        event: &EventView<'_>,
         details_canonical: Option<&[u8]>,
         meta: RowMeta<'_>,
     ) {
@@ -118,18 +118,18 @@ impl CopyRows {
         out.extend_from_slice(&NUM_FIELDS.to_be_bytes());
         field(out, event.event_id.as_bytes());
         timestamp(out, event.occurred_at);
-        text(out, &event.tenant_id);
-        text(out, &event.actor.id);
-        text(out, event.actor.actor_type.as_str());
-        nullable_text(out, event.actor.ip.as_deref());
-        nullable_text(out, event.actor.user_agent.as_deref());
-        text(out, &event.action);
-        text(out, &event.resource.resource_type);
-        text(out, &event.resource.id);
+        text(out, event.tenant_id);
+        text(out, event.actor_id);
+        text(out, event.actor_type.as_str());
+        nullable_text(out, event.actor_ip);
+        nullable_text(out, event.actor_user_agent);
+        text(out, event.action);
+        text(out, event.resource_type);
+        text(out, event.resource_id);
         text(out, event.outcome.as_str());
-        nullable_text(out, event.reason.as_deref());
-        nullable_text(out, event.trace_id.as_deref());
-        match event.details.as_deref() {
+        nullable_text(out, event.reason);
+        nullable_text(out, event.trace_id);
+        match event.details {
             Some(details) => {
                 length(out, details.len() + 1);
                 out.push(JSONB_VERSION);
@@ -137,7 +137,7 @@ impl CopyRows {
             }
             None => null(out),
         }
-        nullable_text(out, event.session_id.as_deref());
+        nullable_text(out, event.session_id);
         field(out, &meta.content_hash);
         match meta.schema_version {
             Some(version) => match i16::try_from(version) {
@@ -161,12 +161,12 @@ impl CopyRows {
         }
         self.row_ends.push(out.len());
         self.days.insert(event.occurred_at.date_naive());
-        let tenant = match self.tenant_index.get(event.tenant_id.as_str()) {
+        let tenant = match self.tenant_index.get(event.tenant_id) {
             Some(index) => *index,
             None => {
                 let index = u32::try_from(self.tenants.len()).unwrap_or(u32::MAX);
-                self.tenants.push(event.tenant_id.clone());
-                self.tenant_index.insert(event.tenant_id.clone(), index);
+                self.tenants.push(event.tenant_id.to_owned());
+                self.tenant_index.insert(event.tenant_id.to_owned(), index);
                 index
             }
         };
@@ -306,27 +306,27 @@ impl CopyRows {
 /// that is not JSON cannot be stored either (the column is `jsonb`), so its row never joins a
 /// link; it gets a zero digest rather than an error here.
 fn stored_row_digest(
-    event: &AuditEvent,
+    event: &EventView<'_>,
     details_canonical: Option<&[u8]>,
     meta: &RowMeta<'_>,
 ) -> Hash {
     let row = StoredRow {
         event_id: event.event_id,
         occurred_at_micros: event.occurred_at.timestamp_micros(),
-        tenant_id: &event.tenant_id,
-        actor_id: &event.actor.id,
-        actor_type: event.actor.actor_type.as_str(),
-        actor_ip: event.actor.ip.as_deref(),
-        actor_user_agent: event.actor.user_agent.as_deref(),
-        action: &event.action,
-        resource_type: &event.resource.resource_type,
-        resource_id: &event.resource.id,
+        tenant_id: event.tenant_id,
+        actor_id: event.actor_id,
+        actor_type: event.actor_type.as_str(),
+        actor_ip: event.actor_ip,
+        actor_user_agent: event.actor_user_agent,
+        action: event.action,
+        resource_type: event.resource_type,
+        resource_id: event.resource_id,
         outcome: event.outcome.as_str(),
-        reason: event.reason.as_deref(),
-        trace_id: event.trace_id.as_deref(),
-        details: event.details.as_deref(),
+        reason: event.reason,
+        trace_id: event.trace_id,
+        details: event.details,
         details_canonical,
-        session_id: event.session_id.as_deref(),
+        session_id: event.session_id,
         content_hash: &meta.content_hash,
         schema_version: meta.schema_version.and_then(|v| i16::try_from(v).ok()),
         writer_schema_id: meta.writer_schema_id.map(i64::from),
