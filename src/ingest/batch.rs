@@ -19,9 +19,10 @@ use uuid::Uuid;
 
 use crate::config::BatchConfig;
 use crate::ingest::decode::DecodedView;
-use crate::ingest::dlq::{DeadLetter, Failure, SourceRecord};
+use crate::ingest::dlq::{DeadLetter, Failure};
 use crate::ingest::notify::Resources;
 use crate::ingest::offsets::Delivery;
+use crate::ingest::sources::{SourceRecords, SourceRef};
 use crate::ingest::store::{CopyRows, RowMeta};
 
 /// Flush limits.
@@ -67,7 +68,7 @@ pub struct Batch {
     /// Rows, COPY-encoded.
     pub rows: CopyRows,
     /// The source message of each row, same order, for dead-lettering a row the database refuses.
-    pub row_sources: Vec<SourceRecord>,
+    pub row_sources: SourceRecords,
     /// Records that could not be decoded or validated, to dead-letter before the offsets move.
     pub dead_letters: Vec<DeadLetter>,
     /// Every message this batch consumed.
@@ -92,7 +93,7 @@ impl Batch {
         Batch {
             seq,
             rows: CopyRows::new(),
-            row_sources: Vec::new(),
+            row_sources: SourceRecords::default(),
             dead_letters: Vec::new(),
             deliveries: Vec::new(),
             resources: Resources::default(),
@@ -110,7 +111,7 @@ impl Batch {
     pub fn successor(&self, seq: u64) -> Self {
         Batch {
             rows: self.rows.sized_like(),
-            row_sources: Vec::with_capacity(self.row_sources.len()),
+            row_sources: SourceRecords::sized_like(&self.row_sources),
             deliveries: Vec::with_capacity(self.deliveries.len()),
             kafka_timestamps_ms: Vec::with_capacity(self.kafka_timestamps_ms.len()),
             seen: HashMap::with_capacity_and_hasher(self.seen.len(), RandomState::default()),
@@ -149,9 +150,9 @@ impl Batch {
         delivery: Delivery,
         decoded: &DecodedView<'_>,
         content_hash: [u8; 16],
-        source: SourceRecord,
+        source: SourceRef<'_>,
     ) -> Added {
-        let num_bytes = source.payload.as_ref().map_or(0, Vec::len);
+        let num_bytes = source.payload_len();
         self.touch(delivery, num_bytes);
         let event = &decoded.event;
         match self.seen.get(&(event.event_id, event.occurred_at)) {
@@ -179,7 +180,7 @@ impl Batch {
                     crate::chain::to_hex(first),
                 );
                 self.dead_letters.push(DeadLetter::new(
-                    source,
+                    source.to_record(),
                     Failure {
                         class: CONFLICT_CLASS.to_owned(),
                         message,
@@ -199,7 +200,7 @@ impl Batch {
                 content_hash,
                 schema_version: decoded.writer.file_version(),
                 writer_schema_id: Some(decoded.writer.number()),
-                topic: &source.topic,
+                topic: source.topic,
                 partition: source.partition,
                 offset: source.offset,
                 kafka_timestamp: source
@@ -212,7 +213,7 @@ impl Batch {
         }
         self.resources
             .insert(event.resource_type, event.resource_id);
-        self.row_sources.push(source);
+        self.row_sources.push(&source);
         Added::Row
     }
 
@@ -284,16 +285,9 @@ mod tests {
         }
     }
 
-    fn source(offset: i64, num_bytes: usize) -> SourceRecord {
-        SourceRecord {
-            topic: "t".into(),
-            partition: 0,
-            offset,
-            timestamp_ms: Some(1),
-            key: None,
-            payload: Some(vec![0; num_bytes]),
-            headers: vec![],
-        }
+    fn source(offset: i64, num_bytes: usize) -> SourceRef<'static> {
+        static ZEROS: [u8; 1_000] = [0; 1_000];
+        SourceRef::headerless("t", 0, offset, Some(1), None, Some(&ZEROS[..num_bytes]))
     }
 
     fn delivery(offset: i64) -> Delivery {
@@ -403,7 +397,7 @@ mod tests {
         batch.add_dead_letter(
             delivery(0),
             DeadLetter {
-                source: source(0, 5),
+                source: source(0, 5).to_record(),
                 failure: crate::ingest::dlq::Failure {
                     class: "decode".into(),
                     message: "bad".into(),
@@ -480,15 +474,14 @@ mod consumer_path_benchmark {
         let mut rows = 0;
         for (offset, (key, payload)) in records.iter().enumerate() {
             let partition = (offset % 16) as i32;
-            let source = SourceRecord {
-                topic: "bench".to_owned(),
+            let source = SourceRef::headerless(
+                "bench",
                 partition,
-                offset: offset as i64,
-                timestamp_ms: Some(now.timestamp_millis()),
-                key: Some(key.clone()),
-                payload: Some(payload.clone()),
-                headers: Vec::new(),
-            };
+                offset as i64,
+                Some(now.timestamp_millis()),
+                Some(key),
+                Some(payload),
+            );
             let delivery = Delivery {
                 partition,
                 offset: offset as i64,
@@ -507,7 +500,9 @@ mod consumer_path_benchmark {
                 // What the store streams take: each its partitions' rows.
                 for stream in 0..2 {
                     let indices: Vec<usize> = (0..done.rows.len())
-                        .filter(|index| done.row_sources[*index].partition % 2 == stream)
+                        .filter(|index| {
+                            done.row_sources.partition(*index).map(|p| p % 2) == Some(stream)
+                        })
                         .collect();
                     std::hint::black_box(done.rows.select(&indices));
                 }

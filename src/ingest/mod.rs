@@ -9,7 +9,8 @@
 //! ```
 //!
 //! [`sink::Sink`] wires the steps: [`consume`] owns the consumer and its rebalance hooks,
-//! [`decode`] turns payloads into events, [`batch`] collects them, [`store`] writes a batch in one
+//! [`decode`] turns payloads into events, [`batch`] collects them (and [`sources`] the records
+//! they came from, for the dead-letter topic), [`store`] writes a batch in one
 //! transaction, [`isolate`] finds the rows the database refuses, [`dlq`] produces dead letters,
 //! `hold` keeps messages waiting for a schema from the registry ([`decode::registry`]),
 //! [`offsets`] decides which offsets may be committed, [`notify`] publishes invalidations, and
@@ -28,6 +29,7 @@ pub mod isolate;
 pub mod notify;
 pub mod offsets;
 pub mod sink;
+pub mod sources;
 pub mod stats;
 pub mod store;
 

@@ -40,11 +40,12 @@ use super::consume::{
 };
 use super::decode::registry::{RegistryState, SchemaRegistry};
 use super::decode::{DecodeError, DecodedView, Decoder, Policy, RegistryCache};
-use super::dlq::{DeadLetter, DlqError, DlqProducer, Failure, SourceRecord};
+use super::dlq::{DeadLetter, DlqError, DlqProducer, Failure};
 use super::hold::{Held, Refused, Waiting};
 use super::isolate::isolate;
 use super::notify::{self, Notifier, NotifyConfig};
 use super::offsets::{complete_and_store, Delivery, OffsetTracker};
+use super::sources::SourceRef;
 use super::stats::{
     add_elapsed, nanos_to_s, peak_rss_mb, process_cpu_s, BatchReport, RunSummary, SinkStats,
 };
@@ -67,6 +68,10 @@ pub enum BatchError {
     /// Shutdown cut the retries short; nothing of the batch's offsets was stored.
     #[error("interrupted by shutdown before the batch was durable")]
     Interrupted,
+    /// The store reported a row the batch does not have (a defect): the batch stops there, its
+    /// offsets are not stored and its records are read again.
+    #[error("row {0} refused by the database is not in its batch")]
+    UnknownRow(usize),
 }
 
 /// The sink, built and ready to run.
@@ -137,9 +142,10 @@ fn conflict_letters(batch: &Batch, conflicts: &[store::Conflict]) -> Vec<DeadLet
     conflicts
         .iter()
         .filter_map(|conflict| {
-            let source = batch.row_sources.iter().find(|source| {
-                source.partition == conflict.partition && source.offset == conflict.offset
-            });
+            let source = batch
+                .row_sources
+                .position(conflict.partition, conflict.offset)
+                .and_then(|index| batch.row_sources.get(index));
             if source.is_none() {
                 // Cannot happen: the store only reports rows of this batch.
                 tracing::error!(
@@ -150,7 +156,7 @@ fn conflict_letters(batch: &Batch, conflicts: &[store::Conflict]) -> Vec<DeadLet
             }
             source.map(|source| {
                 DeadLetter::new(
-                    source.clone(),
+                    source.to_record(),
                     Failure {
                         class: batch::CONFLICT_CLASS.to_owned(),
                         message: conflict.message(),
@@ -734,9 +740,9 @@ impl Sink {
             // Fetched before a revoke was processed: the new owner reads it again.
             return;
         };
-        let source = SourceRecord::from_message(message);
+        let source = SourceRef::from_message(message);
         if held.holds(delivery.partition) {
-            held.hold(delivery, source);
+            held.hold(delivery, source.to_record());
             return;
         }
         let decode_started = std::time::Instant::now();
@@ -748,7 +754,7 @@ impl Sink {
         let decoded_at = add_elapsed(&self.stats.decode_ns, decode_started);
         match decoded {
             Err(DecodeError::NotFetched(id)) => {
-                held.hold(delivery, source);
+                held.hold(delivery, source.to_record());
                 held.fetch(id);
             }
             decoded => self.add_decoded(batch, delivery, source, decoded, decoded_at),
@@ -769,24 +775,18 @@ impl Sink {
             // Revoked meanwhile: the new owner reads it again.
             return Ok(());
         }
-        // The event borrows the payload while the record moves into the batch: a copy of it, on
-        // this path of messages that waited for their schema.
-        let payload = waiting.source.payload.clone().unwrap_or_default();
+        let source = SourceRef::from(waiting.source.as_ref());
         let decode_started = std::time::Instant::now();
-        let decoded = self
-            .decoder
-            .decode_view_validated(&payload, Utc::now(), &self.policy);
+        let decoded = self.decoder.decode_view_validated(
+            source.payload.unwrap_or_default(),
+            Utc::now(),
+            &self.policy,
+        );
         let decoded_at = add_elapsed(&self.stats.decode_ns, decode_started);
         match decoded {
             Err(DecodeError::NotFetched(id)) => Err((waiting, Refused::Unfetched(id))),
             decoded => {
-                self.add_decoded(
-                    batch,
-                    waiting.delivery,
-                    *waiting.source,
-                    decoded,
-                    decoded_at,
-                );
+                self.add_decoded(batch, waiting.delivery, source, decoded, decoded_at);
                 Ok(())
             }
         }
@@ -798,7 +798,7 @@ impl Sink {
         &self,
         batch: &mut Batch,
         delivery: Delivery,
-        source: SourceRecord,
+        source: SourceRef<'_>,
         decoded: Result<DecodedView<'_>, DecodeError>,
         decoded_at: std::time::Instant,
     ) {
@@ -816,7 +816,7 @@ impl Sink {
                 batch.add_dead_letter(
                     delivery,
                     DeadLetter::new(
-                        source,
+                        source.to_record(),
                         Failure {
                             class: err.class().as_str().to_owned(),
                             message: err.to_string(),
@@ -932,8 +932,8 @@ impl Sink {
         // Each stream its rows (a partition always to the same stream), written concurrently:
         // one transaction per stream, each on its own connection.
         let mut indices: Vec<Vec<usize>> = vec![Vec::new(); self.stores.len()];
-        for (row, source) in batch.row_sources.iter().enumerate() {
-            indices[stream_of(source.partition, self.stores.len())].push(row);
+        for (row, partition) in batch.row_sources.partitions().enumerate() {
+            indices[stream_of(partition, self.stores.len())].push(row);
         }
         let parts: Vec<(usize, CopyRows, Vec<usize>)> = indices
             .into_iter()
@@ -972,7 +972,11 @@ impl Sink {
             .refused
             .into_iter()
             .map(|(row, err)| {
-                let source = batch.row_sources[indices.map_or(row, |indices| indices[row])].clone();
+                let index = indices.map_or(Some(row), |indices| indices.get(row).copied());
+                let source = index
+                    .and_then(|index| batch.row_sources.get(index))
+                    .ok_or(BatchError::UnknownRow(row))?
+                    .to_record();
                 let sqlstate = err.sqlstate();
                 let class = match sqlstate.as_deref() {
                     Some(code) if code.starts_with("22") => "data",
@@ -982,16 +986,16 @@ impl Sink {
                     error = %err, partition = source.partition, offset = source.offset,
                     "database refused record; dead-lettering"
                 );
-                DeadLetter::new(
+                Ok(DeadLetter::new(
                     source,
                     Failure {
                         class: class.to_owned(),
                         message: err.to_string(),
                         sqlstate,
                     },
-                )
+                ))
             })
-            .collect();
+            .collect::<Result<_, BatchError>>()?;
         Ok((isolated.outcome, refused))
     }
 
