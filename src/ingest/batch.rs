@@ -501,7 +501,10 @@ mod consumer_path_benchmark {
                 for stream in 0..2 {
                     let indices: Vec<usize> = (0..done.rows.len())
                         .filter(|index| {
-                            done.row_sources.partition(*index).map(|p| p % 2) == Some(stream)
+                            done.row_sources
+                                .get(*index)
+                                .map(|source| source.partition % 2)
+                                == Some(stream)
                         })
                         .collect();
                     std::hint::black_box(done.rows.select(&indices));

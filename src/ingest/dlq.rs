@@ -18,12 +18,13 @@ use std::time::Duration;
 
 use backon::{ExponentialBuilder, Retryable};
 use chrono::{DateTime, SecondsFormat, Utc};
-use rdkafka::message::{Header, Headers, Message, OwnedHeaders};
+use rdkafka::message::{BorrowedMessage, Header, OwnedHeaders};
 use rdkafka::producer::FutureRecord;
 use rdkafka::util::Timeout;
 use tokio_util::sync::CancellationToken;
 
 use crate::breaker::{Breaker, BreakerError};
+use crate::ingest::sources::SourceRef;
 use crate::kafka;
 use crate::telemetry::Throttle;
 
@@ -80,25 +81,8 @@ pub struct SourceRecord {
 
 impl SourceRecord {
     /// Copies a received message.
-    pub fn from_message<M: Message>(message: &M) -> Self {
-        let headers = message
-            .headers()
-            .map(|headers| {
-                headers
-                    .iter()
-                    .map(|h| (h.key.to_owned(), h.value.map(<[u8]>::to_vec)))
-                    .collect()
-            })
-            .unwrap_or_default();
-        SourceRecord {
-            topic: message.topic().to_owned(),
-            partition: message.partition(),
-            offset: message.offset(),
-            timestamp_ms: message.timestamp().to_millis(),
-            key: message.key().map(<[u8]>::to_vec),
-            payload: message.payload().map(<[u8]>::to_vec),
-            headers,
-        }
+    pub fn from_message(message: &BorrowedMessage<'_>) -> Self {
+        SourceRef::from_message(message).to_record()
     }
 
     /// The value of the last header named `name`.

@@ -5,7 +5,7 @@
 //! record until it is stored. Almost none is ever needed: [`SourceRecords`] keeps them all in one
 //! buffer (three allocations per message before: topic, key and value) and makes a
 //! [`SourceRecord`] only for the one that is dead-lettered. [`SourceRef`] is a record borrowed
-//! from the message it was received as, or from a [`SourceRecord`].
+//! from the message it was received as, from a [`SourceRecord`] or from a [`SourceRecords`].
 
 use std::ops::Range;
 
@@ -19,20 +19,55 @@ enum HeadersRef<'a> {
     None,
     Kafka(&'a BorrowedHeaders),
     Owned(&'a [(String, Option<Vec<u8>>)]),
+    /// In a [`SourceRecords`]: names in `names`, values in `bytes`.
+    Stored {
+        names: &'a str,
+        bytes: &'a [u8],
+        headers: &'a [StoredHeader],
+    },
+}
+
+impl<'a> HeadersRef<'a> {
+    fn count(&self) -> usize {
+        match self {
+            HeadersRef::None => 0,
+            HeadersRef::Kafka(headers) => headers.count(),
+            HeadersRef::Owned(headers) => headers.len(),
+            HeadersRef::Stored { headers, .. } => headers.len(),
+        }
+    }
+
+    fn get(self, index: usize) -> Option<(&'a str, Option<&'a [u8]>)> {
+        match self {
+            HeadersRef::None => None,
+            HeadersRef::Kafka(headers) => headers
+                .try_get(index)
+                .map(|header| (header.key, header.value)),
+            HeadersRef::Owned(headers) => headers
+                .get(index)
+                .map(|(name, value)| (name.as_str(), value.as_deref())),
+            HeadersRef::Stored {
+                names,
+                bytes,
+                headers,
+            } => headers.get(index).and_then(|header| {
+                Some((
+                    names.get(header.name.clone())?,
+                    slice(bytes, &header.value)?,
+                ))
+            }),
+        }
+    }
 }
 
 impl std::fmt::Debug for HeadersRef<'_> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let count = match self {
-            HeadersRef::None => 0,
-            HeadersRef::Kafka(headers) => headers.count(),
-            HeadersRef::Owned(headers) => headers.len(),
-        };
-        write!(f, "{count} headers")
+        write!(f, "{} headers", self.count())
     }
 }
 
-/// A source record borrowed from the message it arrived as (or from a [`SourceRecord`]).
+/// A source record borrowed from the message it arrived as, from a [`SourceRecord`], or from a
+/// [`SourceRecords`].
 #[derive(Debug, Clone, Copy)]
 pub struct SourceRef<'a> {
     /// Source topic.
@@ -88,20 +123,8 @@ impl<'a> SourceRef<'a> {
 
     /// Headers in their original order.
     pub fn headers(&self) -> impl Iterator<Item = (&'a str, Option<&'a [u8]>)> + 'a {
-        let (kafka, owned) = match self.headers {
-            HeadersRef::None => (None, None),
-            HeadersRef::Kafka(headers) => (Some(headers), None),
-            HeadersRef::Owned(headers) => (None, Some(headers)),
-        };
-        let kafka = kafka
-            .into_iter()
-            .flat_map(|headers| headers.iter().map(|header| (header.key, header.value)));
-        let owned = owned.into_iter().flat_map(|headers| {
-            headers
-                .iter()
-                .map(|(key, value)| (key.as_str(), value.as_deref()))
-        });
-        kafka.chain(owned)
+        let headers = self.headers;
+        (0..headers.count()).filter_map(move |index| headers.get(index))
     }
 
     /// Bytes of the value (what the batch's size limit counts).
@@ -157,6 +180,15 @@ struct Entry {
     headers: Range<usize>,
 }
 
+/// Where one header's name and value are in [`SourceRecords`].
+#[derive(Debug, Clone)]
+struct StoredHeader {
+    /// Into `SourceRecords::header_names`.
+    name: Range<usize>,
+    /// Into `SourceRecords::bytes`.
+    value: Option<Range<usize>>,
+}
+
 /// Records in one buffer, in the order they were pushed.
 #[derive(Debug, Default)]
 pub struct SourceRecords {
@@ -164,8 +196,8 @@ pub struct SourceRecords {
     /// Distinct topics (a sink reads one).
     topics: Vec<String>,
     entries: Vec<Entry>,
-    /// Each header's name and value, as ranges of `bytes`.
-    headers: Vec<(Range<usize>, Option<Range<usize>>)>,
+    headers: Vec<StoredHeader>,
+    header_names: String,
 }
 
 impl SourceRecords {
@@ -191,9 +223,13 @@ impl SourceRecords {
         let payload = record.payload.map(|payload| self.append(payload));
         let first_header = self.headers.len();
         for (name, value) in record.headers() {
-            let name = self.append(name.as_bytes());
+            let start = self.header_names.len();
+            self.header_names.push_str(name);
             let value = value.map(|value| self.append(value));
-            self.headers.push((name, value));
+            self.headers.push(StoredHeader {
+                name: start..self.header_names.len(),
+                value,
+            });
         }
         self.entries.push(Entry {
             topic,
@@ -233,11 +269,7 @@ impl SourceRecords {
         self.topics.clear();
         self.entries.clear();
         self.headers.clear();
-    }
-
-    /// The partition of record `index`.
-    pub fn partition(&self, index: usize) -> Option<i32> {
-        self.entries.get(index).map(|entry| entry.partition)
+        self.header_names.clear();
     }
 
     /// The partition of every record, in order.
@@ -253,56 +285,29 @@ impl SourceRecords {
     }
 
     /// Record `index`, borrowed.
-    pub fn get(&self, index: usize) -> Option<SourceRecordView<'_>> {
-        self.entries
-            .get(index)
-            .map(|entry| SourceRecordView { set: self, entry })
+    pub fn get(&self, index: usize) -> Option<SourceRef<'_>> {
+        let entry = self.entries.get(index)?;
+        Some(SourceRef {
+            topic: self.topics.get(entry.topic)?,
+            partition: entry.partition,
+            offset: entry.offset,
+            timestamp_ms: entry.timestamp_ms,
+            key: slice(&self.bytes, &entry.key)?,
+            payload: slice(&self.bytes, &entry.payload)?,
+            headers: HeadersRef::Stored {
+                names: &self.header_names,
+                bytes: &self.bytes,
+                headers: self.headers.get(entry.headers.clone())?,
+            },
+        })
     }
 }
 
-/// One record of a [`SourceRecords`].
-#[derive(Debug, Clone, Copy)]
-pub struct SourceRecordView<'a> {
-    set: &'a SourceRecords,
-    entry: &'a Entry,
-}
-
-impl SourceRecordView<'_> {
-    /// Source partition.
-    pub fn partition(&self) -> i32 {
-        self.entry.partition
-    }
-
-    /// Source offset.
-    pub fn offset(&self) -> i64 {
-        self.entry.offset
-    }
-
-    /// The record, copied out (for a dead letter).
-    pub fn to_record(&self) -> SourceRecord {
-        let bytes = |range: &Range<usize>| self.set.bytes[range.clone()].to_vec();
-        SourceRecord {
-            topic: self
-                .set
-                .topics
-                .get(self.entry.topic)
-                .cloned()
-                .unwrap_or_default(),
-            partition: self.entry.partition,
-            offset: self.entry.offset,
-            timestamp_ms: self.entry.timestamp_ms,
-            key: self.entry.key.as_ref().map(bytes),
-            payload: self.entry.payload.as_ref().map(bytes),
-            headers: self.set.headers[self.entry.headers.clone()]
-                .iter()
-                .map(|(name, value)| {
-                    (
-                        String::from_utf8_lossy(&self.set.bytes[name.clone()]).into_owned(),
-                        value.as_ref().map(bytes),
-                    )
-                })
-                .collect(),
-        }
+/// The bytes at `range`, if there is one (`None` when the range is outside `bytes`).
+fn slice<'b>(bytes: &'b [u8], range: &Option<Range<usize>>) -> Option<Option<&'b [u8]>> {
+    match range {
+        Some(range) => bytes.get(range.clone()).map(Some),
+        None => Some(None),
     }
 }
 
@@ -345,13 +350,13 @@ mod tests {
         }
         assert_eq!(set.len(), records.len());
         for (index, record) in records.iter().enumerate() {
-            let view = set.get(index).expect("pushed");
-            assert_eq!(&view.to_record(), record, "record {index}");
-            assert_eq!(set.partition(index), Some(record.partition));
+            let stored = set.get(index).expect("pushed");
+            assert_eq!(&stored.to_record(), record, "record {index}");
+            assert_eq!(stored.partition, record.partition);
             assert_eq!(set.position(record.partition, record.offset), Some(index));
             assert_eq!(&SourceRef::from(record).to_record(), record);
         }
-        assert_eq!(set.get(records.len()).map(|view| view.offset()), None);
+        assert_eq!(set.get(records.len()).map(|stored| stored.offset), None);
         assert!(set
             .partitions()
             .eq(records.iter().map(|record| record.partition)));
