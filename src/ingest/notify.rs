@@ -239,15 +239,19 @@ struct Pair {
     id_len: usize,
 }
 
-impl ResourceSet {
-    fn get(&self, pair: Pair) -> (&str, &str) {
-        let type_end = pair.start + pair.type_len;
+impl Pair {
+    /// The pair's type and id in `text` (the set's buffer, where [`Resources::insert`] wrote them
+    /// whole, so the bounds are in it and on character boundaries).
+    fn in_text(self, text: &str) -> (&str, &str) {
+        let type_end = self.start + self.type_len;
         (
-            &self.text[pair.start..type_end],
-            &self.text[type_end..type_end + pair.id_len],
+            &text[self.start..type_end],
+            &text[type_end..type_end + self.id_len],
         )
     }
+}
 
+impl ResourceSet {
     fn hash(hasher: &RandomState, resource_type: &str, resource_id: &str) -> u64 {
         hasher.hash_one((resource_type, resource_id))
     }
@@ -263,11 +267,7 @@ impl Resources {
             pairs,
             hasher,
         } = set;
-        let same = |pair: &Pair| {
-            let type_end = pair.start + pair.type_len;
-            text.get(pair.start..type_end) == Some(resource_type)
-                && text.get(type_end..type_end + pair.id_len) == Some(resource_id)
-        };
+        let same = |pair: &Pair| pair.in_text(text) == (resource_type, resource_id);
         if pairs.find(hash, same).is_some() {
             return false;
         }
@@ -279,12 +279,8 @@ impl Resources {
         text.push_str(resource_type);
         text.push_str(resource_id);
         let rehash = |pair: &Pair| {
-            let type_end = pair.start + pair.type_len;
-            ResourceSet::hash(
-                hasher,
-                &text[pair.start..type_end],
-                &text[type_end..type_end + pair.id_len],
-            )
+            let (resource_type, resource_id) = pair.in_text(text);
+            ResourceSet::hash(hasher, resource_type, resource_id)
         };
         pairs.insert_unique(hash, pair, rehash);
         true
@@ -313,7 +309,10 @@ impl Resources {
 
     /// Every resource, in no particular order.
     fn iter(&self) -> impl Iterator<Item = (&str, &str)> {
-        self.set.pairs.iter().map(|pair| self.set.get(*pair))
+        self.set
+            .pairs
+            .iter()
+            .map(|pair| pair.in_text(&self.set.text))
     }
 
     /// The first `limit` resources by type then id, in that order.
