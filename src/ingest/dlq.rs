@@ -18,13 +18,12 @@ use std::time::Duration;
 
 use backon::{ExponentialBuilder, Retryable};
 use chrono::{DateTime, SecondsFormat, Utc};
-use rdkafka::message::{BorrowedMessage, Header, OwnedHeaders};
+use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::FutureRecord;
 use rdkafka::util::Timeout;
 use tokio_util::sync::CancellationToken;
 
 use crate::breaker::{Breaker, BreakerError};
-use crate::ingest::sources::SourceRef;
 use crate::kafka;
 use crate::telemetry::Throttle;
 
@@ -80,11 +79,6 @@ pub struct SourceRecord {
 }
 
 impl SourceRecord {
-    /// Copies a received message.
-    pub fn from_message(message: &BorrowedMessage<'_>) -> Self {
-        SourceRef::from_message(message).to_record()
-    }
-
     /// The value of the last header named `name`.
     pub fn header(&self, name: &str) -> Option<&[u8]> {
         self.headers

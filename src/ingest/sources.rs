@@ -158,11 +158,7 @@ impl<'a> From<&'a SourceRecord> for SourceRef<'a> {
             timestamp_ms: record.timestamp_ms,
             key: record.key.as_deref(),
             payload: record.payload.as_deref(),
-            headers: if record.headers.is_empty() {
-                HeadersRef::None
-            } else {
-                HeadersRef::Owned(&record.headers)
-            },
+            headers: HeadersRef::Owned(&record.headers),
         }
     }
 }

@@ -20,6 +20,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::breaker::{Breaker, BreakerError};
 use crate::ingest::dlq::SourceRecord;
+use crate::ingest::sources::SourceRef;
 use crate::kafka::{self, QuietContext};
 
 use super::route::{republish_headers, route, DeadLetterHeaders, Route};
@@ -257,7 +258,7 @@ impl ReplayRun<'_> {
                 message = consumer.recv() => match message {
                     Ok(message) => {
                         // Copied out so the consumer's buffer is not held while producing.
-                        let record = SourceRecord::from_message(&message);
+                        let record = SourceRef::from_message(&message).to_record();
                         drop(message);
                         if self.handle(record, shutdown).await? {
                             return Ok(true);
