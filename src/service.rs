@@ -111,10 +111,12 @@ impl Service {
         if let Err(err) = maintenance.await {
             tracing::warn!(error = %err, "partition maintenance task failed");
         }
+        tracing::debug!("partition maintenance stopped");
         self.server_shutdown.cancel();
         if let Some(server) = self.server {
             server.stopped().await?;
         }
+        tracing::debug!("endpoints stopped");
         summary
     }
 }

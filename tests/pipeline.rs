@@ -642,12 +642,27 @@ async fn rebalance_storm(concurrency: &str) {
     let stored = env
         .wait_for_rows(produced.distinct_valid as i64, Duration::from_secs(180))
         .await;
-    for replica in replicas.iter_mut() {
+    let keep_log = |index: usize| {
+        let path = std::env::temp_dir().join(format!("storm-{}-replica-{index}.log", env.group));
+        let _ = std::fs::write(&path, logs[index].lock().unwrap().as_bytes());
+        path
+    };
+    for (index, replica) in replicas.iter_mut().enumerate() {
         if replica.try_wait().expect("try_wait").is_none() {
             signal(replica, "TERM");
         }
-        let status = wait_exit(replica, Duration::from_secs(60)).await;
-        assert!(status.success(), "a replica exited with {status}");
+        let Some(status) = common::try_wait_exit(replica, Duration::from_secs(60)).await else {
+            let _ = replica.kill();
+            panic!(
+                "replica {index} did not exit within 60 s of SIGTERM; its log: {}",
+                keep_log(index).display()
+            );
+        };
+        assert!(
+            status.success(),
+            "replica {index} exited with {status}; its log: {}",
+            keep_log(index).display()
+        );
     }
     let revokes: Vec<f64> = logs
         .iter()
@@ -669,11 +684,8 @@ async fn rebalance_storm(concurrency: &str) {
         revokes.len()
     );
     if stored != produced.distinct_valid as i64 {
-        for (index, log) in logs.iter().enumerate() {
-            let path =
-                std::env::temp_dir().join(format!("storm-{}-replica-{index}.log", env.group));
-            let _ = std::fs::write(&path, log.lock().unwrap().as_bytes());
-            eprintln!("replica {index} log: {}", path.display());
+        for index in 0..logs.len() {
+            eprintln!("replica {index} log: {}", keep_log(index).display());
         }
     }
     assert_eq!(stored, produced.distinct_valid as i64, "nothing lost");

@@ -2,7 +2,7 @@
 //! assignments and group membership), consumer lag from librdkafka's statistics, pausing and
 //! resuming the assignment, and storing offsets into the consumer.
 
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use parking_lot::Mutex;
@@ -34,6 +34,11 @@ pub struct SinkContext {
     pub(crate) board: Arc<StatusBoard>,
     /// librdkafka's logs and errors, throttled and redacted.
     pub(crate) log: ClientLog,
+    /// Set at shutdown before the consumer leaves the group. The revoke that closing brings does
+    /// not commit: the shutdown commit ran just before, closing commits the stored offsets itself
+    /// (`enable.auto.commit`), and a synchronous commit from inside the close can wait for a
+    /// reply that never comes (seen while the group was rebalancing: the process never exited).
+    pub(crate) closing: AtomicBool,
 }
 
 /// Whether the consumer holds an assignment, and since when. Between a revoke and the next
@@ -76,7 +81,11 @@ impl ConsumerContext for SinkContext {
             // Offsets stored so far are everything that is durable; commit them before another
             // replica takes over. Messages still in flight here are redelivered there and
             // deduplicated by the primary key.
-            let commit_took = commit_sync(consumer, "revoke");
+            let commit_took = if self.closing.load(Ordering::Acquire) {
+                Duration::ZERO
+            } else {
+                commit_sync(consumer, "revoke")
+            };
             {
                 let mut membership = self.membership.lock();
                 membership.assigned = false;

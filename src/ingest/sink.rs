@@ -17,7 +17,7 @@
 //! pauses the same way while the registry is unavailable or refuses auditflow, or while too
 //! many messages are held.
 
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use parking_lot::Mutex;
@@ -315,6 +315,7 @@ impl Sink {
             stats: Arc::clone(&stats),
             board: Arc::clone(&board),
             log: kafka::ClientLog::new(&config.kafka),
+            closing: AtomicBool::new(false),
         };
         let creation_log = kafka::ClientLog::new(&config.kafka);
         let consumer: SinkConsumer = consumer_config(&brokers, &config)
@@ -653,7 +654,8 @@ impl Sink {
         drop(messages);
         drop(consumer);
         // Drain: hand over what is open, wait for the store within the drain timeout.
-        let drain_deadline = Instant::now() + sink.config.sink.drain_timeout();
+        let draining = Instant::now();
+        let drain_deadline = draining + sink.config.sink.drain_timeout();
         let pending: Vec<Batch> = ready
             .into_iter()
             .chain((!open.is_empty()).then_some(open))
@@ -678,16 +680,34 @@ impl Sink {
             abort.cancel();
             let _ = store_task.await;
         }
-        {
-            let consumer = Arc::clone(&sink.consumer);
-            if let Err(err) =
-                tokio::task::spawn_blocking(move || commit_sync(consumer.as_ref(), "shutdown"))
-                    .await
-            {
-                tracing::warn!(error = %err, "shutdown commit task failed");
-            }
+        let drain_ms = millis(draining.elapsed());
+        // Committing and leaving the group are exchanges with the coordinator that librdkafka
+        // waits for without a bound: they get LEAVE_TIMEOUT together.
+        let leave_deadline = Instant::now() + LEAVE_TIMEOUT;
+        let committing = Instant::now();
+        let consumer = Arc::clone(&sink.consumer);
+        let committed = off_runtime_until("offset-commit", leave_deadline, move || {
+            commit_sync(consumer.as_ref(), "shutdown");
+        })
+        .await;
+        if committed.is_none() {
+            tracing::warn!(
+                "the shutdown commit did not finish in time; records since the last commit \
+                 are redelivered and stored once"
+            );
         }
+        tracing::info!(
+            drain_ms,
+            commit_ms = millis(committing.elapsed()),
+            "drained and committed"
+        );
         sink.board.set_joined(false);
+        // From here on the consumer is closing: the revoke that leaving the group brings must
+        // not commit synchronously (see `SinkContext::closing`).
+        sink.consumer
+            .context()
+            .closing
+            .store(true, Ordering::Release);
         sink.consumer.unsubscribe();
         sink.notifier_shutdown.cancel();
         let elapsed_s = started.elapsed().as_secs_f64();
@@ -713,10 +733,21 @@ impl Sink {
         match Arc::try_unwrap(sink) {
             Ok(sink) => {
                 let _ = tokio::time::timeout(Duration::from_secs(3), sink.notifier_task).await;
-                // Dropping the last handle closes the consumer: it leaves the group, a blocking
-                // exchange with the coordinator, so it happens off the runtime.
+                // Dropping the last handle closes the consumer: it leaves the group.
                 let consumer = sink.consumer;
-                let _ = tokio::task::spawn_blocking(move || drop(consumer)).await;
+                let closing = Instant::now();
+                match off_runtime_until("consumer-close", leave_deadline, move || drop(consumer))
+                    .await
+                {
+                    Some(()) => {
+                        tracing::info!(close_ms = millis(closing.elapsed()), "consumer closed")
+                    }
+                    None => tracing::warn!(
+                        "the consumer did not leave the group in time; exiting without it (the \
+                         group reassigns its partitions after session.timeout.ms, from the \
+                         committed offsets)"
+                    ),
+                }
             }
             Err(_) => tracing::warn!("sink still referenced at shutdown"),
         }
@@ -1097,6 +1128,37 @@ async fn sleep_until_opt(deadline: Option<Instant>) {
     }
 }
 
+/// How long committing the offsets and leaving the group may take at shutdown, together, after
+/// the drain.
+const LEAVE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Runs `work` on a thread of its own and waits for it until `deadline`: `None` if it has not
+/// finished by then, and the thread is left to finish on its own. For librdkafka's unbounded
+/// blocking calls at shutdown; a blocking-pool task would not do, the runtime waits for those at
+/// exit however long they take.
+async fn off_runtime_until<T: Send + 'static>(
+    name: &str,
+    deadline: Instant,
+    work: impl FnOnce() -> T + Send + 'static,
+) -> Option<T> {
+    let (done_tx, done_rx) = tokio::sync::oneshot::channel();
+    let spawned = std::thread::Builder::new()
+        .name(name.to_owned())
+        .spawn(move || {
+            let _ = done_tx.send(work());
+        });
+    if let Err(err) = spawned {
+        tracing::warn!(error = %err, name, "cannot start a thread");
+        return None;
+    }
+    tokio::time::timeout_at(deadline, done_rx).await.ok()?.ok()
+}
+
+/// A duration in milliseconds, for log fields.
+fn millis(duration: Duration) -> f64 {
+    duration.as_secs_f64() * 1e3
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1119,5 +1181,23 @@ mod tests {
         );
         assert_eq!(theirs.get("fetch.wait.max.ms"), Some("300"));
         assert_eq!(theirs.get("enable.auto.offset.store"), Some("false"));
+    }
+
+    #[tokio::test]
+    async fn blocking_work_off_the_runtime_is_waited_for_until_the_deadline_only() {
+        let soon = Instant::now() + Duration::from_secs(5);
+        assert_eq!(off_runtime_until("quick", soon, || 7).await, Some(7));
+        let started = Instant::now();
+        let deadline = started + Duration::from_millis(200);
+        let stuck = off_runtime_until("stuck", deadline, || {
+            std::thread::sleep(Duration::from_secs(30));
+        })
+        .await;
+        assert!(stuck.is_none(), "work past the deadline is left behind");
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "{:?}",
+            started.elapsed()
+        );
     }
 }

@@ -502,14 +502,27 @@ pub fn signal(child: &Child, signal: &str) {
 
 /// Waits for a child to exit, at most `timeout`, without blocking the runtime.
 pub async fn wait_exit(child: &mut Child, timeout: Duration) -> std::process::ExitStatus {
+    match try_wait_exit(child, timeout).await {
+        Some(status) => status,
+        None => {
+            let _ = child.kill();
+            panic!("process did not exit within {timeout:?}");
+        }
+    }
+}
+
+/// Waits for a child to exit, at most `timeout`; `None` if it is still running then.
+pub async fn try_wait_exit(
+    child: &mut Child,
+    timeout: Duration,
+) -> Option<std::process::ExitStatus> {
     let deadline = tokio::time::Instant::now() + timeout;
     loop {
         if let Some(status) = child.try_wait().expect("try_wait") {
-            return status;
+            return Some(status);
         }
         if tokio::time::Instant::now() >= deadline {
-            let _ = child.kill();
-            panic!("process did not exit within {timeout:?}");
+            return None;
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
