@@ -828,3 +828,41 @@ async fn the_conflict_check_of_a_batch_probes_the_key_and_never_reads_the_table(
         "the check probes the key: {plan:#}"
     );
 }
+
+/// What a batch with repeats costs as the table grows: 60 batches of 5,000 rows, each with 50
+/// rows of the batch before it (producer retries), so every batch takes the staging path.
+/// Prints the mean time of the first and the last ten batches; with a check that reads the
+/// table, the last ones cost seconds more than the first. Run:
+/// `cargo test --release --test store staging_path_benchmark -- --ignored --nocapture`
+#[tokio::test]
+#[ignore = "benchmark; run it in release"]
+async fn staging_path_benchmark() {
+    let db = TestDb::new().await;
+    const BATCHES: usize = 60;
+    const ROWS: usize = 5_000;
+    const REPEATS: usize = 50;
+    let at = Utc::now() - chrono::Duration::hours(1);
+    let mut millis = Vec::with_capacity(BATCHES);
+    let mut stored = 0;
+    for batch in 0..BATCHES {
+        let first = (batch * ROWS) as u128;
+        let repeated = first.saturating_sub(REPEATS as u128);
+        let events: Vec<AuditEvent> = (repeated..first + ROWS as u128)
+            .map(|i| event_at(i, "t", at))
+            .collect();
+        let rows = common::copy_rows_at(&events, 1, repeated as i64);
+        let started = std::time::Instant::now();
+        let outcome = db.store.write(&rows, 0..events.len()).await.unwrap();
+        millis.push(started.elapsed().as_secs_f64() * 1e3);
+        stored += outcome.stored;
+    }
+    assert_eq!(stored, (BATCHES * ROWS) as u64, "every new row stored once");
+    let mean = |part: &[f64]| part.iter().sum::<f64>() / part.len() as f64;
+    eprintln!(
+        "staging path: {BATCHES} batches of {ROWS} rows with {REPEATS} repeats; \
+         ms per batch: first ten {:.1}, last ten {:.1}, all {:.1}",
+        mean(&millis[..10]),
+        mean(&millis[BATCHES - 10..]),
+        mean(&millis)
+    );
+}
