@@ -733,12 +733,19 @@ impl Sink {
         match Arc::try_unwrap(sink) {
             Ok(sink) => {
                 let _ = tokio::time::timeout(Duration::from_secs(3), sink.notifier_task).await;
-                // Dropping the last handle closes the consumer: it leaves the group.
+                // Dropping the last handle closes the consumer: it leaves the group. While the
+                // commit is still waiting, its thread holds a handle and the close would only
+                // start when it returns: not waited for.
                 let consumer = sink.consumer;
                 let closing = Instant::now();
-                match off_runtime_until("consumer-close", leave_deadline, move || drop(consumer))
-                    .await
-                {
+                let closed = match committed {
+                    Some(()) => {
+                        off_runtime_until("consumer-close", leave_deadline, move || drop(consumer))
+                            .await
+                    }
+                    None => None,
+                };
+                match closed {
                     Some(()) => {
                         tracing::info!(close_ms = millis(closing.elapsed()), "consumer closed")
                     }
