@@ -683,8 +683,8 @@ impl Sink {
         let drain_ms = millis(draining.elapsed());
         // Committing and leaving the group are exchanges with the coordinator that librdkafka
         // waits for without a bound: they get LEAVE_TIMEOUT together.
-        let leave_deadline = Instant::now() + LEAVE_TIMEOUT;
         let committing = Instant::now();
+        let leave_deadline = committing + LEAVE_TIMEOUT;
         let consumer = Arc::clone(&sink.consumer);
         let committed = off_runtime_until("offset-commit", leave_deadline, move || {
             commit_sync(consumer.as_ref(), "shutdown");
