@@ -8,7 +8,7 @@ use std::collections::BTreeSet;
 use std::sync::Arc;
 use std::time::Duration;
 
-use auditflow::breaker::State as BreakerState;
+use auditflow::breaker::{Breaker, State as BreakerState};
 use auditflow::event::{Actor, ActorType, AuditEvent, Outcome, Resource};
 use auditflow::ingest::decode::Decoder;
 use auditflow::ingest::dlq::header as dlq_header;
@@ -215,8 +215,16 @@ async fn database_outage(concurrency: Option<&str>) {
     let sink = Sink::build(env.config(&vars)).await.unwrap();
     let stats = sink.stats();
     let board = sink.board();
-    let breaker = Arc::clone(sink.store().breaker());
-    let mut states = breaker.subscribe();
+    // A stream whose partitions had no batch in flight when the database went away never
+    // tries it (consumption pauses for every partition), so its breaker may stay closed.
+    let breakers: Vec<Arc<Breaker>> = sink
+        .stores()
+        .iter()
+        .map(|store| Arc::clone(store.breaker()))
+        .collect();
+    let num_opened = |breakers: &[Arc<Breaker>]| -> u64 {
+        breakers.iter().map(|breaker| breaker.num_opened()).sum()
+    };
     let running = tokio::spawn(
         sink.run_until_stopped(CancellationToken::new(), Some(Duration::from_secs(3))),
     );
@@ -227,21 +235,17 @@ async fn database_outage(concurrency: Option<&str>) {
         assert!(before >= 2_000);
         proxy.cut().await;
         let cut_rows = env.count_rows().await;
-        let mut seen_open = false;
-        let outage_end = tokio::time::Instant::now() + Duration::from_secs(20);
-        while tokio::time::Instant::now() < outage_end {
-            if let Ok(Ok(())) =
-                tokio::time::timeout(Duration::from_millis(200), states.changed()).await
-            {
-                seen_open |= *states.borrow_and_update() == BreakerState::Open;
-            }
-        }
+        let opened_before = num_opened(&breakers);
+        tokio::time::sleep(Duration::from_secs(20)).await;
         let during = env.count_rows().await;
         assert_eq!(
             during, cut_rows,
             "nothing is written while the database is unreachable"
         );
-        assert!(seen_open, "the postgres breaker opened");
+        assert!(
+            num_opened(&breakers) > opened_before,
+            "a postgres breaker opened"
+        );
         assert!(
             stats.pauses.load(std::sync::atomic::Ordering::Relaxed) >= 1,
             "consumption paused"
@@ -268,12 +272,14 @@ async fn database_outage(concurrency: Option<&str>) {
         env.count_distinct_ids().await,
         produced.distinct_valid as i64
     );
-    assert!(breaker.num_opened() >= 1);
-    assert_eq!(
-        breaker.state(),
-        BreakerState::Closed,
-        "closed again after recovery"
-    );
+    for breaker in &breakers {
+        assert_eq!(
+            breaker.state(),
+            BreakerState::Closed,
+            "{} closed again after recovery",
+            breaker.dependency()
+        );
+    }
     eprintln!(
         "backlog of {remaining_at_restore} rows drained in {:.1}s after the database returned",
         recovery.as_secs_f64()

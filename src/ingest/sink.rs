@@ -384,9 +384,14 @@ impl Sink {
         Arc::clone(&self.board)
     }
 
-    /// The store (shared with the running sink).
+    /// The store of stream 0 (shared with the running sink).
     pub fn store(&self) -> Arc<Store> {
         Arc::clone(&self.stores[0])
+    }
+
+    /// The store of every stream, stream 0 first.
+    pub fn stores(&self) -> &[Arc<Store>] {
+        &self.stores
     }
 
     /// The dead-letter producer.
