@@ -65,8 +65,8 @@ impl BreakerConfig {
     };
 }
 
-/// Breaker states.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// Breaker states, ordered from the healthiest to the worst.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub enum State {
     /// Calls go through.
     Closed,

@@ -1195,6 +1195,13 @@ mod tests {
         assert_eq!(theirs.get("enable.auto.offset.store"), Some("false"));
     }
 
+    #[test]
+    fn every_store_streams_breaker_decides_readiness() {
+        for name in STORE_BREAKER_NAMES {
+            assert!(crate::observe::is_database_dependency(name), "{name}");
+        }
+    }
+
     #[tokio::test]
     async fn blocking_work_off_the_runtime_is_waited_for_until_the_deadline_only() {
         let soon = Instant::now() + Duration::from_secs(5);

@@ -15,6 +15,14 @@ use crate::breaker::{Breaker, State as BreakerState};
 /// The breaker that decides readiness: without the database nothing can be stored.
 pub const DATABASE_DEPENDENCY: &str = "postgres";
 
+/// The name of store stream N's breaker (N >= 1) starts with this; each decides readiness too.
+pub const DATABASE_STREAM_DEPENDENCY_PREFIX: &str = "postgres-stream-";
+
+/// Whether a breaker with this `dependency` guards a store stream's database connection.
+pub fn is_database_dependency(dependency: &str) -> bool {
+    dependency == DATABASE_DEPENDENCY || dependency.starts_with(DATABASE_STREAM_DEPENDENCY_PREFIX)
+}
+
 /// How far back "recent" dead letters reach on the status page (to the minute).
 pub const RECENT_DEAD_LETTERS: Duration = Duration::from_secs(15 * 60);
 
@@ -108,8 +116,9 @@ impl StatusBoard {
         self.joined.store(joined, Ordering::Relaxed);
     }
 
-    /// Shows `breaker` on the page; the one named [`DATABASE_DEPENDENCY`] also decides
-    /// readiness. Its state is read when asked, so later transitions need no call.
+    /// Shows `breaker` on the page; the database ones (one per store stream, see
+    /// [`is_database_dependency`]) also decide readiness. Its state is read when asked, so later
+    /// transitions need no call.
     pub fn register_breaker(&self, breaker: Arc<Breaker>) {
         let mut breakers = self.breakers.lock();
         breakers.retain(|known| known.dependency() != breaker.dependency());
@@ -271,12 +280,16 @@ impl StatusBoard {
     /// Whether orchestrators may route work here, and what is missing if not.
     pub fn readiness(&self) -> Readiness {
         let joined_group = self.joined.load(Ordering::Relaxed);
+        // The worst of the store streams' breakers: one stream that cannot reach the database
+        // holds its partitions, so the replica is not fit to take more.
         let database_breaker = self
             .breakers
             .lock()
             .iter()
-            .find(|breaker| breaker.dependency() == DATABASE_DEPENDENCY)
-            .map(|breaker| breaker.state().as_str());
+            .filter(|breaker| is_database_dependency(breaker.dependency()))
+            .map(|breaker| breaker.state())
+            .max()
+            .map(BreakerState::as_str);
         let schema_registry = self
             .schema_registry
             .lock()
@@ -618,6 +631,30 @@ mod tests {
         breaker.record(permit, true);
         let readiness = board.readiness();
         assert_eq!(readiness.database_breaker, Some("open"));
+        assert_eq!(readiness.missing, vec!["database_breaker_closed"]);
+    }
+
+    #[test]
+    fn readiness_needs_every_store_streams_database_breaker_closed() {
+        let board = StatusBoard::new("test");
+        board.set_joined(true);
+        let config = BreakerConfig {
+            consecutive_failures: 1,
+            ..BreakerConfig::INGEST
+        };
+        let stream_one = Arc::new(Breaker::new("postgres-stream-1", config));
+        board.register_breaker(Arc::new(Breaker::new("postgres", config)));
+        board.register_breaker(Arc::clone(&stream_one));
+        board.register_breaker(Arc::new(Breaker::new("postgres-stream-2", config)));
+        assert!(board.readiness().ready);
+        let permit = stream_one.try_acquire().expect("closed");
+        stream_one.record(permit, true);
+        let readiness = board.readiness();
+        assert_eq!(
+            readiness.database_breaker,
+            Some("open"),
+            "the worst stream's"
+        );
         assert_eq!(readiness.missing, vec!["database_breaker_closed"]);
     }
 

@@ -21,9 +21,9 @@ mod board;
 pub mod http;
 
 pub use board::{
-    BreakerStatus, DeadLetterClass, DeadLetters, PartitionLag, Pool, Readiness,
-    SchemaRegistryStatus, StatusBoard, StatusSnapshot, Throughput, Totals, DATABASE_DEPENDENCY,
-    RECENT_DEAD_LETTERS, THROUGHPUT_WINDOW,
+    is_database_dependency, BreakerStatus, DeadLetterClass, DeadLetters, PartitionLag, Pool,
+    Readiness, SchemaRegistryStatus, StatusBoard, StatusSnapshot, Throughput, Totals,
+    DATABASE_DEPENDENCY, RECENT_DEAD_LETTERS, THROUGHPUT_WINDOW,
 };
 
 use board::{
