@@ -66,7 +66,7 @@ use chrono::{DateTime, Datelike, NaiveDate, Utc};
 use futures::FutureExt as _;
 use rand::Rng;
 use sqlx::pool::PoolConnection;
-use sqlx::{PgPool, Postgres};
+use sqlx::{PgConnection, PgPool, Postgres};
 use tokio_util::sync::CancellationToken;
 
 use crate::breaker::{Breaker, BreakerError};
@@ -495,12 +495,7 @@ impl PartitionLifecycle {
     /// Carries out `plan`'s actions in order, under the maintenance lock
     /// ([`PartitionError::Busy`] if another replica holds it), each re-checked when it runs.
     pub async fn apply(&self, plan: &Plan) -> Result<ApplyReport, PartitionError> {
-        if plan.schema != self.schema {
-            return Err(PartitionError::Invalid(format!(
-                "the plan is for schema {:?}, not {:?}",
-                plan.schema, self.schema
-            )));
-        }
+        self.check_plan_schema(plan)?;
         self.guarded(async {
             let Some(mut lock) =
                 MaintenanceLock::try_acquire(&self.pool, &self.schema, self.config.lock_timeout())
@@ -526,25 +521,10 @@ impl PartitionLifecycle {
         now: DateTime<Utc>,
         wait: StdDuration,
     ) -> Result<ApplyReport, PartitionError> {
-        self.guarded(async {
-            let (lock, waited) = MaintenanceLock::acquire(
-                &self.pool,
-                &self.schema,
-                self.config.lock_timeout(),
-                wait,
-            )
-            .await?;
-            let Some(mut lock) = lock else {
-                return Ok(ApplyReport::running_elsewhere(&self.schema, now, waited));
-            };
-            let report = async {
-                let inventory = read_inventory(&mut lock.conn, &self.schema).await?;
-                let plan = plan_from(&inventory, &self.schema, &self.config, now);
-                self.apply_on(&mut lock.conn, &plan).await
-            }
-            .await;
-            lock.release().await;
-            report.map(|report| report.after_waiting(waited))
+        self.under_lock_waiting(now, wait, async |conn| {
+            let inventory = read_inventory(conn, &self.schema).await?;
+            let plan = plan_from(&inventory, &self.schema, &self.config, now);
+            self.apply_on(conn, &plan).await
         })
         .await
     }
@@ -559,12 +539,20 @@ impl PartitionLifecycle {
         plan: &Plan,
         wait: StdDuration,
     ) -> Result<ApplyReport, PartitionError> {
-        if plan.schema != self.schema {
-            return Err(PartitionError::Invalid(format!(
-                "the plan is for schema {:?}, not {:?}",
-                plan.schema, self.schema
-            )));
-        }
+        self.check_plan_schema(plan)?;
+        self.under_lock_waiting(plan.now, wait, async |conn| self.apply_on(conn, plan).await)
+            .await
+    }
+
+    /// Runs `work` on the maintenance lock's connection, waiting up to `wait` for maintenance
+    /// running elsewhere to finish; if it is still running then, runs nothing and reports
+    /// [`ApplyReport::ran_elsewhere`] at `now`.
+    async fn under_lock_waiting(
+        &self,
+        now: DateTime<Utc>,
+        wait: StdDuration,
+        work: impl AsyncFnOnce(&mut PgConnection) -> Result<ApplyReport, PartitionError>,
+    ) -> Result<ApplyReport, PartitionError> {
         self.guarded(async {
             let (lock, waited) = MaintenanceLock::acquire(
                 &self.pool,
@@ -574,17 +562,24 @@ impl PartitionLifecycle {
             )
             .await?;
             let Some(mut lock) = lock else {
-                return Ok(ApplyReport::running_elsewhere(
-                    &self.schema,
-                    plan.now,
-                    waited,
-                ));
+                return Ok(ApplyReport::running_elsewhere(&self.schema, now, waited));
             };
-            let report = self.apply_on(&mut lock.conn, plan).await;
+            let report = work(&mut lock.conn).await;
             lock.release().await;
             report.map(|report| report.after_waiting(waited))
         })
         .await
+    }
+
+    /// Refuses a plan made for another schema than this lifecycle's.
+    fn check_plan_schema(&self, plan: &Plan) -> Result<(), PartitionError> {
+        if plan.schema == self.schema {
+            return Ok(());
+        }
+        Err(PartitionError::Invalid(format!(
+            "the plan is for schema {:?}, not {:?}",
+            plan.schema, self.schema
+        )))
     }
 
     /// Places a legal hold on `[from, to)`: no partition overlapping it is retired or dropped
