@@ -221,41 +221,48 @@ pub fn content_hash(event: &AuditEvent) -> [u8; 16] {
 
 /// [`content_hash`] of a view.
 pub fn view_content_hash(event: &EventView<'_>) -> [u8; 16] {
-    let mut hasher = Sha256::new();
-    // Domain separation and a version, so the serialisation can change without silent collisions.
-    hasher.update(b"auditflow.content.v1\0");
-    hasher.update(event.event_id.as_bytes());
-    hasher.update(event.occurred_at.timestamp_micros().to_be_bytes());
-    hash_text(&mut hasher, event.tenant_id);
-    hash_text(&mut hasher, event.actor_id);
-    hash_text(&mut hasher, event.actor_type.as_str());
-    hash_optional_text(&mut hasher, event.actor_ip);
-    hash_optional_text(&mut hasher, event.actor_user_agent);
-    hash_text(&mut hasher, event.action);
-    hash_text(&mut hasher, event.resource_type);
-    hash_text(&mut hasher, event.resource_id);
-    hash_text(&mut hasher, event.outcome.as_str());
-    hash_optional_text(&mut hasher, event.reason);
-    hash_optional_text(&mut hasher, event.trace_id);
-    hash_optional_text(&mut hasher, event.details);
-    hash_optional_text(&mut hasher, event.session_id);
-    let digest = hasher.finalize();
-    let mut hash = [0u8; 16];
-    hash.copy_from_slice(&digest[..16]);
-    hash
+    // Encoded into one buffer and hashed in one call, cheaper than a dozen small `update`s.
+    thread_local! {
+        static ENCODED: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+    }
+    ENCODED.with_borrow_mut(|out| {
+        out.clear();
+        // Domain separation and a version, so the serialisation can change without silent
+        // collisions.
+        out.extend_from_slice(b"auditflow.content.v1\0");
+        out.extend_from_slice(event.event_id.as_bytes());
+        out.extend_from_slice(&event.occurred_at.timestamp_micros().to_be_bytes());
+        push_text(out, event.tenant_id);
+        push_text(out, event.actor_id);
+        push_text(out, event.actor_type.as_str());
+        push_optional_text(out, event.actor_ip);
+        push_optional_text(out, event.actor_user_agent);
+        push_text(out, event.action);
+        push_text(out, event.resource_type);
+        push_text(out, event.resource_id);
+        push_text(out, event.outcome.as_str());
+        push_optional_text(out, event.reason);
+        push_optional_text(out, event.trace_id);
+        push_optional_text(out, event.details);
+        push_optional_text(out, event.session_id);
+        let digest = Sha256::digest(out.as_slice());
+        let mut hash = [0u8; 16];
+        hash.copy_from_slice(&digest[..16]);
+        hash
+    })
 }
 
-fn hash_text(hasher: &mut Sha256, text: &str) {
-    hasher.update((text.len() as u64).to_be_bytes());
-    hasher.update(text.as_bytes());
+fn push_text(out: &mut Vec<u8>, text: &str) {
+    out.extend_from_slice(&(text.len() as u64).to_be_bytes());
+    out.extend_from_slice(text.as_bytes());
 }
 
-fn hash_optional_text(hasher: &mut Sha256, text: Option<&str>) {
+fn push_optional_text(out: &mut Vec<u8>, text: Option<&str>) {
     match text {
-        None => hasher.update([0u8]),
+        None => out.push(0),
         Some(text) => {
-            hasher.update([1u8]);
-            hash_text(hasher, text);
+            out.push(1);
+            push_text(out, text);
         }
     }
 }
