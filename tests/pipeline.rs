@@ -269,6 +269,27 @@ async fn invalidations_reach_a_real_redis_subscriber() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_store_stream_has_its_connection_before_the_first_batch() {
+    let env = TestEnv::new(3).await;
+    let produced = env.produce(300, 0.0, 0.0, 11).await;
+    let sink = Sink::build(env.config(&[("AUDITFLOW_STORE_CONCURRENCY", "3")]))
+        .await
+        .expect("build");
+    let pool = sink.store().pool().clone();
+    assert!(
+        pool.size() >= 3 && pool.num_idle() >= 3,
+        "three connections open and idle before anything is consumed: {} open, {} idle",
+        pool.size(),
+        pool.num_idle()
+    );
+    let summary = sink
+        .run_until_stopped(CancellationToken::new(), Some(IDLE))
+        .await
+        .expect("run");
+    assert_eq!(summary.stored, produced.distinct_valid);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ingestion_goes_on_while_redis_is_down() {
     let env = TestEnv::new(2).await;
     let produced = env.produce(2_000, 0.0, 0.0, 9).await;

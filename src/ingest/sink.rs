@@ -304,6 +304,15 @@ impl Sink {
             )
             .await
             .context("creating partitions")?;
+        // Each store stream's connection now, before the group hands out partitions, rather
+        // than in the stream's first batch; and one for partition upkeep, which shares this pool
+        // unless AUDITFLOW_MAINTENANCE_DATABASE_URL is set and holds a connection for its round
+        // as the run starts. A failure here is not fatal: a stream connects when it needs to,
+        // under its breaker.
+        let ahead = (streams + 1).min(config.database.db_max_connections);
+        if let Err(err) = crate::db::warm(&pool, ahead).await {
+            tracing::warn!(error = %err, connections = ahead, "could not open the store streams' connections ahead");
+        }
 
         let tracker = Arc::new(Mutex::new(OffsetTracker::new()));
         let membership = Arc::new(Mutex::new(Membership::default()));
