@@ -501,7 +501,7 @@ mod consumer_path_benchmark {
                 // the rows' partitions, a partition always to the same stream).
                 let mut indices: Vec<Vec<usize>> = vec![Vec::new(); 2];
                 for (row, partition) in done.row_sources.partitions().enumerate() {
-                    indices[usize::try_from(partition).unwrap_or(0) % 2].push(row);
+                    indices[crate::ingest::sink::stream_of(partition, 2)].push(row);
                 }
                 for rows in &indices {
                     std::hint::black_box(done.rows.select(rows));

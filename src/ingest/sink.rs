@@ -190,7 +190,7 @@ const STORE_BREAKER_NAMES: [&str; 16] = [
 ];
 
 /// The store stream of a Kafka partition.
-fn stream_of(partition: i32, streams: usize) -> usize {
+pub(crate) fn stream_of(partition: i32, streams: usize) -> usize {
     usize::try_from(partition).unwrap_or(0) % streams.max(1)
 }
 
