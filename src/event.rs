@@ -5,7 +5,6 @@
 //! as one row of the partitioned `events` table.
 
 use chrono::{DateTime, Utc};
-use sha2::{Digest, Sha256};
 use uuid::Uuid;
 
 /// Who performed the action.
@@ -221,12 +220,7 @@ pub fn content_hash(event: &AuditEvent) -> [u8; 16] {
 
 /// [`content_hash`] of a view.
 pub fn view_content_hash(event: &EventView<'_>) -> [u8; 16] {
-    // Encoded into one buffer and hashed in one call, cheaper than a dozen small `update`s.
-    thread_local! {
-        static ENCODED: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
-    }
-    ENCODED.with_borrow_mut(|out| {
-        out.clear();
+    let digest = crate::chain::digest_encoded(|out| {
         // Domain separation and a version, so the serialisation can change without silent
         // collisions.
         out.extend_from_slice(b"auditflow.content.v1\0");
@@ -245,11 +239,12 @@ pub fn view_content_hash(event: &EventView<'_>) -> [u8; 16] {
         push_optional_text(out, event.trace_id);
         push_optional_text(out, event.details);
         push_optional_text(out, event.session_id);
-        let digest = Sha256::digest(out.as_slice());
-        let mut hash = [0u8; 16];
-        hash.copy_from_slice(&digest[..16]);
-        hash
-    })
+        Ok::<(), std::convert::Infallible>(())
+    });
+    let Ok(digest) = digest;
+    let mut hash = [0u8; 16];
+    hash.copy_from_slice(&digest[..16]);
+    hash
 }
 
 fn push_text(out: &mut Vec<u8>, text: &str) {

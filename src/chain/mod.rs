@@ -95,14 +95,19 @@ pub struct StoredRow<'a> {
 /// `content_hash` as its bytes), optional integers as `0` or `1` and a big-endian i64, the Kafka
 /// partition as a big-endian i32 and the offset as a big-endian i64.
 pub fn row_digest(row: &StoredRow<'_>) -> Result<Hash, CanonicalJsonError> {
-    // Encoded into one buffer and hashed in one call: two dozen small `update`s cost more
-    // than the hashing of the ~300 bytes itself.
+    digest_encoded(|encoded| encode_row(row, encoded))
+}
+
+/// SHA-256 of what `encode` writes into a buffer reused per thread: encoding a record first and
+/// hashing it in one call costs less than two dozen small `update`s (the content hash and the
+/// row digest, once per event each).
+pub fn digest_encoded<E>(encode: impl FnOnce(&mut Vec<u8>) -> Result<(), E>) -> Result<Hash, E> {
     thread_local! {
         static ENCODED: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
     }
     ENCODED.with_borrow_mut(|encoded| {
         encoded.clear();
-        encode_row(row, encoded)?;
+        encode(encoded)?;
         Ok(Sha256::digest(encoded.as_slice()).into())
     })
 }
