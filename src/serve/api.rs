@@ -184,8 +184,7 @@ async fn load_rows(
         .run(kind, async {
             let mut conn = state.pool.acquire().await?;
             guard::check(&mut conn, &state.schema, &sql, &limits, "this query").await?;
-            let rows = sql
-                .bind(sqlx::query_as::<_, EventRow>(&sql.text))
+            let rows = sqlx::query_as_with::<_, EventRow, _>(&sql.text, sql.arguments()?)
                 .fetch_all(&mut *conn)
                 .await?;
             Ok(rows)

@@ -107,7 +107,7 @@ async fn start(
         seq_scan_max_rows: state.config.serve_seq_scan_max_rows,
     };
     let timeout_ms = state.config.serve_export_statement_timeout_ms;
-    let transaction = state
+    let (transaction, arguments) = state
         .gate
         .run("export", async {
             let mut transaction = state.pool.begin().await?;
@@ -115,7 +115,7 @@ async fn start(
                 .execute(&mut *transaction)
                 .await?;
             guard::check(&mut transaction, &state.schema, &sql, &cost, "this export").await?;
-            Ok(transaction)
+            Ok((transaction, sql.arguments()?))
         })
         .await?;
 
@@ -133,8 +133,7 @@ async fn start(
         }
         let mut num_rows: u64 = 0;
         {
-            let mut rows = sql
-                .bind(sqlx::query_as::<_, EventRow>(&sql.text))
+            let mut rows = sqlx::query_as_with::<_, EventRow, _>(&sql.text, arguments)
                 .fetch(&mut *transaction);
             while let Some(row) = rows.next().await {
                 match row {

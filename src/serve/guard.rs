@@ -38,8 +38,7 @@ pub struct Plan {
 /// Plans `sql` with its arguments (no execution).
 pub async fn explain(conn: &mut PgConnection, sql: &Sql) -> Result<Plan, sqlx::Error> {
     let statement = format!("EXPLAIN (FORMAT JSON) {}", sql.text);
-    let row = sql
-        .bind_plain(sqlx::query(&statement))
+    let row = sqlx::query_with(&statement, sql.arguments()?)
         .fetch_one(conn)
         .await?;
     // The json type's binary form is its text.

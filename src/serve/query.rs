@@ -11,6 +11,8 @@ use std::fmt::Write as _;
 
 use chrono::{DateTime, SecondsFormat, Utc};
 use sha2::{Digest, Sha256};
+use sqlx::postgres::PgArguments;
+use sqlx::Arguments as _;
 use uuid::Uuid;
 
 use super::error::ApiError;
@@ -191,36 +193,20 @@ impl Sql {
         format!("${}", self.args.len())
     }
 
-    /// Binds the arguments to `query`.
-    pub fn bind<'q, O>(
-        &'q self,
-        mut query: sqlx::query::QueryAs<'q, sqlx::Postgres, O, sqlx::postgres::PgArguments>,
-    ) -> sqlx::query::QueryAs<'q, sqlx::Postgres, O, sqlx::postgres::PgArguments> {
+    /// The arguments, encoded in order for the placeholders: pass them to `sqlx::query_with`
+    /// or `sqlx::query_as_with` with [`Sql::text`].
+    pub fn arguments(&self) -> Result<PgArguments, sqlx::Error> {
+        let mut arguments = PgArguments::default();
         for arg in &self.args {
-            query = match arg {
-                Arg::Text(value) => query.bind(value.as_str()),
-                Arg::Time(value) => query.bind(*value),
-                Arg::Id(value) => query.bind(*value),
-                Arg::Int(value) => query.bind(*value),
-            };
+            match arg {
+                Arg::Text(value) => arguments.add(value.as_str()),
+                Arg::Time(value) => arguments.add(*value),
+                Arg::Id(value) => arguments.add(*value),
+                Arg::Int(value) => arguments.add(*value),
+            }
+            .map_err(sqlx::Error::Encode)?;
         }
-        query
-    }
-
-    /// Binds the arguments to a plain query.
-    pub fn bind_plain<'q>(
-        &'q self,
-        mut query: sqlx::query::Query<'q, sqlx::Postgres, sqlx::postgres::PgArguments>,
-    ) -> sqlx::query::Query<'q, sqlx::Postgres, sqlx::postgres::PgArguments> {
-        for arg in &self.args {
-            query = match arg {
-                Arg::Text(value) => query.bind(value.as_str()),
-                Arg::Time(value) => query.bind(*value),
-                Arg::Id(value) => query.bind(*value),
-                Arg::Int(value) => query.bind(*value),
-            };
-        }
-        query
+        Ok(arguments)
     }
 }
 
