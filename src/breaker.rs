@@ -15,6 +15,7 @@
 //! `auditflow_breaker_rejected_total{dependency}`.
 
 use parking_lot::Mutex;
+use std::borrow::Cow;
 use std::collections::VecDeque;
 use std::future::Future;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -102,13 +103,13 @@ pub enum BreakerError<E> {
     #[error("{dependency} circuit breaker is open")]
     Open {
         /// Which dependency.
-        dependency: &'static str,
+        dependency: Cow<'static, str>,
     },
     /// The half-open probe took longer than its timeout.
     #[error("{dependency} probe timed out")]
     ProbeTimeout {
         /// Which dependency.
-        dependency: &'static str,
+        dependency: Cow<'static, str>,
     },
     /// The call itself failed.
     #[error(transparent)]
@@ -148,7 +149,7 @@ impl Drop for Permit<'_> {
 /// One dependency's circuit breaker.
 #[derive(Debug)]
 pub struct Breaker {
-    dependency: &'static str,
+    dependency: Cow<'static, str>,
     /// Replaced whole by [`Breaker::reconfigure`] (live reload).
     config: Mutex<BreakerConfig>,
     inner: Mutex<Inner>,
@@ -160,8 +161,9 @@ pub struct Breaker {
 
 impl Breaker {
     /// Creates a closed breaker for `dependency` (`postgres`, `redis`, `dlq`, ...).
-    pub fn new(dependency: &'static str, config: BreakerConfig) -> Self {
-        metrics::gauge!("auditflow_breaker_state", "dependency" => dependency)
+    pub fn new(dependency: impl Into<Cow<'static, str>>, config: BreakerConfig) -> Self {
+        let dependency = dependency.into();
+        metrics::gauge!("auditflow_breaker_state", "dependency" => dependency.clone())
             .set(State::Closed.gauge());
         Breaker {
             dependency,
@@ -180,8 +182,8 @@ impl Breaker {
     }
 
     /// The dependency's name.
-    pub fn dependency(&self) -> &'static str {
-        self.dependency
+    pub fn dependency(&self) -> &str {
+        &self.dependency
     }
 
     /// The thresholds in force.
@@ -240,21 +242,22 @@ impl Breaker {
         }
         self.num_transitions.fetch_add(1, Ordering::Relaxed);
         self.state_tx.send_replace(to);
-        metrics::gauge!("auditflow_breaker_state", "dependency" => self.dependency).set(to.gauge());
-        metrics::counter!("auditflow_breaker_transitions_total", "dependency" => self.dependency, "to" => to.as_str())
+        metrics::gauge!("auditflow_breaker_state", "dependency" => self.dependency.clone())
+            .set(to.gauge());
+        metrics::counter!("auditflow_breaker_transitions_total", "dependency" => self.dependency.clone(), "to" => to.as_str())
             .increment(1);
         match to {
             State::Open => tracing::warn!(
-                dependency = self.dependency,
+                dependency = &*self.dependency,
                 from = from.as_str(),
                 "circuit breaker opened"
             ),
             State::HalfOpen => tracing::info!(
-                dependency = self.dependency,
+                dependency = &*self.dependency,
                 "circuit breaker half-open; probing"
             ),
             State::Closed => tracing::info!(
-                dependency = self.dependency,
+                dependency = &*self.dependency,
                 from = from.as_str(),
                 "circuit breaker closed"
             ),
@@ -278,7 +281,7 @@ impl Breaker {
             State::Open | State::HalfOpen => {
                 drop(inner);
                 self.num_rejected.fetch_add(1, Ordering::Relaxed);
-                metrics::counter!("auditflow_breaker_rejected_total", "dependency" => self.dependency).increment(1);
+                metrics::counter!("auditflow_breaker_rejected_total", "dependency" => self.dependency.clone()).increment(1);
                 None
             }
         }
@@ -339,10 +342,10 @@ impl Breaker {
             inner.state = State::Open;
             inner.open_until = Instant::now();
             self.state_tx.send_replace(State::Open);
-            metrics::gauge!("auditflow_breaker_state", "dependency" => self.dependency)
+            metrics::gauge!("auditflow_breaker_state", "dependency" => self.dependency.clone())
                 .set(State::Open.gauge());
             tracing::info!(
-                dependency = self.dependency,
+                dependency = &*self.dependency,
                 "circuit breaker probe cancelled; probing again on the next call"
             );
         }
@@ -360,7 +363,7 @@ impl Breaker {
     {
         let Some(permit) = self.try_acquire() else {
             return Err(BreakerError::Open {
-                dependency: self.dependency,
+                dependency: self.dependency.clone(),
             });
         };
         let result = if permit.probe {
@@ -369,7 +372,7 @@ impl Breaker {
                 Err(_) => {
                     self.record(permit, true);
                     return Err(BreakerError::ProbeTimeout {
-                        dependency: self.dependency,
+                        dependency: self.dependency.clone(),
                     });
                 }
             }

@@ -17,6 +17,7 @@
 //! pauses the same way while the registry is unavailable or refuses auditflow, or while too
 //! many messages are held.
 
+use std::borrow::Cow;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 
@@ -168,26 +169,17 @@ fn conflict_letters(batch: &Batch, conflicts: &[store::Conflict]) -> Vec<DeadLet
         .collect()
 }
 
-/// The `dependency` label of each store stream's breaker (AUDITFLOW_STORE_CONCURRENCY is at most
-/// 16): stream 0 keeps the name `postgres`.
-const STORE_BREAKER_NAMES: [&str; 16] = [
-    "postgres",
-    "postgres-stream-1",
-    "postgres-stream-2",
-    "postgres-stream-3",
-    "postgres-stream-4",
-    "postgres-stream-5",
-    "postgres-stream-6",
-    "postgres-stream-7",
-    "postgres-stream-8",
-    "postgres-stream-9",
-    "postgres-stream-10",
-    "postgres-stream-11",
-    "postgres-stream-12",
-    "postgres-stream-13",
-    "postgres-stream-14",
-    "postgres-stream-15",
-];
+/// The `dependency` label of store stream `stream`'s breaker: stream 0 keeps the name `postgres`
+/// (the only one before store streams), the others are `postgres-stream-N`.
+pub(crate) fn store_breaker_name(stream: usize) -> Cow<'static, str> {
+    match stream {
+        0 => Cow::Borrowed(crate::observe::DATABASE_DEPENDENCY),
+        n => Cow::Owned(format!(
+            "{}{n}",
+            crate::observe::DATABASE_STREAM_DEPENDENCY_PREFIX
+        )),
+    }
+}
 
 /// The store stream of a Kafka partition.
 pub(crate) fn stream_of(partition: i32, streams: usize) -> usize {
@@ -278,10 +270,7 @@ impl Sink {
             );
         }
         for stream in 0..streams {
-            let name = STORE_BREAKER_NAMES
-                .get(stream as usize)
-                .copied()
-                .unwrap_or("postgres");
+            let name = store_breaker_name(stream as usize);
             let store = Store::new(
                 pool.clone(),
                 config.database.db_schema.clone(),
@@ -1206,8 +1195,11 @@ mod tests {
 
     #[test]
     fn every_store_streams_breaker_decides_readiness() {
-        for name in STORE_BREAKER_NAMES {
-            assert!(crate::observe::is_database_dependency(name), "{name}");
+        assert_eq!(store_breaker_name(0), "postgres");
+        assert_eq!(store_breaker_name(3), "postgres-stream-3");
+        for stream in 0..16 {
+            let name = store_breaker_name(stream);
+            assert!(crate::observe::is_database_dependency(&name), "{name}");
         }
     }
 

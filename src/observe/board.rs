@@ -361,11 +361,11 @@ impl StatusBoard {
             .lock()
             .iter()
             .map(|breaker| BreakerStatus {
-                dependency: breaker.dependency(),
+                dependency: breaker.dependency().to_owned(),
                 state: breaker.state().as_str(),
             })
             .collect();
-        breakers.sort_by_key(|breaker| breaker.dependency);
+        breakers.sort_by(|a, b| a.dependency.cmp(&b.dependency));
         let minute = self.minute_of(now);
         let dead_letters = self
             .dead_letters
@@ -523,8 +523,8 @@ pub struct PartitionLag {
 /// One breaker's state.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct BreakerStatus {
-    /// `postgres`, `redis`, `dlq`, ...
-    pub dependency: &'static str,
+    /// `postgres`, `postgres-stream-1`, `redis`, `dlq`, ...
+    pub dependency: String,
     /// `closed`, `half_open` or `open` (the gauge's 0, 1, 2).
     pub state: &'static str,
 }

@@ -23,7 +23,7 @@ pub mod http;
 pub use board::{
     is_database_dependency, BreakerStatus, DeadLetterClass, DeadLetters, PartitionLag, Pool,
     Readiness, SchemaRegistryStatus, StatusBoard, StatusSnapshot, Throughput, Totals,
-    DATABASE_DEPENDENCY, RECENT_DEAD_LETTERS, THROUGHPUT_WINDOW,
+    DATABASE_DEPENDENCY, DATABASE_STREAM_DEPENDENCY_PREFIX, RECENT_DEAD_LETTERS, THROUGHPUT_WINDOW,
 };
 
 use board::{
