@@ -252,12 +252,8 @@ fn push_text(out: &mut Vec<u8>, text: &str) {
     out.extend_from_slice(text.as_bytes());
 }
 
+/// `0` for none, else `1` and the text as [`push_text`] writes it: the row digest's encoding of a
+/// text column, shared with it.
 fn push_optional_text(out: &mut Vec<u8>, text: Option<&str>) {
-    match text {
-        None => out.push(0),
-        Some(text) => {
-            out.push(1);
-            push_text(out, text);
-        }
-    }
+    crate::chain::text_field(out, text.map(str::as_bytes));
 }

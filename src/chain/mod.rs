@@ -142,7 +142,9 @@ fn encode_row(row: &StoredRow<'_>, out: &mut Vec<u8>) -> Result<(), CanonicalJso
     Ok(())
 }
 
-fn text_field(out: &mut Vec<u8>, value: Option<&[u8]>) {
+/// A text (or bytes) column in the row digest's encoding: `0` when NULL, else `1`, the length as
+/// a big-endian u64 and the bytes. The content hash encodes its optional texts the same way.
+pub(crate) fn text_field(out: &mut Vec<u8>, value: Option<&[u8]>) {
     match value {
         None => out.push(0),
         Some(bytes) => {
