@@ -74,8 +74,21 @@ pub async fn connect(url: &str, settings: &PoolSettings) -> Result<PgPool, sqlx:
 pub async fn warm(pool: &PgPool, connections: u32) -> Result<(), sqlx::Error> {
     let held = futures::future::try_join_all((0..connections).map(|_| pool.acquire())).await?;
     drop(held);
+    // A dropped connection goes back to the pool in a task of its own, after a ping: wait for
+    // those tasks, so that the caller finds the connections idle rather than still on their way
+    // back (on a loaded machine the tasks run well after this function would otherwise return).
+    let wanted = usize::try_from(connections).unwrap_or(usize::MAX);
+    let deadline = tokio::time::Instant::now() + RETURN_TO_POOL_WAIT;
+    while pool.num_idle() < wanted.min(pool.size() as usize)
+        && tokio::time::Instant::now() < deadline
+    {
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
     Ok(())
 }
+
+/// How long [`warm`] waits for the connections it opened to be idle in the pool again.
+const RETURN_TO_POOL_WAIT: Duration = Duration::from_secs(5);
 
 /// Warns when a database beyond this machine is reached without a verified certificate: libpq's
 /// default `sslmode=prefer` falls back to plaintext in silence, and `require` trusts any
