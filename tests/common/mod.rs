@@ -19,11 +19,11 @@ use auditflow::tools::produce::{self, ProduceOptions, ProduceSummary};
 use rand::Rng;
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
-use rdkafka::consumer::{Consumer, StreamConsumer};
+use rdkafka::consumer::{BaseConsumer, Consumer, StreamConsumer};
 use rdkafka::message::OwnedMessage;
 use rdkafka::mocking::MockCluster;
 use rdkafka::producer::DefaultProducerContext;
-use rdkafka::{ClientConfig, Message};
+use rdkafka::{ClientConfig, Message, Offset, TopicPartitionList};
 use sqlx::postgres::PgPoolOptions;
 use sqlx::PgPool;
 
@@ -320,17 +320,47 @@ impl TestEnv {
     }
 
     /// Reads the dead-letter topic from the start until `expected` records arrived or `timeout`.
+    ///
+    /// The reader is assigned every partition of the topic rather than subscribed: it needs no
+    /// group, and a group join takes 10-20 s on some brokers, which would eat the timeout (and
+    /// let a check that nothing was dead-lettered pass without reading anything).
     pub async fn read_dlq(&self, expected: usize, timeout: Duration) -> Vec<OwnedMessage> {
         let consumer: StreamConsumer = ClientConfig::new()
             .set("bootstrap.servers", self.kafka.brokers())
             .set("group.id", format!("dlq-reader-{}", suffix()))
-            .set("auto.offset.reset", "earliest")
             .set("enable.auto.commit", "false")
             .create()
             .expect("dlq consumer");
-        consumer
-            .subscribe(&[&self.dlq_topic])
-            .expect("subscribe dlq");
+        // A metadata request blocks: off the runtime's threads (some callers are current-thread).
+        let lookup = ClientConfig::new()
+            .set("bootstrap.servers", self.kafka.brokers())
+            .create::<BaseConsumer>()
+            .expect("dlq metadata client");
+        let topic = self.dlq_topic.clone();
+        let partitions: Vec<i32> = tokio::task::spawn_blocking(move || {
+            let metadata = lookup
+                .fetch_metadata(Some(&topic), Duration::from_secs(10))
+                .expect("dlq topic metadata");
+            metadata
+                .topics()
+                .iter()
+                .flat_map(|topic| topic.partitions().iter().map(|p| p.id()))
+                .collect()
+        })
+        .await
+        .expect("dlq metadata task");
+        let mut assignment = TopicPartitionList::new();
+        for partition in partitions {
+            assignment
+                .add_partition_offset(&self.dlq_topic, partition, Offset::Beginning)
+                .expect("dlq partition");
+        }
+        assert!(
+            assignment.count() > 0,
+            "the dead-letter topic {} has no partitions",
+            self.dlq_topic
+        );
+        consumer.assign(&assignment).expect("assign dlq partitions");
         let mut messages = Vec::new();
         let deadline = tokio::time::Instant::now() + timeout;
         while messages.len() < expected {
