@@ -12,7 +12,7 @@ use auditflow::ingest::dlq::{header as dlq_header, DeadLetter, Failure, SourceRe
 use auditflow::ops::replay::{self, OffsetRange, ReplayFilter, ReplayOptions, ReplaySummary};
 use auditflow::{RunSummary, Sink};
 use chrono::{DateTime, Utc};
-use common::{header, suffix, wait_exit, TestEnv};
+use common::{header, partitions_of, suffix, wait_exit, TestEnv};
 use rdkafka::consumer::{Consumer, StreamConsumer};
 use rdkafka::message::{Header, Headers, Message, OwnedHeaders, OwnedMessage};
 use rdkafka::producer::{FutureProducer, FutureRecord};
@@ -198,19 +198,6 @@ fn reader(env: &TestEnv, group: &str) -> StreamConsumer {
         .set("auto.offset.reset", "earliest")
         .create()
         .expect("reader")
-}
-
-fn partitions_of(consumer: &StreamConsumer, topic: &str) -> Vec<i32> {
-    let metadata = consumer
-        .fetch_metadata(Some(topic), KAFKA_TIMEOUT)
-        .expect("metadata");
-    let topic_metadata = metadata
-        .topics()
-        .iter()
-        .find(|t| t.name() == topic)
-        .expect("topic in metadata");
-    assert!(topic_metadata.error().is_none(), "topic {topic} exists");
-    topic_metadata.partitions().iter().map(|p| p.id()).collect()
 }
 
 /// Records in `topic` now (sum of high minus low watermarks).

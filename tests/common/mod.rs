@@ -19,7 +19,7 @@ use auditflow::tools::produce::{self, ProduceOptions, ProduceSummary};
 use rand::Rng;
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
-use rdkafka::consumer::{BaseConsumer, Consumer, StreamConsumer};
+use rdkafka::consumer::{Consumer, ConsumerContext, StreamConsumer};
 use rdkafka::message::OwnedMessage;
 use rdkafka::mocking::MockCluster;
 use rdkafka::producer::DefaultProducerContext;
@@ -121,6 +121,20 @@ pub struct TestEnv {
     pub channel: String,
     /// A pool on the test database (search_path is the test's schema).
     pub pool: PgPool,
+}
+
+/// The partition ids of `topic`, from the broker's metadata (the topic must exist).
+pub fn partitions_of<C: ConsumerContext>(consumer: &impl Consumer<C>, topic: &str) -> Vec<i32> {
+    let metadata = consumer
+        .fetch_metadata(Some(topic), Duration::from_secs(10))
+        .expect("metadata");
+    let topic_metadata = metadata
+        .topics()
+        .iter()
+        .find(|t| t.name() == topic)
+        .expect("topic in metadata");
+    assert!(topic_metadata.error().is_none(), "topic {topic} exists");
+    topic_metadata.partitions().iter().map(|p| p.id()).collect()
 }
 
 impl TestEnv {
@@ -331,26 +345,8 @@ impl TestEnv {
             .set("enable.auto.commit", "false")
             .create()
             .expect("dlq consumer");
-        // A metadata request blocks: off the runtime's threads (some callers are current-thread).
-        let lookup = ClientConfig::new()
-            .set("bootstrap.servers", self.kafka.brokers())
-            .create::<BaseConsumer>()
-            .expect("dlq metadata client");
-        let topic = self.dlq_topic.clone();
-        let partitions: Vec<i32> = tokio::task::spawn_blocking(move || {
-            let metadata = lookup
-                .fetch_metadata(Some(&topic), Duration::from_secs(10))
-                .expect("dlq topic metadata");
-            metadata
-                .topics()
-                .iter()
-                .flat_map(|topic| topic.partitions().iter().map(|p| p.id()))
-                .collect()
-        })
-        .await
-        .expect("dlq metadata task");
         let mut assignment = TopicPartitionList::new();
-        for partition in partitions {
+        for partition in partitions_of(&consumer, &self.dlq_topic) {
             assignment
                 .add_partition_offset(&self.dlq_topic, partition, Offset::Beginning)
                 .expect("dlq partition");
