@@ -10,7 +10,7 @@
 //! that belong to the old assignment are ignored: the new owner re-reads those messages from the
 //! committed offset, and deduplication in Postgres absorbs the repeat.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{HashMap, VecDeque};
 
 /// A partition of the consumed topic.
 pub type Partition = i32;
@@ -32,11 +32,48 @@ pub struct Delivery {
 #[derive(Debug, Default)]
 struct PartitionState {
     epoch: Epoch,
-    pending: BTreeSet<i64>,
+    pending: Pending,
     /// One past the highest offset seen under this assignment.
     next_seen: Option<i64>,
     /// The position last handed out by [`OffsetTracker::take_committable`].
     last_taken: Option<i64>,
+}
+
+/// The offsets of one partition handed to the pipeline and not yet done, in ascending order.
+///
+/// A set, like a `BTreeSet`, but shaped for how offsets come and go: they begin in ascending
+/// order (an insert is a push at the back) and are mostly done in that order too (a remove is a
+/// pop at the front), with no allocation per offset. Anything out of order is still kept sorted.
+#[derive(Debug, Default)]
+struct Pending(VecDeque<i64>);
+
+impl Pending {
+    fn insert(&mut self, offset: i64) {
+        match self.0.back() {
+            Some(&last) if last >= offset => {
+                if let Err(at) = self.0.binary_search(&offset) {
+                    self.0.insert(at, offset);
+                }
+            }
+            _ => self.0.push_back(offset),
+        }
+    }
+
+    fn remove(&mut self, offset: i64) {
+        if self.0.front() == Some(&offset) {
+            self.0.pop_front();
+        } else if let Ok(at) = self.0.binary_search(&offset) {
+            self.0.remove(at);
+        }
+    }
+
+    fn first(&self) -> Option<i64> {
+        self.0.front().copied()
+    }
+
+    fn len(&self) -> usize {
+        self.0.len()
+    }
 }
 
 /// Per-partition bookkeeping of in-flight offsets.
@@ -102,7 +139,7 @@ impl OffsetTracker {
     pub fn complete(&mut self, delivery: Delivery) {
         if let Some(state) = self.partitions.get_mut(&delivery.partition) {
             if state.epoch == delivery.epoch {
-                state.pending.remove(&delivery.offset);
+                state.pending.remove(delivery.offset);
             }
         }
     }
@@ -112,7 +149,7 @@ impl OffsetTracker {
     pub fn take_committable(&mut self, partition: Partition) -> Option<i64> {
         let state = self.partitions.get_mut(&partition)?;
         let position = match state.pending.first() {
-            Some(&lowest) => lowest,
+            Some(lowest) => lowest,
             None => state.next_seen?,
         };
         if state.last_taken.is_some_and(|taken| taken >= position) {
@@ -351,5 +388,45 @@ mod tests {
             "the unassigned partition is dropped"
         );
         assert!(tracker.is_assigned(0));
+    }
+
+    #[test]
+    fn pending_offsets_behave_as_a_sorted_set_whatever_the_order() {
+        use rand::{Rng as _, SeedableRng as _};
+        let mut rng = rand::rngs::StdRng::seed_from_u64(12);
+        let mut pending = Pending::default();
+        let mut expected = std::collections::BTreeSet::new();
+        let mut next = 0;
+        for _ in 0..20_000 {
+            let offset = match rng.random_range(0..10) {
+                // Mostly ascending begins, sometimes one from the past or a repeat.
+                0..=4 => {
+                    next += rng.random_range(1..3);
+                    next
+                }
+                5 => rng.random_range(0..next.max(1)),
+                // Removes: mostly the lowest, sometimes any, sometimes one not there.
+                6 | 7 => {
+                    let lowest = expected.first().copied().unwrap_or(0);
+                    pending.remove(lowest);
+                    expected.remove(&lowest);
+                    continue;
+                }
+                _ => {
+                    let any = rng.random_range(0..next.max(1) + 2);
+                    pending.remove(any);
+                    expected.remove(&any);
+                    continue;
+                }
+            };
+            pending.insert(offset);
+            expected.insert(offset);
+            assert_eq!(pending.first(), expected.first().copied());
+            assert_eq!(pending.len(), expected.len());
+        }
+        assert_eq!(
+            pending.0.iter().copied().collect::<Vec<_>>(),
+            expected.into_iter().collect::<Vec<_>>()
+        );
     }
 }
