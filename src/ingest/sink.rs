@@ -48,7 +48,8 @@ use super::notify::{self, Notifier, NotifyConfig};
 use super::offsets::{complete_and_store, Delivery, OffsetTracker};
 use super::sources::SourceRef;
 use super::stats::{
-    add_elapsed, nanos_to_s, peak_rss_mb, process_cpu_s, BatchReport, RunSummary, SinkStats,
+    add_elapsed, add_sampled, nanos_to_s, peak_rss_mb, process_cpu_s, BatchReport, RunSummary,
+    SinkStats,
 };
 use super::store::{self, CommittedBatch, CopyRows, Store, StoreError, WriteOutcome};
 use crate::breaker::{Breaker, State as BreakerState};
@@ -786,13 +787,13 @@ impl Sink {
             held.hold(delivery, source.to_record());
             return;
         }
-        let decode_started = std::time::Instant::now();
+        let decode_started = self.stats.sample_timing();
         let decoded = self.decoder.decode_view_validated(
             message.payload().unwrap_or_default(),
             now,
             &self.policy,
         );
-        let decoded_at = add_elapsed(&self.stats.decode_ns, decode_started);
+        let decoded_at = add_sampled(&self.stats.decode_ns, decode_started);
         match decoded {
             Err(DecodeError::NotFetched(id)) => {
                 held.hold(delivery, source.to_record());
@@ -817,13 +818,13 @@ impl Sink {
             return Ok(());
         }
         let source = SourceRef::from(waiting.source.as_ref());
-        let decode_started = std::time::Instant::now();
+        let decode_started = self.stats.sample_timing();
         let decoded = self.decoder.decode_view_validated(
             source.payload.unwrap_or_default(),
             Utc::now(),
             &self.policy,
         );
-        let decoded_at = add_elapsed(&self.stats.decode_ns, decode_started);
+        let decoded_at = add_sampled(&self.stats.decode_ns, decode_started);
         match decoded {
             Err(DecodeError::NotFetched(id)) => Err((waiting, Refused::Unfetched(id))),
             decoded => {
@@ -834,20 +835,21 @@ impl Sink {
     }
 
     /// Adds a decoded event to the batch, or its permanent failure as a dead letter. `decoded_at`
-    /// is when decoding ended: encoding time counts from there.
+    /// is when decoding ended, for an event whose time is sampled: encoding time counts from
+    /// there.
     fn add_decoded(
         &self,
         batch: &mut Batch,
         delivery: Delivery,
         source: SourceRef<'_>,
         decoded: Result<DecodedView<'_>, DecodeError>,
-        decoded_at: std::time::Instant,
+        decoded_at: Option<std::time::Instant>,
     ) {
         match decoded {
             Ok(decoded) => {
                 let hash = crate::event::view_content_hash(&decoded.event);
                 batch.add_event(delivery, &decoded, hash, source);
-                add_elapsed(&self.stats.encode_ns, decoded_at);
+                add_sampled(&self.stats.encode_ns, decoded_at);
             }
             Err(err) => {
                 tracing::debug!(

@@ -26,15 +26,27 @@ pub struct SinkStats {
     active: Mutex<Option<(Instant, Instant)>>,
     /// End-to-end latency (Kafka timestamp to commit) of every stored event, milliseconds.
     latency_ms: Mutex<Option<hdrhistogram::Histogram<u64>>>,
-    /// Time spent decoding and validating, nanoseconds.
+    /// Time spent decoding and validating, nanoseconds, estimated from one event in
+    /// [`TIMING_SAMPLE`] (see [`SinkStats::sample_timing`]).
     pub decode_ns: AtomicU64,
-    /// Time spent encoding rows for COPY (batch building), nanoseconds.
+    /// Time spent encoding rows for COPY (batch building), nanoseconds, estimated the same way.
     pub encode_ns: AtomicU64,
+    /// Events offered for timing so far.
+    timing_turn: AtomicU64,
     /// Time spent making batches durable (database writes, dead letters, offsets), nanoseconds.
     pub store_ns: AtomicU64,
 }
 
 impl SinkStats {
+    /// Now, if this event's decode and encode are to be timed (the first event and one in
+    /// [`TIMING_SAMPLE`] after it); `None` otherwise. Timing every event cost three clock
+    /// readings per event, a measurable share of the consumer's CPU.
+    pub(crate) fn sample_timing(&self) -> Option<std::time::Instant> {
+        let turn = self.timing_turn.fetch_add(1, Ordering::Relaxed);
+        turn.is_multiple_of(TIMING_SAMPLE)
+            .then(std::time::Instant::now)
+    }
+
     pub(crate) fn message_arrived(&self) {
         let mut active = self.active.lock();
         if active.is_none() {
@@ -102,9 +114,10 @@ pub struct RunSummary {
     pub latency_p99_ms: Option<u64>,
     /// Peak resident set size of this process, MiB (Linux; `None` elsewhere).
     pub peak_rss_mb: Option<f64>,
-    /// Where the time went: decoding and validating.
+    /// Where the time went: decoding and validating (timed on one event in [`TIMING_SAMPLE`]
+    /// and scaled up).
     pub decode_s: f64,
-    /// Encoding rows for COPY.
+    /// Encoding rows for COPY (timed the same way).
     pub encode_s: f64,
     /// Making batches durable (COPY, commit, dead letters, offsets), on the store task.
     pub store_s: f64,
@@ -123,11 +136,33 @@ pub struct BatchReport {
     pub dead_lettered: u64,
 }
 
+/// One event in this many has its decode and encode timed, and counts for this many.
+pub(crate) const TIMING_SAMPLE: u64 = 8;
+
+/// For a timed event (`since` is `Some`, from [`SinkStats::sample_timing`]): adds the time since
+/// `since`, times [`TIMING_SAMPLE`], to `counter`, and returns now, where the next measurement of
+/// the same event can start.
+pub(crate) fn add_sampled(
+    counter: &AtomicU64,
+    since: Option<std::time::Instant>,
+) -> Option<std::time::Instant> {
+    let since = since?;
+    let now = std::time::Instant::now();
+    counter.fetch_add(
+        nanos_between(since, now).saturating_mul(TIMING_SAMPLE),
+        Ordering::Relaxed,
+    );
+    Some(now)
+}
+
+fn nanos_between(since: std::time::Instant, now: std::time::Instant) -> u64 {
+    u64::try_from(now.saturating_duration_since(since).as_nanos()).unwrap_or(u64::MAX)
+}
+
 /// Adds the time since `since` to `counter`; returns now, where the next measurement can start.
 pub(crate) fn add_elapsed(counter: &AtomicU64, since: std::time::Instant) -> std::time::Instant {
     let now = std::time::Instant::now();
-    let nanos = u64::try_from(now.saturating_duration_since(since).as_nanos()).unwrap_or(u64::MAX);
-    counter.fetch_add(nanos, Ordering::Relaxed);
+    counter.fetch_add(nanos_between(since, now), Ordering::Relaxed);
     now
 }
 
@@ -171,5 +206,34 @@ mod tests {
         assert_eq!(cpu_s_of_stat("4242 (cut"), None);
         let own = process_cpu_s().expect("Linux has /proc/self/stat");
         assert!(own >= 0.0);
+    }
+
+    #[test]
+    fn one_event_in_the_sample_is_timed_and_counts_for_all_of_them() {
+        let stats = SinkStats::default();
+        let timed: Vec<bool> = (0..2 * TIMING_SAMPLE + 1)
+            .map(|_| stats.sample_timing().is_some())
+            .collect();
+        let expected: Vec<bool> = (0..2 * TIMING_SAMPLE + 1)
+            .map(|turn: u64| turn.is_multiple_of(TIMING_SAMPLE))
+            .collect();
+        assert_eq!(
+            timed, expected,
+            "the first event, then one in {TIMING_SAMPLE}"
+        );
+
+        let counter = AtomicU64::new(0);
+        assert_eq!(add_sampled(&counter, None), None);
+        assert_eq!(
+            counter.load(Ordering::Relaxed),
+            0,
+            "an untimed event adds nothing"
+        );
+        let since = std::time::Instant::now();
+        std::thread::sleep(std::time::Duration::from_millis(2));
+        let now = add_sampled(&counter, Some(since)).expect("a timed event goes on being timed");
+        let measured = nanos_between(since, now);
+        assert!(measured >= 2_000_000);
+        assert_eq!(counter.load(Ordering::Relaxed), measured * TIMING_SAMPLE);
     }
 }
