@@ -26,8 +26,8 @@ pub struct SinkStats {
     active: Mutex<Option<(Instant, Instant)>>,
     /// End-to-end latency (Kafka timestamp to commit) of every stored event, milliseconds.
     latency_ms: Mutex<Option<hdrhistogram::Histogram<u64>>>,
-    /// Time spent decoding and validating, nanoseconds, estimated from one event in
-    /// [`TIMING_SAMPLE`] (see [`SinkStats::sample_timing`]).
+    /// Time spent decoding and validating, nanoseconds, estimated from one event in eight (the
+    /// first and every eighth after it, each counting for eight).
     pub decode_ns: AtomicU64,
     /// Time spent encoding rows for COPY (batch building), nanoseconds, estimated the same way.
     pub encode_ns: AtomicU64,
@@ -114,8 +114,7 @@ pub struct RunSummary {
     pub latency_p99_ms: Option<u64>,
     /// Peak resident set size of this process, MiB (Linux; `None` elsewhere).
     pub peak_rss_mb: Option<f64>,
-    /// Where the time went: decoding and validating (timed on one event in [`TIMING_SAMPLE`]
-    /// and scaled up).
+    /// Where the time went: decoding and validating (timed on one event in eight and scaled up).
     pub decode_s: f64,
     /// Encoding rows for COPY (timed the same way).
     pub encode_s: f64,

@@ -60,7 +60,7 @@ pub struct BenchReport {
     /// COPY straight into the table over one connection, in the format the store uses (binary),
     /// rows per second: what one store stream can reach.
     pub ceiling_rows_per_s: f64,
-    /// Every configuration measured (see [`CeilingConfig::name`]), rows per second.
+    /// Every configuration measured (named like `binary_2_streams`), rows per second.
     pub ceilings: BTreeMap<String, f64>,
     /// The highest of `ceilings`: what this PostgreSQL takes with the best configuration tried.
     pub best_ceiling_rows_per_s: f64,
